@@ -1,0 +1,1 @@
+"""Hydra config groups shipped with sdbatch (config.yaml, model/, executor/)."""

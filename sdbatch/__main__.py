@@ -1,0 +1,3 @@
+from sdbatch.cli import main
+
+main()

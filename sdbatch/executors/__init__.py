@@ -1,0 +1,1 @@
+"""Executors take a plan's batches to devices: local (one device) for now."""

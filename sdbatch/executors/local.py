@@ -1,0 +1,48 @@
+"""The local executor: every batch on one device, the stack loaded once."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from sdbatch.models import stack as stacks
+from sdbatch.plan import Batch
+from sdbatch.stages import txt2img
+
+STAGES = {"txt2img": txt2img.run}
+
+
+@dataclass
+class BatchResult:
+    batch: Batch
+    images: list[Image.Image] | None
+    error: str | None
+    seconds: float
+
+
+def execute(batches: Iterable[Batch], spec: stacks.StackSpec, device: torch.device,
+            on_step: Callable[[int, int], None] | None = None,
+            should_stop: Callable[[], bool] = lambda: False) -> Iterator[BatchResult]:
+    """Render batches in order; a failing batch is reported and the next one goes on.
+
+    The stack loads before the first batch; a stack that cannot load stops the run.
+    """
+    stack = None
+    for batch in batches:
+        if should_stop():
+            return
+        if stack is None:
+            stack = stacks.load(spec, device)
+        start = time.perf_counter()
+        try:
+            images = STAGES[batch.kind](stack, batch.renders, on_step)
+        except Exception as e:  # noqa: BLE001 - one batch's failure must not lose the others
+            yield BatchResult(batch, None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
+                              time.perf_counter() - start)
+            continue
+        yield BatchResult(batch, images, None, time.perf_counter() - start)

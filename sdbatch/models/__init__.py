@@ -1,0 +1,1 @@
+"""Model stacks: resolving, hashing and loading checkpoints; the embedded tiny model."""

@@ -1,0 +1,45 @@
+"""CLIP tokenizer files made on the spot, so no tokenizer is ever downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible byte -> printable character table."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def byte_level_vocab() -> dict[str, int]:
+    """A CLIP vocabulary with no merges: every byte, alone and word-final, plus the specials.
+
+    It tokenizes any text (one token per byte) and keeps CLIP's BOS/EOS conventions.
+    """
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + [BOS, EOS]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def write_byte_level_tokenizer(folder: Path) -> None:
+    """Write vocab.json, merges.txt and the config a CLIPTokenizer loads from, offline."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(byte_level_vocab(), ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+              "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
+              "do_lower_case": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}, indent=2))

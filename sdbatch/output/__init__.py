@@ -1,0 +1,1 @@
+"""The run folder: atomic files, the manifest, PNG metadata, file names."""

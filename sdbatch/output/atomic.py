@@ -1,0 +1,30 @@
+"""Writes that never leave half a file: write a temp file beside the target, fsync, rename."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Temp files left by a killed process; their targets were never replaced."""
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,138 @@
+"""outputs/<job>/<run>/: the resolved config, the overrides, manifest.jsonl, run.json, images/.
+
+Each image is written atomically and only then gets its manifest line, so at any moment
+(kill -9 included) the folder holds whole images and a manifest that vouches only for them.
+Re-opening the folder skips every image whose file still has the manifest's sha256.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import platform
+import secrets
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sdbatch import __version__
+from sdbatch.output import atomic, manifest
+
+RESUME_IGNORES = ("run", "executor")  # may change between sessions of one run
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_dir(job_name: str) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("outputs") / job_name / stamp
+    path, n = base, 1
+    while path.exists():
+        path, n = base.with_name(f"{stamp}-{n}"), n + 1
+    return path
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    return {"sdbatch": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
+
+def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain configs."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+class RunFolder:
+    def __init__(self, path: Path):
+        self.path = path
+        self.images = path / "images"
+        self.info: dict[str, Any] = json.loads((path / "run.json").read_text())
+        self.done = manifest.read(path / "manifest.jsonl")
+        atomic.remove_stale_temps(self.images)
+        self.manifest = manifest.Manifest(path / "manifest.jsonl")
+
+    @staticmethod
+    def stored_nonce(path: Path) -> int:
+        return json.loads((path / "run.json").read_text())["seed_nonce"]
+
+    @staticmethod
+    def stored_job(path: Path) -> dict[str, Any] | None:
+        config = path / "config.yaml"
+        return yaml.safe_load(config.read_text()) if config.exists() else None
+
+    @staticmethod
+    def mismatch(path: Path, job: dict[str, Any]) -> list[str]:
+        """Keys in which ``job`` differs from the job that made the run folder."""
+        stored = RunFolder.stored_job(path) or {}
+        strip = lambda d: {k: v for k, v in d.items() if k not in RESUME_IGNORES}  # noqa: E731
+        return differences(strip(stored), strip(job))
+
+    @classmethod
+    def create(cls, path: Path, job: dict[str, Any], overrides: list[str], nonce: int,
+               total: int) -> RunFolder:
+        (path / "images").mkdir(parents=True, exist_ok=True)
+        atomic.write_text(path / "config.yaml", yaml.safe_dump(job, sort_keys=False,
+                                                               allow_unicode=True))
+        atomic.write_text(path / "overrides.yaml", yaml.safe_dump(overrides))
+        info = {"seed_nonce": nonce, "images": total, "created": now(), "sessions": []}
+        atomic.write_text(path / "run.json", json.dumps(info, indent=2))
+        return cls(path)
+
+    @staticmethod
+    def new_nonce() -> int:
+        return secrets.randbits(62)
+
+    def is_done(self, index: int, key: str) -> bool:
+        entry = self.done.get(index)
+        if not entry or entry.get("status") != "ok" or entry.get("key") != key:
+            return False
+        file = self.path / entry["file"]
+        return file.exists() and sha256_file(file) == entry["sha256"]
+
+    def write_image(self, name: str, data: bytes, entry: dict[str, Any]) -> None:
+        atomic.write_bytes(self.images / name, data)
+        entry = {**entry, "file": f"images/{name}", "sha256": hashlib.sha256(data).hexdigest(),
+                 "status": "ok"}
+        self.manifest.append(entry)
+        self.done[entry["index"]] = entry
+
+    def write_failure(self, entry: dict[str, Any], error: str) -> None:
+        entry = {**entry, "status": "failed", "error": error}
+        self.manifest.append(entry)
+        self.done[entry["index"]] = entry
+
+    def start_session(self, device: str, argv: list[str]) -> None:
+        session = {"started": now(), "device": device, "argv": argv, "versions": versions(),
+                   "status": "running"}
+        self.info["sessions"].append(session)
+        self.info.update({k: session[k] for k in ("started", "device", "versions", "status")})
+        atomic.write_text(self.path / "run.json", json.dumps(self.info, indent=2))
+
+    def finish_session(self, status: str, counts: dict[str, int]) -> None:
+        self.manifest.compact()
+        session = self.info["sessions"][-1]
+        session.update(ended=now(), status=status, counts=counts)
+        self.info.update(ended=session["ended"], status=status, counts=counts)
+        atomic.write_text(self.path / "run.json", json.dumps(self.info, indent=2))

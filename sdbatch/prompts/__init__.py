@@ -1,0 +1,1 @@
+"""Prompts as the WebUI reads them, encoded by sdbatch itself."""

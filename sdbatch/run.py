@@ -1,0 +1,180 @@
+"""A validated job, run end to end: matrix -> plan -> executor -> run folder -> summary.
+
+Everything that can be known up front (image count, files, file names, a run folder made
+by another job) is checked before the run folder is made or any model is loaded.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdbatch import matrix, schema
+from sdbatch.executors.local import execute
+from sdbatch.models import stack as stacks
+from sdbatch.output import png, records
+from sdbatch.output.filenames import file_name
+from sdbatch.output.run_folder import RunFolder, default_dir
+from sdbatch.plan import Plan, make_plan
+from sdbatch.progress import Progress
+from sdbatch.schema import Job, JobError, Origin, Problem
+
+EXIT_OK, EXIT_FAILURES, EXIT_INTERRUPTED = 0, 1, 130
+
+
+def describe(job: Job) -> str:
+    """'2 zip(prompt, seed) x 3 cfg_scale' - what the image count is made of."""
+    parts = []
+    zipped = {k for group in job.zip for k in group}
+    short = {dotted: name for name, dotted in schema.axes().items()}
+    for group in job.zip:
+        names = ", ".join(short[k] for k in group)
+        parts.append(f"{len(schema.get(job, group[0]))} zip({names})")
+    for key in schema.axes().values():
+        value = schema.get(job, key)
+        if key not in zipped and isinstance(value, tuple) and len(value) > 1:
+            parts.append(f"{len(value)} {short[key]}")
+    p = job.params
+    if p.batch_count > 1:
+        parts.append(f"{p.batch_count} batch_count")
+    if p.batch_size > 1:
+        parts.append(f"{p.batch_size} batch_size")
+    return " x ".join(parts) or "1 image"
+
+
+def portable(job: Job) -> dict:
+    """The job as embedded in PNGs: without run/executor, which change no pixel."""
+    d = schema.to_dict(job)
+    d.pop("run")
+    d.pop("executor")
+    return d
+
+
+class StopFlag:
+    """First Ctrl-C: stop after the current batch. Second: stop now (writes stay atomic)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> StopFlag:
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after the current batch (Ctrl-C again to stop now)", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class Prepared:
+    path: Path
+    fresh: bool
+    nonce: int
+    spec: stacks.StackSpec
+    resolved: Job
+    renders: list[matrix.Render]
+    plan: Plan
+    names: dict[int, str]
+
+
+def prepare(job: Job, origin: Origin) -> Prepared:
+    """Every up-front check, then the matrix and plan; raises JobError listing all problems."""
+    total = matrix.count(job)
+    problems: list[Problem] = []
+    if total > job.run.max_images:
+        problems.append(Problem("run.max_images", f"the job makes {total} images, more than "
+                                f"run.max_images = {job.run.max_images}: raise it "
+                                f"(run.max_images={total}) or shrink the grid",
+                                origin("run.max_images")))
+    spec, stack_problems = stacks.resolve(job.model, origin)
+    problems += stack_problems
+    path = Path(job.run.dir) if job.run.dir else default_dir(job.job.name)
+    fresh = not (path / "run.json").exists()
+    if not fresh:
+        if diff := RunFolder.mismatch(path, schema.to_dict(job)):
+            problems.append(Problem("run.dir", f"{path} was made by a different job (it differs "
+                                    f"in {', '.join(diff)}); resume it with `sdbatch resume "
+                                    f"{path}` or give a new run.dir", origin("run.dir")))
+    elif path.exists() and any(path.iterdir()):
+        problems.append(Problem("run.dir", f"{path} exists and is not an sdbatch run folder; "
+                                "give a new or empty folder", origin("run.dir")))
+    if problems:
+        raise JobError(problems)
+    nonce = RunFolder.new_nonce() if fresh else RunFolder.stored_nonce(path)
+    resolved = matrix.resolve_seeds(job, nonce)
+    renders = matrix.expand(resolved)
+    ctx = {"job": job.job.name, "model_name": spec.name}
+    names = {r.index: file_name(job.run.filename, r, ctx) for r in renders}
+    repeated = [n for n, c in Counter(names.values()).items() if c > 1]
+    if repeated:
+        raise JobError([Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "
+                                f"names to several images (e.g. {repeated[0]}); add [index]",
+                                origin("run.filename"))])
+    plan = make_plan(renders, spec.identity, job.params.batch_size)
+    return Prepared(path, fresh, nonce, spec, resolved, renders, plan, names)
+
+
+def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
+    p = prepare(job, origin)
+    path, spec, renders, plan = p.path, p.spec, p.renders, p.plan
+    folder = (RunFolder.create(path, schema.to_dict(job), overrides, p.nonce, len(renders))
+              if p.fresh else RunFolder(path))
+
+    done = {r.index for r in renders if folder.is_done(r.index, plan.key(r.index))}
+    batches = [b for b in plan.batches if any(r.index not in done for r in b.renders)]
+    say = (lambda *a: None) if job.run.progress == "quiet" else print
+    print(f"{job.job.name}: {len(renders)} images ({describe(job)}) -> {path}")
+    if done:
+        print(f"  resuming: {len(done)} already there, {len(renders) - len(done)} to render")
+    device = stacks.pick_device(job.executor.device)
+    folder.start_session(str(device), argv)
+    embedded_job = portable(p.resolved)
+    progress = Progress(job.run.progress, len(renders), len(done))
+    counts = Counter(rendered=0, skipped=len(done), failed=0)
+    start = time.perf_counter()
+    with StopFlag() as stop:
+        try:
+            for result in execute(batches, spec, device, progress.step, lambda: stop.requested):
+                per_image = result.seconds / len(result.batch.renders)
+                for i, r in enumerate(result.batch.renders):
+                    if r.index in done:
+                        continue
+                    calls = plan.chains[r.index]
+                    entry = {"index": r.index, "id": f"{r.index:05d}", "key": plan.key(r.index),
+                             "seed": r.seed, "recipe": records.recipe(r, spec, calls),
+                             "stack": spec.identity,
+                             "timings": {"render_s": round(per_image, 4),
+                                         "batch_s": round(result.seconds, 4)}}
+                    if result.error:
+                        folder.write_failure(entry, result.error)
+                        counts["failed"] += 1
+                        say(f"  image {r.index:05d} failed: {result.error.splitlines()[0]}")
+                    else:
+                        data = png.encode(result.images[i], records.infotext(r, spec),
+                                          records.png_recipe(r, spec, calls, embedded_job))
+                        folder.write_image(p.names[r.index], data, entry)
+                        counts["rendered"] += 1
+                    progress.advance()
+        except KeyboardInterrupt:
+            stop.requested = True
+        finally:
+            progress.close()
+    elapsed = time.perf_counter() - start
+    finished = counts["rendered"] + counts["skipped"] + counts["failed"]
+    status = ("interrupted" if finished < len(renders)
+              else "failed" if counts["failed"] else "complete")
+    folder.finish_session(status, dict(counts))
+    print(f"{status}: {counts['rendered']} rendered, {counts['skipped']} already there, "
+          f"{counts['failed']} failed, in {elapsed:.1f} s -> {path}")
+    if status != "complete":
+        print(f"  to finish the run: sdbatch resume {path}")
+    return {"complete": EXIT_OK, "failed": EXIT_FAILURES}.get(status, EXIT_INTERRUPTED)

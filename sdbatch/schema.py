@@ -1,0 +1,322 @@
+"""The one schema of a job: what a job may hold, its defaults, and every check that can run
+before a model is loaded.
+
+A field typed ``Axis[T]`` takes one value or a list of values; a list is a grid axis. The
+validator collects every problem at once, each naming its key and the file (or command-line
+override) it came from, so a user fixes a job in one go instead of one error per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, Union
+
+from sdbatch import samplers
+from sdbatch.output.filenames import check_pattern
+
+T = TypeVar("T")
+Axis = Union[T, tuple[T, ...]]  # noqa: UP007 - a value, or a list of values: a grid axis
+
+MAX_SEED = 4294967294  # the WebUI's seed range is 0..4294967294; -1 asks for a random one
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if lo is not None and v < lo:
+            return f"must be at least {lo}, got {v}"
+        if hi is not None and v > hi:
+            return f"must be at most {hi}, got {v}"
+        return None
+
+    return check
+
+
+def _size(v: int) -> str | None:
+    if v < 64:
+        return f"must be at least 64, got {v}"
+    if v % 8:
+        lo, hi = v - v % 8, v - v % 8 + 8
+        return f"must be a multiple of 8 (the VAE downscales by 8), got {v}: use {lo} or {hi}"
+    return None
+
+
+def _seed(v: int) -> str | None:
+    if v < -1 or v > MAX_SEED:
+        return f"must be -1 (random) or 0..{MAX_SEED}, got {v}"
+    return None
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
+
+    return check
+
+
+def spec(default: Any = dataclasses.MISSING, check: Callable | None = None, **kw: Any) -> Any:
+    """A field with an optional value check (returns an error text or None)."""
+    if isinstance(default, list | dict):
+        kw["default_factory"] = (lambda d=default: type(d)(d))
+    elif default is not dataclasses.MISSING:
+        kw["default"] = default
+    return field(metadata={"check": check}, **kw)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    name: str = spec("sdbatch")
+
+
+@dataclass(frozen=True)
+class Params:
+    """Generation parameters, in the WebUI's words and with its UI defaults."""
+
+    sampler: Axis[str] = spec("DPM++ 2M", samplers.check_sampler)
+    schedule_type: Axis[str] = spec("Automatic", samplers.check_schedule_type)
+    steps: Axis[int] = spec(20, _range(1, 1000))
+    cfg_scale: Axis[float] = spec(7.0, _range(0, 100))
+    seed: Axis[int] = spec(-1, _seed)
+    width: Axis[int] = spec(512, _size)
+    height: Axis[int] = spec(512, _size)
+    clip_skip: Axis[int] = spec(1, _range(1, 12))
+    batch_size: int = spec(1, _range(1, 64))
+    batch_count: int = spec(1, _range(1, 100000))
+
+
+@dataclass(frozen=True)
+class Model:
+    """The model stack. ``tiny`` is the embedded demonstration model built by sdbatch."""
+
+    checkpoint: str = spec("tiny")
+    dtype: str = spec("auto", _one_of(("auto", "float32", "float16", "bfloat16")))
+
+
+@dataclass(frozen=True)
+class Executor:
+    name: str = spec("local", _one_of(("local",)))
+    device: str = spec("auto")
+
+
+@dataclass(frozen=True)
+class Run:
+    dir: str | None = spec(None)
+    max_images: int = spec(1000, _range(1))
+    filename: str = spec("[index]-[seed]", check_pattern)
+    progress: str = spec("bar", _one_of(("bar", "steps", "quiet")))
+
+
+@dataclass(frozen=True)
+class Job:
+    job: JobInfo = spec(default_factory=JobInfo)
+    prompt: Axis[str] = spec("")
+    negative_prompt: Axis[str] = spec("")
+    params: Params = spec(default_factory=Params)
+    zip: tuple[tuple[str, ...], ...] = spec(())
+    model: Model = spec(default_factory=Model)
+    executor: Executor = spec(default_factory=Executor)
+    run: Run = spec(default_factory=Run)
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str
+    message: str
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.source}): {self.message}"
+
+
+class JobError(Exception):
+    """Every problem found in a job, reported together before any work starts."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        lines = [f"the job has {len(problems)} problem(s); nothing was run:"]
+        lines += [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+Origin = Callable[[str], str]
+
+
+def axes() -> dict[str, str]:
+    """Every key that may be a grid axis, short name -> dotted key, in matrix order
+    (outermost first). zip groups name axes by either form: [prompt, seed]."""
+    out = {f.name: f.name for f in dataclasses.fields(Job) if _axis_type(_hints(Job)[f.name])}
+    out |= {f.name: f"params.{f.name}" for f in dataclasses.fields(Params)
+            if _axis_type(_hints(Params)[f.name])}
+    return out
+
+
+def get(job: Job, key: str) -> Any:
+    """The value at a dotted key."""
+    obj: Any = job
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(raw: Mapping[str, Any], origin: Origin = lambda key: "the job") -> Job:
+    """Turn a composed config into a typed Job, or raise JobError listing every problem."""
+    problems: list[Problem] = []
+    job = _build(Job, raw, "", problems, origin)
+    if not problems:
+        full = {v: v for v in axes().values()} | axes()
+        job = dataclasses.replace(job, zip=tuple(tuple(full.get(n, n) for n in group)
+                                                 for group in job.zip))
+        problems += _check_zip(job, origin) + _check_sampler_pairs(job, origin)
+    if problems:
+        raise JobError(problems)
+    return job
+
+
+def _check_zip(job: Job, origin: Origin) -> list[Problem]:
+    problems = []
+    known = axes()
+    dotted = {v: v for v in known.values()} | known
+    seen: dict[str, int] = {}
+    for g, group in enumerate(job.zip):
+        key = f"zip[{g}]"
+        lengths = {}
+        for short in group:
+            if short not in dotted:
+                close = difflib.get_close_matches(short, list(known), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                problems.append(Problem(key, f"'{short}' is not a grid axis{hint} "
+                                        f"(axes: {', '.join(known)})", origin("zip")))
+                continue
+            name = dotted[short]
+            if name in seen:
+                problems.append(Problem(key, f"'{name}' is already in zip[{seen[name]}]; an "
+                                        "axis can be in one zip group only", origin("zip")))
+            seen[name] = g
+            value = get(job, name)
+            if not isinstance(value, tuple):
+                problems.append(Problem(key, f"'{name}' is a single value; zip pairs lists: "
+                                        f"give {name} as a list", origin(name)))
+                continue
+            lengths[name] = len(value)
+        if len(set(lengths.values())) > 1:
+            desc = ", ".join(f"{k} has {n}" for k, n in lengths.items())
+            problems.append(Problem(key, f"zipped lists must have the same length: {desc}",
+                                    origin("zip")))
+    return problems
+
+
+def _check_sampler_pairs(job: Job, origin: Origin) -> list[Problem]:
+    """Each sampler with each schedule type of the grid (zipped pairs are a subset)."""
+    problems = []
+    for name in dict.fromkeys(_values(job.params.sampler)):
+        for schedule in dict.fromkeys(_values(job.params.schedule_type)):
+            try:
+                samplers.split(name, schedule)
+            except samplers.SamplerError as e:
+                problems.append(Problem("params.sampler", str(e), origin("params.sampler")))
+    return problems
+
+
+def _values(x: Any) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _axis_type(tp: Any) -> Any:
+    """The element type if ``tp`` is Axis[X], else None."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if len(args) == 2 and typing.get_origin(args[1]) is tuple and \
+                typing.get_args(args[1]) == (args[0], Ellipsis):
+            return args[0]
+    return None
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[Problem], origin: Origin) -> Any:
+    if not isinstance(raw, Mapping):
+        key = prefix.rstrip(".") or "<root>"
+        problems.append(Problem(key, f"must be a mapping of keys, got {raw!r}", origin(key)))
+        return cls()
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(Problem(f"{prefix}{key}", f"unknown key; {hint}valid keys here: "
+                                    f"{', '.join(names)}", origin(f"{prefix}{key}")))
+    hints = _hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        key = f"{prefix}{f.name}"
+        before = len(problems)
+        value = _coerce(raw[f.name], hints[f.name], key, problems, origin)
+        check = f.metadata.get("check")
+        if check and len(problems) == before:
+            for item in (value if isinstance(value, tuple) and _axis_type(hints[f.name])
+                         else (value,)):
+                if item is not None and (msg := check(item)):
+                    problems.append(Problem(key, msg, origin(key)))
+                    break
+        if len(problems) == before:
+            values[f.name] = value
+    return cls(**values)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _coerce(v: Any, tp: Any, key: str, problems: list[Problem], origin: Origin) -> Any:
+    def bad(expected: str) -> None:
+        problems.append(Problem(key, f"must be {expected}, got {v!r}", origin(key)))
+
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, v, f"{key}.", problems, origin)
+    element = _axis_type(tp)
+    if element is not None:
+        if isinstance(v, list | tuple):
+            if not v:
+                bad(f"{_TYPE_NAMES[element]} or a non-empty list of them")
+                return None
+            return tuple(_coerce(x, element, f"{key}[{i}]", problems, origin)
+                         for i, x in enumerate(v))
+        return _coerce(v, element, key, problems, origin)
+    if typing.get_origin(tp) in (Union, types.UnionType):  # Optional[X]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return None if v is None else _coerce(v, inner, key, problems, origin)
+    if typing.get_origin(tp) is tuple:
+        if not isinstance(v, list | tuple):
+            bad("a list")
+            return ()
+        inner = typing.get_args(tp)[0]
+        return tuple(_coerce(x, inner, f"{key}[{i}]", problems, origin) for i, x in enumerate(v))
+    if tp is float and isinstance(v, int | float) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, tp) and not (tp is int and isinstance(v, bool)):
+        return v
+    bad(_TYPE_NAMES.get(tp, tp.__name__))
+    return None
+
+
+def to_dict(job: Job) -> dict[str, Any]:
+    """The job as plain data (tuples become lists), for run folders and PNG recipes."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, tuple | list):
+            return [plain(i) for i in x]
+        return x
+
+    def walk(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return {f.name: walk(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return plain(obj)
+
+    return walk(job)
