@@ -147,6 +147,16 @@ def test_clip_skip_is_final_layer_norm_of_an_earlier_layer(tokenizer, text_encod
         encode_prompts(tokenizer, text_encoder, ["cat"], 5, CPU)
 
 
+def test_plain_short_prompts_encode_bit_for_bit_as_before(tokenizer, text_encoder):
+    # No emphasis and under 76 tokens: the same bytes as a plain padded encoding, so
+    # images rendered before the WebUI syntax existed do not change.
+    texts = ["a red house", "a photo of a cat, blue sky"]
+    ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = text_encoder(input_ids=ids).last_hidden_state
+    assert torch.equal(encode_prompts(tokenizer, text_encoder, texts, 1, CPU), before)
+
+
 def test_chunks_are_encoded_separately_and_concatenated(tokenizer, text_encoder):
     long = "cat " * 60 + ", " + "dog " * 20
     chunks = tokenize_prompt(tokenizer, long)
