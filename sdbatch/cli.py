@@ -19,6 +19,16 @@ USAGE = """usage:
 """
 
 
+def store_schema_defaults() -> None:
+    """Give Hydra every key with its schema default, so `params.cfg_scale=[5,7]` overrides a
+    key the job never mentioned. A plain node, not a structured one: the schema's own
+    validator reports every problem at once, where Hydra would stop at the first."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="sdbatch_defaults",
+                                 node=OmegaConf.create(schema.to_dict(schema.Job())))
+
+
 def fail(error: Exception, code: int = 2) -> None:
     print(f"sdbatch: {error}", file=sys.stderr)
     sys.exit(code)
@@ -97,4 +107,5 @@ def main() -> None:
         if args and args[0] == "run":
             del sys.argv[1]
         register()
+        store_schema_defaults()
         hydra_entry()
