@@ -24,6 +24,7 @@ class Render:
 
     index: int
     cell: int
+    checkpoint: str
     prompt: str
     negative_prompt: str
     sampler: str
@@ -37,11 +38,12 @@ class Render:
 
     def params(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        del d["index"], d["cell"]
+        del d["index"], d["cell"], d["checkpoint"]  # the stack's identity stands for it
         return d
 
 
-def _values(x: Any) -> tuple:
+def values(x: Any) -> tuple:
+    """An axis's values: a list's items, or the one value."""
     return x if isinstance(x, tuple) else (x,)
 
 
@@ -54,7 +56,7 @@ def random_seed(nonce: int, slot: int) -> int:
 def resolve_seeds(job: Job, nonce: int) -> Job:
     """The job with every -1 seed replaced by its drawn seed."""
     seeds = tuple(random_seed(nonce, i) if s == -1 else s
-                  for i, s in enumerate(_values(job.params.seed)))
+                  for i, s in enumerate(values(job.params.seed)))
     value = seeds if isinstance(job.params.seed, tuple) else seeds[0]
     return dataclasses.replace(job, params=dataclasses.replace(job.params, seed=value))
 
@@ -71,10 +73,10 @@ def _axes(job: Job) -> list[tuple[tuple[str, ...], list[tuple]]]:
                 continue
             done.add(g)
             keys = job.zip[g]
-            axes.append((keys, list(zip(*(_values(schema.get(job, k)) for k in keys),
+            axes.append((keys, list(zip(*(values(schema.get(job, k)) for k in keys),
                                         strict=True))))
         else:
-            axes.append(((key,), [(v,) for v in _values(schema.get(job, key))]))
+            axes.append(((key,), [(v,) for v in values(schema.get(job, key))]))
     return axes
 
 
@@ -105,7 +107,8 @@ def expand(job: Job) -> list[Render]:
                                                 values["params.schedule_type"])
         for i in range(per_cell):
             renders.append(Render(
-                index=len(renders), cell=cell, prompt=values["prompt"],
+                index=len(renders), cell=cell, checkpoint=values["model.checkpoint"],
+                prompt=values["prompt"],
                 negative_prompt=values["negative_prompt"], sampler=sampler,
                 schedule_type=schedule_type, steps=values["params.steps"],
                 cfg_scale=values["params.cfg_scale"], seed=seed + i,

@@ -61,8 +61,9 @@ def chain(render: Render, stack: str) -> tuple[StageCall, ...]:
     return (StageCall("txt2img", render.params(), None, stack),)
 
 
-def make_plan(renders: list[Render], stack: str, batch_size: int) -> Plan:
-    chains = {r.index: chain(r, stack) for r in renders}
+def make_plan(renders: list[Render], stacks: dict[str, str], batch_size: int) -> Plan:
+    """``stacks`` maps each checkpoint name of the job to its stack identity."""
+    chains = {r.index: chain(r, stacks[r.checkpoint]) for r in renders}
     groups: dict[str, list[Render]] = {}
     for r in renders:
         groups.setdefault(chains[r.index][0].group(), []).append(r)

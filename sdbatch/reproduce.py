@@ -26,18 +26,22 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
     data = png.read_recipe(image)
     label = f"the recipe in {image}"
     job = schema.validate(data["job"], lambda key: label)
-    spec, problems = stacks.resolve(job.model, lambda key: label)
+    renders = matrix.expand(job)
+    index = data["index"]
+    checkpoint = renders[index].checkpoint
+    spec, problems = stacks.resolve(job.model, job.paths, checkpoint, lambda key: label)
     if problems:
         raise JobError(problems)
     recorded = data["recipe"]["model"]["hash"]
     if spec.model_hash != recorded:
         print(f"note: model {spec.name} now hashes to {spec.model_hash}, the image was made "
               f"with {recorded}: expect different pixels")
-    renders = matrix.expand(job)
-    plan = make_plan(renders, spec.identity, job.params.batch_size)
-    index = data["index"]
+    specs = {checkpoint: spec}
+    plan = make_plan([r for r in renders if r.checkpoint == checkpoint],
+                     {checkpoint: spec.identity}, job.params.batch_size)
     batch = next(b for b in plan.batches if any(r.index == index for r in b.renders))
-    result = next(execute([batch], spec, stacks.pick_device(job.executor.device)))
+    cache = stacks.StackCache(stacks.pick_device(job.executor.device))
+    result = next(execute([batch], specs, cache))
     if result.error:
         raise ValueError(f"the render failed: {result.error}")
     position = [r.index for r in batch.renders].index(index)

@@ -16,6 +16,7 @@ from pathlib import Path
 from sdbatch import matrix, schema
 from sdbatch.executors.local import execute
 from sdbatch.models import stack as stacks
+from sdbatch.models.stack import StackCache
 from sdbatch.output import png, records
 from sdbatch.output.filenames import file_name
 from sdbatch.output.run_folder import RunFolder, default_dir
@@ -79,7 +80,7 @@ class Prepared:
     path: Path
     fresh: bool
     nonce: int
-    spec: stacks.StackSpec
+    specs: dict[str, stacks.StackSpec]  # checkpoint name -> spec
     resolved: Job
     renders: list[matrix.Render]
     plan: Plan
@@ -95,8 +96,11 @@ def prepare(job: Job, origin: Origin) -> Prepared:
                                 f"run.max_images = {job.run.max_images}: raise it "
                                 f"(run.max_images={total}) or shrink the grid",
                                 origin("run.max_images")))
-    spec, stack_problems = stacks.resolve(job.model, origin)
-    problems += stack_problems
+    specs = {}
+    for checkpoint in dict.fromkeys(matrix.values(job.model.checkpoint)):
+        spec, stack_problems = stacks.resolve(job.model, job.paths, checkpoint, origin)
+        problems += stack_problems
+        specs[checkpoint] = spec
     path = Path(job.run.dir) if job.run.dir else default_dir(job.job.name)
     fresh = not (path / "run.json").exists()
     if not fresh:
@@ -112,20 +116,21 @@ def prepare(job: Job, origin: Origin) -> Prepared:
     nonce = RunFolder.new_nonce() if fresh else RunFolder.stored_nonce(path)
     resolved = matrix.resolve_seeds(job, nonce)
     renders = matrix.expand(resolved)
-    ctx = {"job": job.job.name, "model_name": spec.name}
-    names = {r.index: file_name(job.run.filename, r, ctx) for r in renders}
+    names = {r.index: file_name(job.run.filename, r, {"job": job.job.name,
+                                                       "model_name": specs[r.checkpoint].name})
+             for r in renders}
     repeated = [n for n, c in Counter(names.values()).items() if c > 1]
     if repeated:
         raise JobError([Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "
                                 f"names to several images (e.g. {repeated[0]}); add [index]",
                                 origin("run.filename"))])
-    plan = make_plan(renders, spec.identity, job.params.batch_size)
-    return Prepared(path, fresh, nonce, spec, resolved, renders, plan, names)
+    plan = make_plan(renders, {c: s.identity for c, s in specs.items()}, job.params.batch_size)
+    return Prepared(path, fresh, nonce, specs, resolved, renders, plan, names)
 
 
 def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
     p = prepare(job, origin)
-    path, spec, renders, plan = p.path, p.spec, p.renders, p.plan
+    path, renders, plan = p.path, p.renders, p.plan
     folder = (RunFolder.create(path, schema.to_dict(job), overrides, p.nonce, len(renders))
               if p.fresh else RunFolder(path))
 
@@ -143,12 +148,15 @@ def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
     start = time.perf_counter()
     with StopFlag() as stop:
         try:
-            for result in execute(batches, spec, device, progress.step, lambda: stop.requested):
+            cache = StackCache(device, job.executor.stack_cache_gb)
+            for result in execute(batches, p.specs, cache, progress.step,
+                                  lambda: stop.requested):
                 per_image = result.seconds / len(result.batch.renders)
                 for i, r in enumerate(result.batch.renders):
                     if r.index in done:
                         continue
                     calls = plan.chains[r.index]
+                    spec = p.specs[r.checkpoint]
                     entry = {"index": r.index, "id": f"{r.index:05d}", "key": plan.key(r.index),
                              "seed": r.seed, "recipe": records.recipe(r, spec, calls),
                              "stack": spec.identity,

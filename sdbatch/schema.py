@@ -89,17 +89,44 @@ class Params:
 
 
 @dataclass(frozen=True)
-class Model:
-    """The model stack. ``tiny`` is the embedded demonstration model built by sdbatch."""
+class Network:
+    """A LoRA or hypernetwork of the stack: a name under paths.models (or a path) and a weight."""
 
-    checkpoint: str = spec("tiny")
+    name: str = spec()
+    weight: float = spec(1.0, _range(-10, 10))
+
+
+FAMILIES = ("auto", "sd15", "sd2", "sd2-v", "sdxl")
+
+
+@dataclass(frozen=True)
+class Model:
+    """The model stack. ``tiny`` is the embedded demonstration model built by sdbatch.
+
+    Names resolve like the WebUI's: a bare name (with or without extension) is looked up in
+    the matching subfolder of paths.models; a path works as is.
+    """
+
+    checkpoint: Axis[str] = spec("tiny")
+    family: str = spec("auto", _one_of(FAMILIES))
+    vae: str | None = spec(None)
+    loras: tuple[Network, ...] = spec(())
+    embeddings: tuple[str, ...] = spec(())
+    hypernetworks: tuple[Network, ...] = spec(())
     dtype: str = spec("auto", _one_of(("auto", "float32", "float16", "bfloat16")))
+    allow_pickle: bool = spec(False)
+
+
+@dataclass(frozen=True)
+class Paths:
+    models: str | None = spec(None)  # an A1111 models folder: Stable-diffusion/ VAE/ Lora/ ...
 
 
 @dataclass(frozen=True)
 class Executor:
     name: str = spec("local", _one_of(("local",)))
     device: str = spec("auto")
+    stack_cache_gb: float = spec(0.0, _range(0))  # loaded stacks kept beyond the one in use
 
 
 @dataclass(frozen=True)
@@ -117,6 +144,7 @@ class Job:
     negative_prompt: Axis[str] = spec("")
     params: Params = spec(default_factory=Params)
     zip: tuple[tuple[str, ...], ...] = spec(())
+    paths: Paths = spec(default_factory=Paths)
     model: Model = spec(default_factory=Model)
     executor: Executor = spec(default_factory=Executor)
     run: Run = spec(default_factory=Run)
@@ -148,7 +176,9 @@ Origin = Callable[[str], str]
 def axes() -> dict[str, str]:
     """Every key that may be a grid axis, short name -> dotted key, in matrix order
     (outermost first). zip groups name axes by either form: [prompt, seed]."""
-    out = {f.name: f.name for f in dataclasses.fields(Job) if _axis_type(_hints(Job)[f.name])}
+    out = {f.name: f"model.{f.name}" for f in dataclasses.fields(Model)
+           if _axis_type(_hints(Model)[f.name])}
+    out |= {f.name: f.name for f in dataclasses.fields(Job) if _axis_type(_hints(Job)[f.name])}
     out |= {f.name: f"params.{f.name}" for f in dataclasses.fields(Params)
             if _axis_type(_hints(Params)[f.name])}
     return out
@@ -243,7 +273,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[Problem], origin: Or
     if not isinstance(raw, Mapping):
         key = prefix.rstrip(".") or "<root>"
         problems.append(Problem(key, f"must be a mapping of keys, got {raw!r}", origin(key)))
-        return cls()
+        return None
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
@@ -268,6 +298,13 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[Problem], origin: Or
                     break
         if len(problems) == before:
             values[f.name] = value
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in raw
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in missing:
+        key = f"{prefix}{name}"
+        problems.append(Problem(key, "is required", origin(prefix.rstrip(".") or key)))
+    if missing:
+        return None
     return cls(**values)
 
 

@@ -6,7 +6,7 @@ from sdbatch.schema import validate
 def plan_of(raw, batch_size=2):
     job = validate(raw)
     rs = matrix.expand(matrix.resolve_seeds(job, 0))
-    return rs, make_plan(rs, "stack-a", batch_size)
+    return rs, make_plan(rs, {"tiny": "stack-a"}, batch_size)
 
 
 def test_calls_differing_only_in_seed_or_prompt_share_a_batch():
@@ -31,5 +31,5 @@ def test_content_keys_follow_parameters_and_stack():
     assert plan.key(0) != plan.key(1)
     rs2, plan2 = plan_of({"prompt": "a", "params": {"seed": [1, 2]}})
     assert plan.key(0) == plan2.key(0)
-    other = make_plan(rs, "stack-b", 2)
+    other = make_plan(rs, {"tiny": "stack-b"}, 2)
     assert other.key(0) != plan.key(0)

@@ -7,7 +7,6 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-import torch
 from PIL import Image
 
 from sdbatch.models import stack as stacks
@@ -25,19 +24,18 @@ class BatchResult:
     seconds: float
 
 
-def execute(batches: Iterable[Batch], spec: stacks.StackSpec, device: torch.device,
-            on_step: Callable[[int, int], None] | None = None,
+def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
+            cache: stacks.StackCache, on_step: Callable[[int, int], None] | None = None,
             should_stop: Callable[[], bool] = lambda: False) -> Iterator[BatchResult]:
     """Render batches in order; a failing batch is reported and the next one goes on.
 
-    The stack loads before the first batch; a stack that cannot load stops the run.
+    Each batch's stack comes from the cache (loaded on first use); a stack that cannot load
+    stops the run: that is a broken model, not a broken image.
     """
-    stack = None
     for batch in batches:
         if should_stop():
             return
-        if stack is None:
-            stack = stacks.load(spec, device)
+        stack = cache.get(specs[batch.renders[0].checkpoint])
         start = time.perf_counter()
         try:
             images = STAGES[batch.kind](stack, batch.renders, on_step)

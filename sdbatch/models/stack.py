@@ -1,51 +1,86 @@
-"""A job's model section -> a resolved stack spec (checked up front) -> a loaded pipeline.
+"""A job's model section -> resolved stack specs (checked up front) -> loaded pipelines.
 
-Resolving checks that every file exists and computes the stack's identity (its content
-hash), which goes into every content key; loading happens later, once per run.
+Resolving finds every file (names as in the WebUI), so a missing one fails before any work,
+and gives each stack an identity (content hashes of its files) that goes into every content
+key. Loading happens later, once per stack, through a least-recently-used cache.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdbatch.models import hashing, tiny
-from sdbatch.schema import Model, Problem
+from sdbatch.models import hashing, names, tiny
+from sdbatch.schema import Model, Paths, Problem
 
 EMBEDDED = {"tiny": tiny.ensure}
 
 
 @dataclass(frozen=True)
 class StackSpec:
+    """What a stack is made of: files resolved, nothing loaded."""
+
     name: str  # the WebUI's "Model": the checkpoint's stem
     path: Path
-    dtype: str
+    dtype: str = "auto"
+    family: str = "auto"
+    vae: Path | None = None
+    embeddings: tuple[Path, ...] = field(default=())
+    allow_pickle: bool = False
 
-    @property
+    @cached_property
     def model_hash(self) -> str:
         return hashing.model_hash(self.path)
 
-    @property
+    @cached_property
+    def vae_hash(self) -> str | None:
+        return hashing.model_hash(self.vae) if self.vae else None
+
+    @cached_property
     def identity(self) -> str:
-        return f"{self.model_hash}:{self.dtype}"
+        parts = [self.model_hash, self.vae_hash or "-", self.dtype, self.family,
+                 *(hashing.sha256(e)[:12] for e in self.embeddings)]
+        return ":".join(parts)
 
 
-def resolve(model: Model, origin=lambda key: "the job") -> tuple[StackSpec | None, list[Problem]]:
-    """The spec for a job's model section, or the problems that stop it."""
-    if model.checkpoint in EMBEDDED:
-        return StackSpec(model.checkpoint, EMBEDDED[model.checkpoint](), model.dtype), []
-    path = Path(model.checkpoint).expanduser()
-    key = "model.checkpoint"
-    if not path.exists():
-        return None, [Problem(key, f"no such file or folder: {path}; give a diffusers folder or "
-                              f"'{next(iter(EMBEDDED))}' (the embedded model)", origin(key))]
-    if not (path / "model_index.json").exists():
-        return None, [Problem(key, f"{path} is not a diffusers pipeline folder (it has no "
-                              "model_index.json)", origin(key))]
-    return StackSpec(path.name, path, model.dtype), []
+def _models_dir(paths: Paths) -> Path | None:
+    return Path(paths.models).expanduser() if paths.models else None
+
+
+def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the job"
+            ) -> tuple[StackSpec | None, list[Problem]]:
+    """The spec for one checkpoint of a job's model section, or the problems that stop it."""
+    problems: list[Problem] = []
+    models = _models_dir(paths)
+    if models is not None and not models.is_dir():
+        problems.append(Problem("paths.models", f"no such folder: {models}; give your A1111 "
+                                "models folder (with Stable-diffusion/, Lora/, ...)",
+                                origin("paths.models")))
+        models = None
+
+    def find(kind: str, name: str, key: str) -> Path | None:
+        try:
+            return names.resolve(kind, name, models)
+        except names.NameNotFound as e:
+            problems.append(Problem(key, str(e), origin(key)))
+            return None
+
+    if checkpoint in EMBEDDED:
+        path: Path | None = EMBEDDED[checkpoint]()
+    else:
+        path = find("checkpoint", checkpoint, "model.checkpoint")
+    vae = find("vae", model.vae, "model.vae") if model.vae else None
+    embeddings = tuple(find("embedding", e, "model.embeddings") for e in model.embeddings)
+    if problems or path is None:
+        return None, problems
+    name = checkpoint if checkpoint in EMBEDDED else names.stem(path.name)
+    return StackSpec(name, path, model.dtype, model.family, vae, embeddings,
+                     model.allow_pickle), []
 
 
 def pick_device(name: str) -> torch.device:
@@ -79,9 +114,14 @@ class Stack:
     device: torch.device
     dtype: torch.dtype
 
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for name in ("unet", "vae", "text_encoder",
+                                                              "text_encoder_2")
+                   if (m := getattr(self.pipe, name, None)) is not None for p in m.parameters())
+
 
 def load(spec: StackSpec, device: torch.device) -> Stack:
-    """Load a diffusers folder fully offline, in the stack's dtype, on the device."""
+    """Load a stack fully offline, in its dtype, on the device."""
     quiet_libraries()
     from diffusers import StableDiffusionPipeline
 
@@ -93,3 +133,32 @@ def load(spec: StackSpec, device: torch.device) -> Stack:
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     return Stack(spec, pipe, dict(pipe.scheduler.config), device, dtype)
+
+
+class StackCache:
+    """Loaded stacks of a run (of a worker), least recently used evicted past the budget.
+
+    A budget of 0 keeps only the stack in use; the newest stack always stays, however big.
+    """
+
+    def __init__(self, device: torch.device, budget_gb: float = 0.0, loader=load):
+        self.device = device
+        self.budget = budget_gb * 2**30
+        self.loader = loader
+        self.stacks: OrderedDict[str, Stack] = OrderedDict()
+        self.loads = 0
+
+    def get(self, spec: StackSpec) -> Stack:
+        if spec.identity in self.stacks:
+            self.stacks.move_to_end(spec.identity)
+            return self.stacks[spec.identity]
+        stack = self.loader(spec, self.device)
+        self.loads += 1
+        self.stacks[spec.identity] = stack
+        while len(self.stacks) > 1 and sum(s.nbytes() for s in self.stacks.values()) > \
+                self.budget:
+            _, old = self.stacks.popitem(last=False)
+            del old
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return stack

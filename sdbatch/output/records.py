@@ -6,6 +6,7 @@ from typing import Any
 
 from sdbatch import __version__
 from sdbatch.matrix import Render
+from sdbatch.models import names
 from sdbatch.models.stack import StackSpec
 from sdbatch.output.infotext import format_infotext, number
 from sdbatch.plan import StageCall
@@ -21,6 +22,8 @@ def infotext(render: Render, spec: StackSpec) -> str:
         "Size": f"{render.width}x{render.height}",
         "Model hash": spec.model_hash,
         "Model": spec.name,
+        "VAE hash": spec.vae_hash,
+        "VAE": names.stem(spec.vae.name) if spec.vae else None,
         "Clip skip": render.clip_skip if render.clip_skip > 1 else None,
         "Version": f"sdbatch {__version__}",
     }
@@ -31,7 +34,8 @@ def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> dic
     """Everything that made this image, as data."""
     return {
         "params": render.params(),
-        "model": {"name": spec.name, "hash": spec.model_hash, "dtype": spec.dtype},
+        "model": {"name": spec.name, "hash": spec.model_hash, "dtype": spec.dtype,
+                  "vae": spec.vae_hash},
         "stages": [{"kind": c.kind, "key": c.key} for c in calls],
     }
 
