@@ -16,7 +16,9 @@ from typing import Any
 
 from sdbatch.matrix import Render
 
-PER_IMAGE = ("seed", "prompt", "negative_prompt")  # what may differ inside one forward pass
+# what may differ inside one forward pass: it changes the noise or the text, not the pass
+PER_IMAGE = ("seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
+             "ensd", "prompt", "negative_prompt")
 
 
 def content_key(kind: str, params: dict[str, Any], input_key: str | None, stack: str) -> str:

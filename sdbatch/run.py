@@ -22,6 +22,7 @@ from sdbatch.output.filenames import file_name
 from sdbatch.output.run_folder import RunFolder, default_dir
 from sdbatch.plan import Plan, make_plan
 from sdbatch.progress import Progress
+from sdbatch.prompts import sources
 from sdbatch.schema import Job, JobError, Origin, Problem
 
 EXIT_OK, EXIT_FAILURES, EXIT_INTERRUPTED = 0, 1, 130
@@ -89,7 +90,8 @@ class Prepared:
 
 def prepare(job: Job, origin: Origin) -> Prepared:
     """Every up-front check, then the matrix and plan; raises JobError listing all problems."""
-    total = matrix.count(job)
+    normal = sources.normalize(job, origin)
+    total = matrix.count(normal)
     problems: list[Problem] = []
     if total > job.run.max_images:
         problems.append(Problem("run.max_images", f"the job makes {total} images, more than "
@@ -114,7 +116,7 @@ def prepare(job: Job, origin: Origin) -> Prepared:
     if problems:
         raise JobError(problems)
     nonce = RunFolder.new_nonce() if fresh else RunFolder.stored_nonce(path)
-    resolved = matrix.resolve_seeds(job, nonce)
+    resolved = matrix.resolve_seeds(normal, nonce)
     renders = matrix.expand(resolved)
     names = {r.index: file_name(job.run.filename, r, {"job": job.job.name,
                                                        "model_name": specs[r.checkpoint].name})
@@ -137,7 +139,7 @@ def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
     done = {r.index for r in renders if folder.is_done(r.index, plan.key(r.index))}
     batches = [b for b in plan.batches if any(r.index not in done for r in b.renders)]
     say = (lambda *a: None) if job.run.progress == "quiet" else print
-    print(f"{job.job.name}: {len(renders)} images ({describe(job)}) -> {path}")
+    print(f"{job.job.name}: {len(renders)} images ({describe(p.resolved)}) -> {path}")
     if done:
         print(f"  resuming: {len(done)} already there, {len(renders) - len(done)} to render")
     device = stacks.pick_device(job.executor.device)

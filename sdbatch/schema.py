@@ -84,8 +84,25 @@ class Params:
     width: Axis[int] = spec(512, _size)
     height: Axis[int] = spec(512, _size)
     clip_skip: Axis[int] = spec(1, _range(1, 12))
+    subseed: Axis[int] = spec(-1, _seed)  # the variation seed
+    subseed_strength: Axis[float] = spec(0.0, _range(0, 1))
+    seed_resize_from_w: int = spec(0, _range(0))  # 0 = off; noise as if drawn at this size
+    seed_resize_from_h: int = spec(0, _range(0))
+    eta: float | None = spec(None, _range(0, 1))  # DDIM's eta (diffusers' other samplers have none)
+    ensd: int = spec(0, _range(0))  # eta noise seed delta: later noise from seed + ensd
     batch_size: int = spec(1, _range(1, 64))
     batch_count: int = spec(1, _range(1, 100000))
+
+
+DYNAMIC_MODES = ("combinatorial", "random", "off")
+
+
+@dataclass(frozen=True)
+class DynamicPrompts:
+    """{a|b} variants and __wildcard__ files (the dynamicprompts library's syntax)."""
+
+    mode: str = spec("combinatorial", _one_of(DYNAMIC_MODES))
+    max_variants: int = spec(1000, _range(1))  # per prompt, combinatorial mode
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,8 @@ class Model:
 @dataclass(frozen=True)
 class Paths:
     models: str | None = spec(None)  # an A1111 models folder: Stable-diffusion/ VAE/ Lora/ ...
+    wildcards: str = spec("wildcards")  # __name__ -> wildcards/name.txt (also .yaml/.json)
+    styles: str = spec("styles.csv")  # the WebUI's styles.csv: name,prompt,negative_prompt
 
 
 @dataclass(frozen=True)
@@ -142,6 +161,9 @@ class Job:
     job: JobInfo = spec(default_factory=JobInfo)
     prompt: Axis[str] = spec("")
     negative_prompt: Axis[str] = spec("")
+    prompt_file: str | None = spec(None)  # a recipe per line, like the WebUI's script
+    styles: tuple[str, ...] = spec(())  # names from paths.styles, applied to every prompt
+    dynamic_prompts: DynamicPrompts = spec(default_factory=DynamicPrompts)
     params: Params = spec(default_factory=Params)
     zip: tuple[tuple[str, ...], ...] = spec(())
     paths: Paths = spec(default_factory=Paths)
@@ -242,6 +264,12 @@ def _check_zip(job: Job, origin: Origin) -> list[Problem]:
 def _check_sampler_pairs(job: Job, origin: Origin) -> list[Problem]:
     """Each sampler with each schedule type of the grid (zipped pairs are a subset)."""
     problems = []
+    if job.params.eta is not None:
+        others = [s for s in _values(job.params.sampler) if samplers.split(s)[0] != "DDIM"]
+        if others:
+            problems.append(Problem("params.eta", f"eta applies to DDIM only (diffusers' other "
+                                    f"samplers take none), not to {', '.join(others)}",
+                                    origin("params.eta")))
     for name in dict.fromkeys(_values(job.params.sampler)):
         for schedule in dict.fromkeys(_values(job.params.schedule_type)):
             try:

@@ -24,7 +24,15 @@ def infotext(render: Render, spec: StackSpec) -> str:
         "Model": spec.name,
         "VAE hash": spec.vae_hash,
         "VAE": names.stem(spec.vae.name) if spec.vae else None,
+        "Variation seed": render.subseed if render.subseed_strength > 0 else None,
+        "Variation seed strength": (number(render.subseed_strength)
+                                    if render.subseed_strength > 0 else None),
+        "Seed resize from": (f"{render.seed_resize_from_w}x{render.seed_resize_from_h}"
+                             if render.seed_resize_from_w > 0 and render.seed_resize_from_h > 0
+                             else None),
         "Clip skip": render.clip_skip if render.clip_skip > 1 else None,
+        "ENSD": render.ensd or None,
+        "Eta DDIM": number(render.eta) if render.eta is not None else None,
         "Version": f"sdbatch {__version__}",
     }
     return format_infotext(render.prompt, render.negative_prompt, params)

@@ -1,8 +1,8 @@
 """txt2img: noise from each image's own seed, denoised by the job's sampler.
 
-The initial noise of every image is drawn on the CPU from a generator seeded with that
-image's seed, and the same generator feeds the sampler's later noise (ancestral samplers);
-SDE samplers get a Brownian tree per image seed. So an image depends on its seed alone,
+The initial noise of every image is drawn on the CPU from its own seed (sdbatch.noise), and
+a generator of the same seed feeds the sampler's later noise (ancestral samplers); SDE
+samplers get a Brownian tree per image seed. So an image depends on its seed alone,
 not on its batch, its device's RNG or how many workers ran the job.
 """
 
@@ -13,17 +13,12 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-from sdbatch import samplers
+from sdbatch import noise, samplers
 from sdbatch.matrix import Render
 from sdbatch.models.stack import Stack
 from sdbatch.prompts.encode import encode
 
 StepCallback = Callable[[int, int], None]  # (step done, steps)
-
-
-def initial_noise(seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Generator]:
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator), generator
 
 
 def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None = None
@@ -41,8 +36,11 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
                     first.clip_skip, stack.device)
     channels = pipe.vae.config.latent_channels
     shape = (channels, first.height // 8, first.width // 8)
-    noise, generators = zip(*(initial_noise(r.seed, shape) for r in renders), strict=True)
-    latents = torch.stack(noise).to(stack.device, stack.dtype)
+    latents = torch.stack([
+        noise.initial_noise(shape, r.seed, r.subseed, r.subseed_strength,
+                            (r.seed_resize_from_w, r.seed_resize_from_h)) for r in renders
+    ]).to(stack.device, stack.dtype)
+    generators = [noise.sampler_generator(r.seed, r.ensd, shape) for r in renders]
 
     def step_end(_pipe, i, _t, kwargs):
         if on_step:
@@ -51,8 +49,9 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
 
     out = pipe(
         prompt_embeds=cond.to(stack.dtype), negative_prompt_embeds=uncond.to(stack.dtype),
-        latents=latents, generator=list(generators), num_inference_steps=first.steps,
+        latents=latents, generator=generators, num_inference_steps=first.steps,
         guidance_scale=first.cfg_scale, width=first.width, height=first.height,
         output_type="pil", callback_on_step_end=step_end,
+        **({"eta": first.eta} if first.eta is not None else {}),
     )
     return out.images
