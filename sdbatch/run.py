@@ -45,7 +45,7 @@ def describe(job: Job) -> str:
         parts.append(f"{p.batch_count} batch_count")
     if p.batch_size > 1:
         parts.append(f"{p.batch_size} batch_size")
-    return " x ".join(parts) or "1 image"
+    return " x ".join(parts) or "one cell"
 
 
 def portable(job: Job) -> dict:
@@ -139,7 +139,8 @@ def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
     done = {r.index for r in renders if folder.is_done(r.index, plan.key(r.index))}
     batches = [b for b in plan.batches if any(r.index not in done for r in b.renders)]
     say = (lambda *a: None) if job.run.progress == "quiet" else print
-    print(f"{job.job.name}: {len(renders)} images ({describe(p.resolved)}) -> {path}")
+    count = f"{len(renders)} image{'s' if len(renders) != 1 else ''}"
+    print(f"{job.job.name}: {count} ({describe(p.resolved)}) -> {path}")
     if done:
         print(f"  resuming: {len(done)} already there, {len(renders) - len(done)} to render")
     device = stacks.pick_device(job.executor.device)

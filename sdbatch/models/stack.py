@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sdbatch.models import hashing, names, tiny
+from sdbatch.models import hashing, hub, names, tiny
 from sdbatch.schema import Model, Paths, Problem
 
 EMBEDDED = {"tiny": tiny.ensure}
@@ -72,15 +72,30 @@ def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the
 
     if checkpoint in EMBEDDED:
         path: Path | None = EMBEDDED[checkpoint]()
+    elif hub.is_hub_id(checkpoint) and not _found(checkpoint, models):
+        try:
+            path = hub.fetch(checkpoint)
+        except hub.HubError as e:
+            problems.append(Problem("model.checkpoint", str(e), origin("model.checkpoint")))
+            path = None
     else:
         path = find("checkpoint", checkpoint, "model.checkpoint")
     vae = find("vae", model.vae, "model.vae") if model.vae else None
     embeddings = tuple(find("embedding", e, "model.embeddings") for e in model.embeddings)
     if problems or path is None:
         return None, problems
-    name = checkpoint if checkpoint in EMBEDDED else names.stem(path.name)
+    name = (checkpoint if checkpoint in EMBEDDED or hub.is_hub_id(checkpoint)
+            else names.stem(path.name))
     return StackSpec(name, path, model.dtype, model.family, vae, embeddings,
                      model.allow_pickle), []
+
+
+def _found(name: str, models: Path | None) -> bool:
+    try:
+        names.resolve("checkpoint", name, models)
+        return True
+    except names.NameNotFound:
+        return False
 
 
 def pick_device(name: str) -> torch.device:
