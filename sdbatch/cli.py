@@ -10,6 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sdbatch import schema
+from sdbatch.models.stack import StackLoadError
 from sdbatch.schema import JobError
 
 USAGE = """usage:
@@ -47,7 +48,7 @@ def hydra_entry(cfg: DictConfig) -> None:
     try:
         job = schema.validate(OmegaConf.to_container(cfg, resolve=True), origin)
         code = run(job, origin, overrides, sys.argv)
-    except JobError as e:
+    except (JobError, StackLoadError) as e:
         fail(e)
     if code:
         sys.exit(code)
@@ -73,7 +74,7 @@ def resume(args: list[str]) -> None:
     try:
         job = schema.validate(stored, lambda key: label)
         code = run(job, lambda key: label, [], sys.argv)
-    except JobError as e:
+    except (JobError, StackLoadError) as e:
         fail(e)
     sys.exit(code)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from sdbatch import matrix, schema
 from sdbatch.executors.local import execute
 from sdbatch.models import stack as stacks
-from sdbatch.models.stack import StackCache
+from sdbatch.models.stack import StackCache, StackLoadError
 from sdbatch.output import png, records
 from sdbatch.output.filenames import file_name
 from sdbatch.output.run_folder import RunFolder, default_dir
@@ -177,6 +177,10 @@ def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
                     progress.advance()
         except KeyboardInterrupt:
             stop.requested = True
+        except StackLoadError:
+            progress.close()
+            folder.finish_session("failed", dict(counts))
+            raise
         finally:
             progress.close()
     elapsed = time.perf_counter() - start

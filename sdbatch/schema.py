@@ -126,6 +126,7 @@ class Model:
 
     checkpoint: Axis[str] = spec("tiny")
     family: str = spec("auto", _one_of(FAMILIES))
+    config: str | None = spec(None)  # a diffusers folder describing a single file of no family
     vae: str | None = spec(None)
     loras: tuple[Network, ...] = spec(())
     embeddings: tuple[str, ...] = spec(())

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from sdbatch.models import hashing, hub, names, tiny
+from sdbatch.models import families, hashing, hub, names, tiny
+from sdbatch.models.single_file import ModelFileError, load_single_file, load_vae
 from sdbatch.schema import Model, Paths, Problem
 
 EMBEDDED = {"tiny": tiny.ensure}
@@ -32,6 +33,7 @@ class StackSpec:
     vae: Path | None = None
     embeddings: tuple[Path, ...] = field(default=())
     allow_pickle: bool = False
+    config: Path | None = None
 
     @cached_property
     def model_hash(self) -> str:
@@ -81,13 +83,27 @@ def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the
     else:
         path = find("checkpoint", checkpoint, "model.checkpoint")
     vae = find("vae", model.vae, "model.vae") if model.vae else None
+    config = Path(model.config).expanduser() if model.config else None
+    if config is not None and not (config / "model_index.json").is_file():
+        problems.append(Problem("model.config", f"{config} is not a diffusers folder (no "
+                                "model_index.json)", origin("model.config")))
     embeddings = tuple(find("embedding", e, "model.embeddings") for e in model.embeddings)
     if problems or path is None:
         return None, problems
+    family = model.family
+    if path.is_file() and config is None:
+        try:
+            detected = families.detect_family(path)
+            if family == "auto":
+                family = detected
+            else:
+                families.check_compatible(family, detected, str(path))
+        except ModelFileError as e:
+            return None, [Problem("model.checkpoint", str(e), origin("model.checkpoint"))]
     name = (checkpoint if checkpoint in EMBEDDED or hub.is_hub_id(checkpoint)
             else names.stem(path.name))
-    return StackSpec(name, path, model.dtype, model.family, vae, embeddings,
-                     model.allow_pickle), []
+    return StackSpec(name, path, model.dtype, family, vae, embeddings, model.allow_pickle,
+                     config), []
 
 
 def _found(name: str, models: Path | None) -> bool:
@@ -136,18 +152,29 @@ class Stack:
 
 
 def load(spec: StackSpec, device: torch.device) -> Stack:
-    """Load a stack fully offline, in its dtype, on the device."""
+    """Load a stack fully offline, in its dtype, on the device: a diffusers folder as it
+    is, a single file through its family's shipped configs, then the VAE override."""
     quiet_libraries()
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     dtype = pick_dtype(spec.dtype, device)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        spec.path, dtype=dtype, local_files_only=True, safety_checker=None,
-        requires_safety_checker=False,
-    )
+    if spec.path.is_dir():
+        pipe = DiffusionPipeline.from_pretrained(spec.path, dtype=dtype, local_files_only=True,
+                                                 safety_checker=None,
+                                                 requires_safety_checker=False)
+    else:
+        pipe = load_single_file(spec.path, spec.family, dtype, spec.allow_pickle, spec.config)
+    if spec.vae is not None:
+        family = spec.family if spec.family != "auto" else (
+            "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15")
+        pipe.vae = load_vae(spec.vae, family, dtype, spec.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     return Stack(spec, pipe, dict(pipe.scheduler.config), device, dtype)
+
+
+class StackLoadError(RuntimeError):
+    """A stack that cannot load stops the run: that is a broken model, not a broken image."""
 
 
 class StackCache:
@@ -167,7 +194,10 @@ class StackCache:
         if spec.identity in self.stacks:
             self.stacks.move_to_end(spec.identity)
             return self.stacks[spec.identity]
-        stack = self.loader(spec, self.device)
+        try:
+            stack = self.loader(spec, self.device)
+        except Exception as e:
+            raise StackLoadError(f"cannot load {spec.path}: {e}") from e
         self.loads += 1
         self.stacks[spec.identity] = stack
         while len(self.stacks) > 1 and sum(s.nbytes() for s in self.stacks.values()) > \
