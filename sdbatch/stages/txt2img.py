@@ -15,6 +15,7 @@ from PIL import Image
 
 from sdbatch import samplers
 from sdbatch.matrix import Render
+from sdbatch.models.embeddings import expand_triggers
 from sdbatch.models.stack import Stack
 from sdbatch.prompts.encode import encode
 
@@ -26,6 +27,11 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torc
     return torch.randn(shape, generator=generator), generator
 
 
+def prompt_texts(pipe, renders: tuple[Render, ...], field: str) -> list[str]:
+    """The renders' prompts with multi-vector embedding triggers spelled out for the tokenizer."""
+    return [expand_triggers(pipe.tokenizer, getattr(r, field)) for r in renders]
+
+
 def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None = None
         ) -> list[Image.Image]:
     first = renders[0]
@@ -35,10 +41,10 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
     if hasattr(pipe.scheduler, "noise_sampler_seed"):
         pipe.scheduler.noise_sampler_seed = [r.seed for r in renders]
 
-    cond = encode(pipe.tokenizer, pipe.text_encoder, [r.prompt for r in renders],
+    cond = encode(pipe.tokenizer, pipe.text_encoder, prompt_texts(pipe, renders, "prompt"),
                   first.clip_skip, stack.device)
-    uncond = encode(pipe.tokenizer, pipe.text_encoder, [r.negative_prompt for r in renders],
-                    first.clip_skip, stack.device)
+    uncond = encode(pipe.tokenizer, pipe.text_encoder,
+                    prompt_texts(pipe, renders, "negative_prompt"), first.clip_skip, stack.device)
     channels = pipe.vae.config.latent_channels
     shape = (channels, first.height // 8, first.width // 8)
     noise, generators = zip(*(initial_noise(r.seed, shape) for r in renders), strict=True)
