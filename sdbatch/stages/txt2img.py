@@ -19,6 +19,7 @@ from PIL import Image
 
 from sdbatch import noise, samplers
 from sdbatch.matrix import Render
+from sdbatch.models.embeddings import expand_triggers
 from sdbatch.models.stack import Stack
 from sdbatch.prompts.encode import encode, encode_sdxl
 
@@ -33,8 +34,8 @@ def conditioning(pipe, renders: tuple[Render, ...], device: torch.device, dtype:
                  ) -> dict[str, object]:
     """The pipeline's text (and for SDXL, pooled and size) conditioning for a batch."""
     first = renders[0]
-    prompts = [r.prompt for r in renders]
-    negatives = [r.negative_prompt for r in renders]
+    prompts = prompt_texts(pipe, renders, "prompt")
+    negatives = prompt_texts(pipe, renders, "negative_prompt")
     if not is_sdxl(pipe):
         cond = encode(pipe.tokenizer, pipe.text_encoder, prompts, first.clip_skip, device)
         uncond = encode(pipe.tokenizer, pipe.text_encoder, negatives, first.clip_skip, device)
@@ -55,6 +56,11 @@ def conditioning(pipe, renders: tuple[Render, ...], device: torch.device, dtype:
             "pooled_prompt_embeds": pooled.to(dtype),
             "negative_pooled_prompt_embeds": uncond_pooled.to(dtype),
             "original_size": size, "target_size": size, "crops_coords_top_left": (0, 0)}
+
+
+def prompt_texts(pipe, renders: tuple[Render, ...], field: str) -> list[str]:
+    """The renders' prompts with multi-vector embedding triggers spelled out for the tokenizer."""
+    return [expand_triggers(pipe.tokenizer, getattr(r, field)) for r in renders]
 
 
 def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None = None
