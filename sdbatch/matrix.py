@@ -17,6 +17,7 @@ from typing import Any
 
 from sdbatch import samplers, schema
 from sdbatch.prompts.dynamic import DynamicPrompts
+from sdbatch.prompts.parser import extract_extra_networks
 from sdbatch.schema import Job
 
 
@@ -43,6 +44,8 @@ class Render:
     seed_resize_from_h: int = 0
     eta: float | None = None
     ensd: int = 0
+    loras: tuple[tuple[str, float], ...] = ()  # (name, weight): the stack's, then the prompt's
+    hypernetworks: tuple[tuple[str, float], ...] = ()
 
     def params(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -63,11 +66,16 @@ def random_seed(nonce: int, slot: int, axis: str = "seed") -> int:
 
 
 def resolve_seeds(job: Job, nonce: int) -> Job:
-    """The job with every -1 seed and subseed replaced by its drawn value."""
+    """The job with every -1 seed and subseed replaced by its drawn value.
+
+    Without a variation strength the subseed is unused and set to 0, so that nothing random
+    ends up in the recipe of a job with fixed seeds (its PNGs stay byte-identical)."""
     changes = {}
+    unused = all(s == 0 for s in values(job.params.subseed_strength))
     for axis in ("seed", "subseed"):
         given = getattr(job.params, axis)
-        drawn = tuple(random_seed(nonce, i, axis) if s == -1 else s
+        drawn = tuple(0 if axis == "subseed" and unused else
+                      random_seed(nonce, i, axis) if s == -1 else s
                       for i, s in enumerate(values(given)))
         changes[axis] = drawn if isinstance(given, tuple) else drawn[0]
     return dataclasses.replace(job, params=dataclasses.replace(job.params, **changes))
@@ -90,6 +98,16 @@ def _axes(job: Job) -> list[tuple[tuple[str, ...], list[tuple]]]:
         else:
             axes.append(((key,), [(v,) for v in values(schema.get(job, key))]))
     return axes
+
+
+def networks(job: Job, prompt: str) -> tuple[tuple[tuple[str, float], ...], ...]:
+    """(loras, hypernetworks) of one image: the stack's, then the prompt's <lora:...> tags."""
+    found = {"lora": [(n.name, n.weight) for n in job.model.loras],
+             "hypernet": [(n.name, n.weight) for n in job.model.hypernetworks]}
+    for tag in extract_extra_networks(prompt)[1]:
+        if tag.kind in found:
+            found[tag.kind].append((tag.name, tag.multipliers()[0]))
+    return tuple(found["lora"]), tuple(found["hypernet"])
 
 
 def cells(job: Job) -> int:
@@ -129,6 +147,7 @@ def expand(job: Job) -> list[Render]:
             if dynamic:
                 prompt = dynamic.pick(prompt, image_seed)
                 negative = dynamic.pick(negative, image_seed)
+            loras, hypernets = networks(job, prompt)
             renders.append(Render(
                 index=len(renders), cell=cell, checkpoint=values["model.checkpoint"],
                 prompt=prompt, negative_prompt=negative, sampler=sampler,
@@ -138,5 +157,6 @@ def expand(job: Job) -> list[Render]:
                 clip_skip=values["params.clip_skip"], subseed=image_subseed,
                 subseed_strength=strength, seed_resize_from_w=p.seed_resize_from_w,
                 seed_resize_from_h=p.seed_resize_from_h, eta=p.eta, ensd=p.ensd,
+                loras=loras, hypernetworks=hypernets,
             ))
     return renders

@@ -37,16 +37,20 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
         print(f"note: model {spec.name} now hashes to {spec.model_hash}, the image was made "
               f"with {recorded}: expect different pixels")
     specs = {checkpoint: spec}
-    plan = make_plan([r for r in renders if r.checkpoint == checkpoint],
-                     {checkpoint: spec.identity}, job.params.batch_size)
+    mine = [r for r in renders if r.checkpoint == checkpoint]
+    networks, problems = stacks.resolve_networks(job, mine, lambda key: label)
+    if problems:
+        raise JobError(problems)
+    plan = make_plan(mine, {checkpoint: spec.identity}, job.params.batch_size,
+                     {k: f.hash for k, f in networks.items()})
     batch = next(b for b in plan.batches if any(r.index == index for r in b.renders))
     cache = stacks.StackCache(stacks.pick_device(job.executor.device))
-    result = next(execute([batch], specs, cache))
+    result = next(execute([batch], specs, cache, networks))
     if result.error:
         raise ValueError(f"the render failed: {result.error}")
     position = [r.index for r in batch.renders].index(index)
     render = batch.renders[position]
-    fresh = png.encode(result.images[position], records.infotext(render, spec),
+    fresh = png.encode(result.images[position], records.infotext(render, spec, plan.chains[index]),
                        records.png_recipe(render, spec, plan.chains[index], data["job"]))
     if out is not None:
         atomic.write_bytes(out, fresh)

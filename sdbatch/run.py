@@ -86,6 +86,7 @@ class Prepared:
     renders: list[matrix.Render]
     plan: Plan
     names: dict[int, str]
+    networks: dict[tuple[str, str], stacks.NetworkFile]
 
 
 def prepare(job: Job, origin: Origin) -> Prepared:
@@ -113,21 +114,27 @@ def prepare(job: Job, origin: Origin) -> Prepared:
     elif path.exists() and any(path.iterdir()):
         problems.append(Problem("run.dir", f"{path} exists and is not an sdbatch run folder; "
                                 "give a new or empty folder", origin("run.dir")))
-    if problems:
-        raise JobError(problems)
+    if total > job.run.max_images:
+        raise JobError(problems)  # not worth expanding a matrix that will not run
     nonce = RunFolder.new_nonce() if fresh else RunFolder.stored_nonce(path)
     resolved = matrix.resolve_seeds(normal, nonce)
     renders = matrix.expand(resolved)
+    model_names = {c: s.name if s else c for c, s in specs.items()}
     names = {r.index: file_name(job.run.filename, r, {"job": job.job.name,
-                                                       "model_name": specs[r.checkpoint].name})
+                                                       "model_name": model_names[r.checkpoint]})
              for r in renders}
+    networks, network_problems = stacks.resolve_networks(normal, renders, origin)
+    problems += network_problems
     repeated = [n for n, c in Counter(names.values()).items() if c > 1]
     if repeated:
-        raise JobError([Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "
+        problems.append(Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "
                                 f"names to several images (e.g. {repeated[0]}); add [index]",
-                                origin("run.filename"))])
-    plan = make_plan(renders, {c: s.identity for c, s in specs.items()}, job.params.batch_size)
-    return Prepared(path, fresh, nonce, specs, resolved, renders, plan, names)
+                                origin("run.filename")))
+    if problems:
+        raise JobError(problems)
+    plan = make_plan(renders, {c: s.identity for c, s in specs.items()}, job.params.batch_size,
+                     {k: f.hash for k, f in networks.items()})
+    return Prepared(path, fresh, nonce, specs, resolved, renders, plan, names, networks)
 
 
 def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
@@ -152,7 +159,7 @@ def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
     with StopFlag() as stop:
         try:
             cache = StackCache(device, job.executor.stack_cache_gb)
-            for result in execute(batches, p.specs, cache, progress.step,
+            for result in execute(batches, p.specs, cache, p.networks, progress.step,
                                   lambda: stop.requested):
                 per_image = result.seconds / len(result.batch.renders)
                 for i, r in enumerate(result.batch.renders):
@@ -170,7 +177,7 @@ def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
                         counts["failed"] += 1
                         say(f"  image {r.index:05d} failed: {result.error.splitlines()[0]}")
                     else:
-                        data = png.encode(result.images[i], records.infotext(r, spec),
+                        data = png.encode(result.images[i], records.infotext(r, spec, calls),
                                           records.png_recipe(r, spec, calls, embedded_job))
                         folder.write_image(p.names[r.index], data, entry)
                         counts["rendered"] += 1

@@ -375,14 +375,11 @@ def _coerce(v: Any, tp: Any, key: str, problems: list[Problem], origin: Origin) 
 def to_dict(job: Job) -> dict[str, Any]:
     """The job as plain data (tuples become lists), for run folders and PNG recipes."""
 
-    def plain(x: Any) -> Any:
-        if isinstance(x, tuple | list):
-            return [plain(i) for i in x]
-        return x
-
     def walk(obj: Any) -> Any:
         if dataclasses.is_dataclass(obj):
             return {f.name: walk(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        return plain(obj)
+        if isinstance(obj, tuple | list):
+            return [walk(i) for i in obj]
+        return obj
 
     return walk(job)

@@ -22,7 +22,7 @@ from sdbatch.models.networks_errors import NetworkError
 def render(stack, prompt="a red house", negative="blurry", seed=11):
     from sdbatch.stages import txt2img
 
-    r = Render(0, 0, prompt, negative, "Euler", "Automatic", 3, 7.0, seed, 64, 64, 1)
+    r = Render(0, 0, "tiny", prompt, negative, "Euler", "Automatic", 3, 7.0, seed, 64, 64, 1)
     return np.asarray(txt2img.run(stack, (r,))[0]).astype(np.int16)
 
 
@@ -265,12 +265,17 @@ def test_lycoris_and_non_lora_files_are_refused(stack, tmp_path):
         lora.check_lora(tmp_path / "missing.safetensors", stack.pipe)
 
 
-def test_tiny_family_lora(stack):
-    path = lora.ensure_tiny_lora()
-    assert path.name == "LegoAlrev.safetensors"
-    first = path.read_bytes()
+def test_tiny_family_ships_a_lora_and_an_embedding(stack):
+    from sdbatch.models import tiny
+
+    folder = tiny.family_models()
+    path = folder / "Lora" / "LegoAlrev.safetensors"
+    embedding = folder / "embeddings" / "nightsky.pt"
+    first, emb = path.read_bytes(), embedding.read_bytes()
     path.unlink()
-    assert lora.ensure_tiny_lora().read_bytes() == first  # rebuilt to the same bytes
+    embedding.unlink()
+    folder = tiny.family_models()
+    assert path.read_bytes() == first and embedding.read_bytes() == emb  # same bytes again
     lora.check_lora(path, stack.pipe)
 
 

@@ -45,7 +45,8 @@ DIFFUSERS_TYPE = {"sd15": "v1", "sd15-inpaint": "inpainting", "sd2": "v2", "sd2-
 
 
 def render(index=0, seed=7, prompt="a red house", negative="blurry", steps=2, clip_skip=1):
-    return Render(index=index, cell=0, prompt=prompt, negative_prompt=negative, sampler="Euler",
+    return Render(index=index, cell=0, checkpoint="tiny", prompt=prompt,
+                  negative_prompt=negative, sampler="Euler",
                   schedule_type="Automatic", steps=steps, cfg_scale=7.0, seed=seed, width=64,
                   height=64, clip_skip=clip_skip)
 

@@ -25,19 +25,34 @@ class BatchResult:
 
 
 def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
-            cache: stacks.StackCache, on_step: Callable[[int, int], None] | None = None,
+            cache: stacks.StackCache,
+            networks: dict[tuple[str, str], stacks.NetworkFile] | None = None,
+            on_step: Callable[[int, int], None] | None = None,
             should_stop: Callable[[], bool] = lambda: False) -> Iterator[BatchResult]:
     """Render batches in order; a failing batch is reported and the next one goes on.
 
-    Each batch's stack comes from the cache (loaded on first use); a stack that cannot load
-    stops the run: that is a broken model, not a broken image.
+    Each batch's stack comes from the cache (loaded on first use, its LoRAs checked against
+    it); a stack that cannot load stops the run: that is a broken model, not a broken image.
     """
+    networks = networks or {}
+    checked: set[str] = set()
     for batch in batches:
         if should_stop():
             return
-        stack = cache.get(specs[batch.renders[0].checkpoint])
+        spec = specs[batch.renders[0].checkpoint]
+        stack = cache.get(spec)
+        if spec.identity not in checked:
+            try:
+                stack.check_loras([f.path for (kind, _), f in networks.items() if kind == "lora"])
+            except ValueError as e:
+                raise stacks.StackLoadError(str(e)) from e
+            checked.add(spec.identity)
+        first = batch.renders[0]
         start = time.perf_counter()
         try:
+            stack.use_networks([(networks[("lora", n)].path, w) for n, w in first.loras],
+                               [(networks[("hypernet", n)].path, w)
+                                for n, w in first.hypernetworks])
             images = STAGES[batch.kind](stack, batch.renders, on_step)
         except Exception as e:  # noqa: BLE001 - one batch's failure must not lose the others
             yield BatchResult(batch, None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}",

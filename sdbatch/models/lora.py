@@ -11,12 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import struct
 import warnings
 import weakref
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ import torch
 
 from sdbatch.models.networks_errors import NetworkError
 
-__all__ = ["NetworkError", "LoraSet", "check_lora", "ensure_tiny_lora", "lora_hash",
+__all__ = ["NetworkError", "LoraSet", "check_lora", "lora_hash",
            "model_family", "write_kohya_lora"]
 
 FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}  # by the UNet's cross-attention width
@@ -431,26 +429,3 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text + data
 
-
-TINY_LORA = "LegoAlrev"
-
-
-def ensure_tiny_lora(name: str = TINY_LORA) -> Path:
-    """The embedded tiny model's LoRA, written once beside the tiny model (same bytes every
-    time), so jobs on `tiny` can use <lora:LegoAlrev:w> with no download."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from sdbatch.models import tiny
-
-    folder = tiny.ensure()
-    path = folder.parent / f"tiny-v{tiny.VERSION}-loras" / f"{name}.safetensors"
-    if path.exists():
-        return path
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
-    tmp = path.with_name(f".{name}-{os.getpid()}.tmp")
-    write_kohya_lora(tmp, unet, text_encoder, rank=4, seed=zlib.crc32(name.encode()),
-                     scale=1.0, name=name)
-    os.replace(tmp, path)  # concurrent writers write identical bytes
-    return path

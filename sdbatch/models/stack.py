@@ -16,8 +16,10 @@ from typing import Any
 import torch
 
 from sdbatch.models import families, hashing, hub, names, tiny
+from sdbatch.models.embeddings import load_embedding
 from sdbatch.models.single_file import ModelFileError, load_single_file, load_vae
-from sdbatch.schema import Model, Paths, Problem
+from sdbatch.prompts.parser import extract_extra_networks
+from sdbatch.schema import Job, Model, Paths, Problem
 
 EMBEDDED = {"tiny": tiny.ensure}
 
@@ -65,9 +67,11 @@ def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the
                                 origin("paths.models")))
         models = None
 
+    roots = [models, tiny.family_models()] if checkpoint in EMBEDDED else [models]
+
     def find(kind: str, name: str, key: str) -> Path | None:
         try:
-            return names.resolve(kind, name, models)
+            return _find_in(roots, kind, name)
         except names.NameNotFound as e:
             problems.append(Problem(key, str(e), origin(key)))
             return None
@@ -104,6 +108,66 @@ def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the
             else names.stem(path.name))
     return StackSpec(name, path, model.dtype, family, vae, embeddings, model.allow_pickle,
                      config), []
+
+
+@dataclass(frozen=True)
+class NetworkFile:
+    path: Path
+    hash: str  # as the WebUI writes it: "Lora hashes" / hypernet hash
+
+
+def resolve_networks(job: Job, renders, origin=lambda key: "the job"
+                     ) -> tuple[dict[tuple[str, str], NetworkFile], list[Problem]]:
+    """Every LoRA and hypernetwork the renders use -> its file, found before any work."""
+    from sdbatch.models.hypernetwork import hypernetwork_hash
+    from sdbatch.models.lora import lora_hash
+
+    roots = _roots(job)
+    stack_names = {("lora", n.name) for n in job.model.loras} | \
+        {("hypernet", n.name) for n in job.model.hypernetworks}
+    files: dict[tuple[str, str], NetworkFile] = {}
+    problems: list[Problem] = []
+    wanted = dict.fromkeys([("lora", name) for r in renders for name, _ in r.loras] +
+                           [("hypernet", name) for r in renders for name, _ in r.hypernetworks])
+    for kind, name in wanted:
+        key = ("model.loras" if kind == "lora" else "model.hypernetworks") \
+            if (kind, name) in stack_names else "prompt"
+        try:
+            path = _find_in(roots, "lora" if kind == "lora" else "hypernetwork", name)
+        except names.NameNotFound as e:
+            problems.append(Problem(key, str(e), origin(key)))
+            continue
+        digest = lora_hash(path) if kind == "lora" else hypernetwork_hash(path)
+        files[(kind, name)] = NetworkFile(path, digest)
+    for text in dict.fromkeys(r.prompt for r in renders):
+        for tag in extract_extra_networks(text)[1]:
+            te, unet = tag.multipliers()
+            if tag.kind in ("lora", "hypernet") and te != unet:
+                problems.append(Problem("prompt", f"<{tag.kind}:{tag.name}:...> gives the text "
+                                        f"encoder {te} and the UNet {unet}: sdbatch applies one "
+                                        "weight to both; give one number", origin("prompt")))
+    return files, problems
+
+
+def _roots(job: Job) -> list[Path | None]:
+    """Where names are looked up: paths.models, then the embedded family's own folder."""
+    roots: list[Path | None] = [_models_dir(job.paths)]
+    if any(c in EMBEDDED for c in (job.model.checkpoint if isinstance(job.model.checkpoint, tuple)
+                                   else (job.model.checkpoint,))):
+        roots.append(tiny.family_models())
+    return roots
+
+
+def _find_in(roots: list[Path | None], kind: str, name: str) -> Path:
+    """The first root that has the name; else the error of the last folder searched (its
+    nearest names are the most useful)."""
+    errors = []
+    for root in roots:
+        try:
+            return names.resolve(kind, name, root)
+        except names.NameNotFound as e:
+            errors.append((root, e))
+    raise next((e for root, e in reversed(errors) if root is not None), errors[0][1])
 
 
 def _found(name: str, models: Path | None) -> bool:
@@ -144,6 +208,24 @@ class Stack:
     scheduler_config: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
+    triggers: dict[str, str] = field(default_factory=dict)  # embedding token -> TI hash
+
+    def use_networks(self, loras: list[tuple[Path, float]],
+                     hypernetworks: list[tuple[Path, float]]) -> None:
+        """Set the batch's LoRA and hypernetwork weights; files load once, the model never
+        reloads."""
+        from sdbatch.models.hypernetwork import Hypernetworks
+        from sdbatch.models.lora import LoraSet
+
+        LoraSet(self.pipe).apply(loras)
+        Hypernetworks(self.pipe).apply(hypernetworks)
+
+    def check_loras(self, paths: list[Path]) -> None:
+        """Refuse a LoRA that does not fit this model, before any image is rendered."""
+        from sdbatch.models.lora import check_lora
+
+        for path in paths:
+            check_lora(path, self.pipe)
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for name in ("unet", "vae", "text_encoder",
@@ -170,7 +252,11 @@ def load(spec: StackSpec, device: torch.device) -> Stack:
         pipe.vae = load_vae(spec.vae, family, dtype, spec.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    return Stack(spec, pipe, dict(pipe.scheduler.config), device, dtype)
+    stack = Stack(spec, pipe, dict(pipe.scheduler.config), device, dtype)
+    for path in spec.embeddings:
+        embedding = load_embedding(pipe, path)
+        stack.triggers[embedding.token] = embedding.hash
+    return stack
 
 
 class StackLoadError(RuntimeError):
@@ -183,7 +269,7 @@ class StackCache:
     A budget of 0 keeps only the stack in use; the newest stack always stays, however big.
     """
 
-    def __init__(self, device: torch.device, budget_gb: float = 0.0, loader=load):
+    def __init__(self, device: torch.device, budget_gb: float = 0.0, loader=None):
         self.device = device
         self.budget = budget_gb * 2**30
         self.loader = loader
@@ -195,7 +281,7 @@ class StackCache:
             self.stacks.move_to_end(spec.identity)
             return self.stacks[spec.identity]
         try:
-            stack = self.loader(spec, self.device)
+            stack = (self.loader or load)(spec, self.device)
         except Exception as e:
             raise StackLoadError(f"cannot load {spec.path}: {e}") from e
         self.loads += 1

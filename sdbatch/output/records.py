@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sdbatch import __version__
@@ -12,7 +13,20 @@ from sdbatch.output.infotext import format_infotext, number
 from sdbatch.plan import StageCall
 
 
-def infotext(render: Render, spec: StackSpec) -> str:
+def _used_embeddings(render: Render, spec: StackSpec) -> dict[str, str]:
+    """Embeddings whose trigger word appears in the prompt or negative prompt -> TI hash."""
+    from sdbatch.models.embeddings import ti_hash
+
+    text = f"{render.prompt}\n{render.negative_prompt}"
+    return {path.stem: ti_hash(path) for path in spec.embeddings
+            if re.search(rf"(?<![\w]){re.escape(path.stem)}(?![\w])", text, re.IGNORECASE)}
+
+
+def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> str:
+    stage = calls[0].params
+    loras = {name: digest for name, _, digest in stage["loras"]}
+    hypernets = stage["hypernetworks"]
+    embeddings = _used_embeddings(render, spec)
     params = {
         "Steps": render.steps,
         "Sampler": render.sampler,
@@ -33,6 +47,11 @@ def infotext(render: Render, spec: StackSpec) -> str:
         "Clip skip": render.clip_skip if render.clip_skip > 1 else None,
         "ENSD": render.ensd or None,
         "Eta DDIM": number(render.eta) if render.eta is not None else None,
+        "Hypernet": ", ".join(name for name, _, _ in hypernets) or None,
+        "Hypernet hash": ", ".join(digest for _, _, digest in hypernets) or None,
+        "Hypernet strength": ", ".join(number(w) for _, w, _ in hypernets) or None,
+        "Lora hashes": ", ".join(f"{n}: {h}" for n, h in loras.items()) or None,
+        "TI hashes": ", ".join(f"{n}: {h}" for n, h in embeddings.items()) or None,
         "Version": f"sdbatch {__version__}",
     }
     return format_infotext(render.prompt, render.negative_prompt, params)

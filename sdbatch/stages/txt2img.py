@@ -22,6 +22,7 @@ from sdbatch.matrix import Render
 from sdbatch.models.embeddings import expand_triggers
 from sdbatch.models.stack import Stack
 from sdbatch.prompts.encode import encode, encode_sdxl
+from sdbatch.prompts.parser import extract_extra_networks
 
 StepCallback = Callable[[int, int], None]  # (step done, steps)
 
@@ -59,8 +60,10 @@ def conditioning(pipe, renders: tuple[Render, ...], device: torch.device, dtype:
 
 
 def prompt_texts(pipe, renders: tuple[Render, ...], field: str) -> list[str]:
-    """The renders' prompts with multi-vector embedding triggers spelled out for the tokenizer."""
-    return [expand_triggers(pipe.tokenizer, getattr(r, field)) for r in renders]
+    """The text to encode: <lora:...> tags removed (they are applied to the model, as in the
+    WebUI), multi-vector embedding triggers spelled out for the tokenizer."""
+    return [expand_triggers(pipe.tokenizer, extract_extra_networks(getattr(r, field))[0])
+            for r in renders]
 
 
 def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None = None
