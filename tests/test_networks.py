@@ -18,6 +18,8 @@ from sdbatch.matrix import Render
 from sdbatch.models import embeddings, hypernetwork, lora
 from sdbatch.models.networks_errors import NetworkError
 
+from .conftest import build_tiny_sdxl
+
 
 def render(stack, prompt="a red house", negative="blurry", seed=11):
     from sdbatch.stages import txt2img
@@ -445,49 +447,9 @@ def test_lora_and_hypernetwork_together_in_either_order(stack, base, loras, tmp_
 # ---- SDXL ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def sdxl_pipe(tiny_spec):
-    """A tiny SDXL-architecture pipeline (two text encoders, text_time conditioning)."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-    )
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=96,
-        attention_head_dim=(2, 4), norm_num_groups=8, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=8 * 6 + 32, transformer_layers_per_block=(1, 2))
-    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=8, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1)
-
-    def encoder(width, cls):
-        return cls(CLIPTextConfig(vocab_size=514, hidden_size=width, intermediate_size=2 * width,
-                                  num_hidden_layers=2, num_attention_heads=4, projection_dim=width,
-                                  max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
-                                  pad_token_id=513, hidden_act="gelu"))
-
-    tokenizer = tiny_spec.path / "tokenizer"
-    pipe = StableDiffusionXLPipeline(
-        vae=vae, unet=unet, text_encoder=encoder(64, CLIPTextModel),
-        text_encoder_2=encoder(32, CLIPTextModelWithProjection),
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizer),
-        tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer),
-        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                         beta_end=0.012))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def sdxl_pipe(tmp_path_factory):
+    """A tiny SDXL-architecture pipeline (two text encoders, 32 and 64 wide; text_time)."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
 def sdxl_text(pipe, prompt="a red house"):
@@ -523,7 +485,7 @@ def test_sdxl_lora_loads_into_unet_and_both_text_encoders(sdxl_pipe, tmp_path, s
 
 def test_sdxl_embedding_pairs(sdxl_pipe, tmp_path):
     pipe = sdxl_pipe
-    pair = {"clip_l": vectors(2, 64, seed=6), "clip_g": vectors(2, 32, seed=7)}
+    pair = {"clip_l": vectors(2, 32, seed=6), "clip_g": vectors(2, 64, seed=7)}
     path = embeddings.write_a1111_embedding(tmp_path / "XlStyle.safetensors", pair)
     plain = sdxl_text(pipe, "XlStyle house")
     embeddings.load_embedding(pipe, path)
