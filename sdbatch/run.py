@@ -91,9 +91,12 @@ class Prepared:
 
 def prepare(job: Job, origin: Origin) -> Prepared:
     """Every up-front check, then the matrix and plan; raises JobError listing all problems."""
-    normal = sources.normalize(job, origin)
-    total = matrix.count(normal)
     problems: list[Problem] = []
+    try:
+        normal = sources.normalize(job, origin)
+    except JobError as e:  # reported with everything else found below
+        normal, problems = job, list(e.problems)
+    total = matrix.count(normal)
     if total > job.run.max_images:
         problems.append(Problem("run.max_images", f"the job makes {total} images, more than "
                                 f"run.max_images = {job.run.max_images}: raise it "
