@@ -10,6 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sdbatch import schema
+from sdbatch.models.stack import StackLoadError
 from sdbatch.schema import JobError
 
 USAGE = """usage:
@@ -17,6 +18,16 @@ USAGE = """usage:
   sdbatch resume RUN_DIR                finish a stopped run from its own saved config
   sdbatch reproduce IMAGE.png           render an image again from its recipe, compare bytes
 """
+
+
+def store_schema_defaults() -> None:
+    """Give Hydra every key with its schema default, so `params.cfg_scale=[5,7]` overrides a
+    key the job never mentioned. A plain node, not a structured one: the schema's own
+    validator reports every problem at once, where Hydra would stop at the first."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="sdbatch_defaults",
+                                 node=OmegaConf.create(schema.to_dict(schema.Job())))
 
 
 def fail(error: Exception, code: int = 2) -> None:
@@ -37,7 +48,7 @@ def hydra_entry(cfg: DictConfig) -> None:
     try:
         job = schema.validate(OmegaConf.to_container(cfg, resolve=True), origin)
         code = run(job, origin, overrides, sys.argv)
-    except JobError as e:
+    except (JobError, StackLoadError) as e:
         fail(e)
     if code:
         sys.exit(code)
@@ -63,7 +74,7 @@ def resume(args: list[str]) -> None:
     try:
         job = schema.validate(stored, lambda key: label)
         code = run(job, lambda key: label, [], sys.argv)
-    except JobError as e:
+    except (JobError, StackLoadError) as e:
         fail(e)
     sys.exit(code)
 
@@ -97,4 +108,5 @@ def main() -> None:
         if args and args[0] == "run":
             del sys.argv[1]
         register()
+        store_schema_defaults()
         hydra_entry()

@@ -12,9 +12,12 @@ import dataclasses
 import hashlib
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sdbatch import samplers, schema
+from sdbatch.prompts.dynamic import DynamicPrompts
+from sdbatch.prompts.parser import extract_extra_networks
 from sdbatch.schema import Job
 
 
@@ -24,6 +27,7 @@ class Render:
 
     index: int
     cell: int
+    checkpoint: str
     prompt: str
     negative_prompt: str
     sampler: str
@@ -34,29 +38,47 @@ class Render:
     width: int
     height: int
     clip_skip: int
+    subseed: int = 0
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
+    eta: float | None = None
+    ensd: int = 0
+    loras: tuple[tuple[str, float], ...] = ()  # (name, weight): the stack's, then the prompt's
+    hypernetworks: tuple[tuple[str, float], ...] = ()
 
     def params(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        del d["index"], d["cell"]
+        del d["index"], d["cell"], d["checkpoint"]  # the stack's identity stands for it
         return d
 
 
-def _values(x: Any) -> tuple:
+def values(x: Any) -> tuple:
+    """An axis's values: a list's items, or the one value."""
     return x if isinstance(x, tuple) else (x,)
 
 
-def random_seed(nonce: int, slot: int) -> int:
-    """The seed drawn for the slot-th value -1 of the seed axis: a pure function of the nonce."""
-    digest = hashlib.sha256(f"{nonce}/{slot}".encode()).digest()
+def random_seed(nonce: int, slot: int, axis: str = "seed") -> int:
+    """The seed drawn for the slot-th value -1 of a seed axis: a pure function of the nonce."""
+    tag = f"{nonce}/{slot}" if axis == "seed" else f"{nonce}/{axis}/{slot}"
+    digest = hashlib.sha256(tag.encode()).digest()
     return int.from_bytes(digest[:8], "big") % (schema.MAX_SEED + 1)
 
 
 def resolve_seeds(job: Job, nonce: int) -> Job:
-    """The job with every -1 seed replaced by its drawn seed."""
-    seeds = tuple(random_seed(nonce, i) if s == -1 else s
-                  for i, s in enumerate(_values(job.params.seed)))
-    value = seeds if isinstance(job.params.seed, tuple) else seeds[0]
-    return dataclasses.replace(job, params=dataclasses.replace(job.params, seed=value))
+    """The job with every -1 seed and subseed replaced by its drawn value.
+
+    Without a variation strength the subseed is unused and set to 0, so that nothing random
+    ends up in the recipe of a job with fixed seeds (its PNGs stay byte-identical)."""
+    changes = {}
+    unused = all(s == 0 for s in values(job.params.subseed_strength))
+    for axis in ("seed", "subseed"):
+        given = getattr(job.params, axis)
+        drawn = tuple(0 if axis == "subseed" and unused else
+                      random_seed(nonce, i, axis) if s == -1 else s
+                      for i, s in enumerate(values(given)))
+        changes[axis] = drawn if isinstance(given, tuple) else drawn[0]
+    return dataclasses.replace(job, params=dataclasses.replace(job.params, **changes))
 
 
 def _axes(job: Job) -> list[tuple[tuple[str, ...], list[tuple]]]:
@@ -71,11 +93,21 @@ def _axes(job: Job) -> list[tuple[tuple[str, ...], list[tuple]]]:
                 continue
             done.add(g)
             keys = job.zip[g]
-            axes.append((keys, list(zip(*(_values(schema.get(job, k)) for k in keys),
+            axes.append((keys, list(zip(*(values(schema.get(job, k)) for k in keys),
                                         strict=True))))
         else:
-            axes.append(((key,), [(v,) for v in _values(schema.get(job, key))]))
+            axes.append(((key,), [(v,) for v in values(schema.get(job, key))]))
     return axes
+
+
+def networks(job: Job, prompt: str) -> tuple[tuple[tuple[str, float], ...], ...]:
+    """(loras, hypernetworks) of one image: the stack's, then the prompt's <lora:...> tags."""
+    found = {"lora": [(n.name, n.weight) for n in job.model.loras],
+             "hypernet": [(n.name, n.weight) for n in job.model.hypernetworks]}
+    for tag in extract_extra_networks(prompt)[1]:
+        if tag.kind in found:
+            found[tag.kind].append((tag.name, tag.multipliers()[0]))
+    return tuple(found["lora"]), tuple(found["hypernet"])
 
 
 def cells(job: Job) -> int:
@@ -93,23 +125,38 @@ def count(job: Job) -> int:
 def expand(job: Job) -> list[Render]:
     """Every image of a job whose seeds are resolved, in matrix order."""
     axes = _axes(job)
-    per_cell = job.params.batch_count * job.params.batch_size
+    p = job.params
+    per_cell = p.batch_count * p.batch_size
+    dynamic = (DynamicPrompts("random", Path(job.paths.wildcards), 1)
+               if job.dynamic_prompts.mode == "random" else None)
     renders = []
     for cell, combo in enumerate(itertools.product(*(rows for _, rows in axes))):
         values = {k: v for (keys, _), row in zip(axes, combo, strict=True)
                   for k, v in zip(keys, row, strict=True)}
-        seed = values["params.seed"]
-        if seed == -1:
+        seed, subseed = values["params.seed"], values["params.subseed"]
+        if seed == -1 or subseed == -1:
             raise ValueError("expand() needs resolved seeds: call resolve_seeds() first")
+        strength = values["params.subseed_strength"]
         sampler, schedule_type = samplers.split(values["params.sampler"],
                                                 values["params.schedule_type"])
         for i in range(per_cell):
+            # the WebUI: with a variation strength the seed stays and the subseed counts up
+            image_seed, image_subseed = (seed, subseed + i) if strength > 0 else (seed + i,
+                                                                                   subseed)
+            prompt, negative = values["prompt"], values["negative_prompt"]
+            if dynamic:
+                prompt = dynamic.pick(prompt, image_seed)
+                negative = dynamic.pick(negative, image_seed)
+            loras, hypernets = networks(job, prompt)
             renders.append(Render(
-                index=len(renders), cell=cell, prompt=values["prompt"],
-                negative_prompt=values["negative_prompt"], sampler=sampler,
+                index=len(renders), cell=cell, checkpoint=values["model.checkpoint"],
+                prompt=prompt, negative_prompt=negative, sampler=sampler,
                 schedule_type=schedule_type, steps=values["params.steps"],
-                cfg_scale=values["params.cfg_scale"], seed=seed + i,
+                cfg_scale=values["params.cfg_scale"], seed=image_seed,
                 width=values["params.width"], height=values["params.height"],
-                clip_skip=values["params.clip_skip"],
+                clip_skip=values["params.clip_skip"], subseed=image_subseed,
+                subseed_strength=strength, seed_resize_from_w=p.seed_resize_from_w,
+                seed_resize_from_h=p.seed_resize_from_h, eta=p.eta, ensd=p.ensd,
+                loras=loras, hypernetworks=hypernets,
             ))
     return renders

@@ -16,7 +16,9 @@ from typing import Any
 
 from sdbatch.matrix import Render
 
-PER_IMAGE = ("seed", "prompt", "negative_prompt")  # what may differ inside one forward pass
+# what may differ inside one forward pass: it changes the noise or the text, not the pass
+PER_IMAGE = ("seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
+             "ensd", "prompt", "negative_prompt")
 
 
 def content_key(kind: str, params: dict[str, Any], input_key: str | None, stack: str) -> str:
@@ -57,12 +59,20 @@ class Plan:
         return self.chains[index][-1].key
 
 
-def chain(render: Render, stack: str) -> tuple[StageCall, ...]:
-    return (StageCall("txt2img", render.params(), None, stack),)
+def chain(render: Render, stack: str, networks: dict[tuple[str, str], str]
+          ) -> tuple[StageCall, ...]:
+    params = render.params()
+    for kind, field in (("lora", "loras"), ("hypernet", "hypernetworks")):
+        params[field] = [[name, weight, networks.get((kind, name), "")]
+                         for name, weight in params[field]]
+    return (StageCall("txt2img", params, None, stack),)
 
 
-def make_plan(renders: list[Render], stack: str, batch_size: int) -> Plan:
-    chains = {r.index: chain(r, stack) for r in renders}
+def make_plan(renders: list[Render], stacks: dict[str, str], batch_size: int,
+              networks: dict[tuple[str, str], str] | None = None) -> Plan:
+    """``stacks`` maps each checkpoint name of the job to its stack identity, ``networks``
+    each (kind, name) of a LoRA or hypernetwork to its file hash: keys follow the files."""
+    chains = {r.index: chain(r, stacks[r.checkpoint], networks or {}) for r in renders}
     groups: dict[str, list[Render]] = {}
     for r in renders:
         groups.setdefault(chains[r.index][0].group(), []).append(r)

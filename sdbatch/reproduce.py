@@ -26,23 +26,31 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
     data = png.read_recipe(image)
     label = f"the recipe in {image}"
     job = schema.validate(data["job"], lambda key: label)
-    spec, problems = stacks.resolve(job.model, lambda key: label)
+    renders = matrix.expand(job)
+    index = data["index"]
+    checkpoint = renders[index].checkpoint
+    spec, problems = stacks.resolve(job.model, job.paths, checkpoint, lambda key: label)
     if problems:
         raise JobError(problems)
     recorded = data["recipe"]["model"]["hash"]
     if spec.model_hash != recorded:
         print(f"note: model {spec.name} now hashes to {spec.model_hash}, the image was made "
               f"with {recorded}: expect different pixels")
-    renders = matrix.expand(job)
-    plan = make_plan(renders, spec.identity, job.params.batch_size)
-    index = data["index"]
+    specs = {checkpoint: spec}
+    mine = [r for r in renders if r.checkpoint == checkpoint]
+    networks, problems = stacks.resolve_networks(job, mine, lambda key: label)
+    if problems:
+        raise JobError(problems)
+    plan = make_plan(mine, {checkpoint: spec.identity}, job.params.batch_size,
+                     {k: f.hash for k, f in networks.items()})
     batch = next(b for b in plan.batches if any(r.index == index for r in b.renders))
-    result = next(execute([batch], spec, stacks.pick_device(job.executor.device)))
+    cache = stacks.StackCache(stacks.pick_device(job.executor.device))
+    result = next(execute([batch], specs, cache, networks))
     if result.error:
         raise ValueError(f"the render failed: {result.error}")
     position = [r.index for r in batch.renders].index(index)
     render = batch.renders[position]
-    fresh = png.encode(result.images[position], records.infotext(render, spec),
+    fresh = png.encode(result.images[position], records.infotext(render, spec, plan.chains[index]),
                        records.png_recipe(render, spec, plan.chains[index], data["job"]))
     if out is not None:
         atomic.write_bytes(out, fresh)

@@ -16,11 +16,13 @@ from pathlib import Path
 from sdbatch import matrix, schema
 from sdbatch.executors.local import execute
 from sdbatch.models import stack as stacks
+from sdbatch.models.stack import StackCache, StackLoadError
 from sdbatch.output import png, records
 from sdbatch.output.filenames import file_name
 from sdbatch.output.run_folder import RunFolder, default_dir
 from sdbatch.plan import Plan, make_plan
 from sdbatch.progress import Progress
+from sdbatch.prompts import sources
 from sdbatch.schema import Job, JobError, Origin, Problem
 
 EXIT_OK, EXIT_FAILURES, EXIT_INTERRUPTED = 0, 1, 130
@@ -43,7 +45,7 @@ def describe(job: Job) -> str:
         parts.append(f"{p.batch_count} batch_count")
     if p.batch_size > 1:
         parts.append(f"{p.batch_size} batch_size")
-    return " x ".join(parts) or "1 image"
+    return " x ".join(parts) or "one cell"
 
 
 def portable(job: Job) -> dict:
@@ -79,24 +81,32 @@ class Prepared:
     path: Path
     fresh: bool
     nonce: int
-    spec: stacks.StackSpec
+    specs: dict[str, stacks.StackSpec]  # checkpoint name -> spec
     resolved: Job
     renders: list[matrix.Render]
     plan: Plan
     names: dict[int, str]
+    networks: dict[tuple[str, str], stacks.NetworkFile]
 
 
 def prepare(job: Job, origin: Origin) -> Prepared:
     """Every up-front check, then the matrix and plan; raises JobError listing all problems."""
-    total = matrix.count(job)
     problems: list[Problem] = []
+    try:
+        normal = sources.normalize(job, origin)
+    except JobError as e:  # reported with everything else found below
+        normal, problems = job, list(e.problems)
+    total = matrix.count(normal)
     if total > job.run.max_images:
         problems.append(Problem("run.max_images", f"the job makes {total} images, more than "
                                 f"run.max_images = {job.run.max_images}: raise it "
                                 f"(run.max_images={total}) or shrink the grid",
                                 origin("run.max_images")))
-    spec, stack_problems = stacks.resolve(job.model, origin)
-    problems += stack_problems
+    specs = {}
+    for checkpoint in dict.fromkeys(matrix.values(job.model.checkpoint)):
+        spec, stack_problems = stacks.resolve(job.model, job.paths, checkpoint, origin)
+        problems += stack_problems
+        specs[checkpoint] = spec
     path = Path(job.run.dir) if job.run.dir else default_dir(job.job.name)
     fresh = not (path / "run.json").exists()
     if not fresh:
@@ -107,32 +117,40 @@ def prepare(job: Job, origin: Origin) -> Prepared:
     elif path.exists() and any(path.iterdir()):
         problems.append(Problem("run.dir", f"{path} exists and is not an sdbatch run folder; "
                                 "give a new or empty folder", origin("run.dir")))
-    if problems:
-        raise JobError(problems)
+    if total > job.run.max_images:
+        raise JobError(problems)  # not worth expanding a matrix that will not run
     nonce = RunFolder.new_nonce() if fresh else RunFolder.stored_nonce(path)
-    resolved = matrix.resolve_seeds(job, nonce)
+    resolved = matrix.resolve_seeds(normal, nonce)
     renders = matrix.expand(resolved)
-    ctx = {"job": job.job.name, "model_name": spec.name}
-    names = {r.index: file_name(job.run.filename, r, ctx) for r in renders}
+    model_names = {c: s.name if s else c for c, s in specs.items()}
+    names = {r.index: file_name(job.run.filename, r, {"job": job.job.name,
+                                                       "model_name": model_names[r.checkpoint]})
+             for r in renders}
+    networks, network_problems = stacks.resolve_networks(normal, renders, origin)
+    problems += network_problems
     repeated = [n for n, c in Counter(names.values()).items() if c > 1]
     if repeated:
-        raise JobError([Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "
+        problems.append(Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "
                                 f"names to several images (e.g. {repeated[0]}); add [index]",
-                                origin("run.filename"))])
-    plan = make_plan(renders, spec.identity, job.params.batch_size)
-    return Prepared(path, fresh, nonce, spec, resolved, renders, plan, names)
+                                origin("run.filename")))
+    if problems:
+        raise JobError(problems)
+    plan = make_plan(renders, {c: s.identity for c, s in specs.items()}, job.params.batch_size,
+                     {k: f.hash for k, f in networks.items()})
+    return Prepared(path, fresh, nonce, specs, resolved, renders, plan, names, networks)
 
 
 def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
     p = prepare(job, origin)
-    path, spec, renders, plan = p.path, p.spec, p.renders, p.plan
+    path, renders, plan = p.path, p.renders, p.plan
     folder = (RunFolder.create(path, schema.to_dict(job), overrides, p.nonce, len(renders))
               if p.fresh else RunFolder(path))
 
     done = {r.index for r in renders if folder.is_done(r.index, plan.key(r.index))}
     batches = [b for b in plan.batches if any(r.index not in done for r in b.renders)]
     say = (lambda *a: None) if job.run.progress == "quiet" else print
-    print(f"{job.job.name}: {len(renders)} images ({describe(job)}) -> {path}")
+    count = f"{len(renders)} image{'s' if len(renders) != 1 else ''}"
+    print(f"{job.job.name}: {count} ({describe(p.resolved)}) -> {path}")
     if done:
         print(f"  resuming: {len(done)} already there, {len(renders) - len(done)} to render")
     device = stacks.pick_device(job.executor.device)
@@ -143,12 +161,15 @@ def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
     start = time.perf_counter()
     with StopFlag() as stop:
         try:
-            for result in execute(batches, spec, device, progress.step, lambda: stop.requested):
+            cache = StackCache(device, job.executor.stack_cache_gb)
+            for result in execute(batches, p.specs, cache, p.networks, progress.step,
+                                  lambda: stop.requested):
                 per_image = result.seconds / len(result.batch.renders)
                 for i, r in enumerate(result.batch.renders):
                     if r.index in done:
                         continue
                     calls = plan.chains[r.index]
+                    spec = p.specs[r.checkpoint]
                     entry = {"index": r.index, "id": f"{r.index:05d}", "key": plan.key(r.index),
                              "seed": r.seed, "recipe": records.recipe(r, spec, calls),
                              "stack": spec.identity,
@@ -159,13 +180,17 @@ def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
                         counts["failed"] += 1
                         say(f"  image {r.index:05d} failed: {result.error.splitlines()[0]}")
                     else:
-                        data = png.encode(result.images[i], records.infotext(r, spec),
+                        data = png.encode(result.images[i], records.infotext(r, spec, calls),
                                           records.png_recipe(r, spec, calls, embedded_job))
                         folder.write_image(p.names[r.index], data, entry)
                         counts["rendered"] += 1
                     progress.advance()
         except KeyboardInterrupt:
             stop.requested = True
+        except StackLoadError:
+            progress.close()
+            folder.finish_session("failed", dict(counts))
+            raise
         finally:
             progress.close()
     elapsed = time.perf_counter() - start

@@ -84,22 +84,69 @@ class Params:
     width: Axis[int] = spec(512, _size)
     height: Axis[int] = spec(512, _size)
     clip_skip: Axis[int] = spec(1, _range(1, 12))
+    subseed: Axis[int] = spec(-1, _seed)  # the variation seed
+    subseed_strength: Axis[float] = spec(0.0, _range(0, 1))
+    seed_resize_from_w: int = spec(0, _range(0))  # 0 = off; noise as if drawn at this size
+    seed_resize_from_h: int = spec(0, _range(0))
+    eta: float | None = spec(None, _range(0, 1))  # DDIM's eta (diffusers' other samplers have none)
+    ensd: int = spec(0, _range(0))  # eta noise seed delta: later noise from seed + ensd
     batch_size: int = spec(1, _range(1, 64))
     batch_count: int = spec(1, _range(1, 100000))
 
 
+DYNAMIC_MODES = ("combinatorial", "random", "off")
+
+
+@dataclass(frozen=True)
+class DynamicPrompts:
+    """{a|b} variants and __wildcard__ files (the dynamicprompts library's syntax)."""
+
+    mode: str = spec("combinatorial", _one_of(DYNAMIC_MODES))
+    max_variants: int = spec(1000, _range(1))  # per prompt, combinatorial mode
+
+
+@dataclass(frozen=True)
+class Network:
+    """A LoRA or hypernetwork of the stack: a name under paths.models (or a path) and a weight."""
+
+    name: str = spec()
+    weight: float = spec(1.0, _range(-10, 10))
+
+
+FAMILIES = ("auto", "sd15", "sd2", "sd2-v", "sdxl")
+
+
 @dataclass(frozen=True)
 class Model:
-    """The model stack. ``tiny`` is the embedded demonstration model built by sdbatch."""
+    """The model stack. ``tiny`` is the embedded demonstration model built by sdbatch.
 
-    checkpoint: str = spec("tiny")
+    Names resolve like the WebUI's: a bare name (with or without extension) is looked up in
+    the matching subfolder of paths.models; a path works as is.
+    """
+
+    checkpoint: Axis[str] = spec("tiny")
+    family: str = spec("auto", _one_of(FAMILIES))
+    config: str | None = spec(None)  # a diffusers folder describing a single file of no family
+    vae: str | None = spec(None)
+    loras: tuple[Network, ...] = spec(())
+    embeddings: tuple[str, ...] = spec(())
+    hypernetworks: tuple[Network, ...] = spec(())
     dtype: str = spec("auto", _one_of(("auto", "float32", "float16", "bfloat16")))
+    allow_pickle: bool = spec(False)
+
+
+@dataclass(frozen=True)
+class Paths:
+    models: str | None = spec(None)  # an A1111 models folder: Stable-diffusion/ VAE/ Lora/ ...
+    wildcards: str = spec("wildcards")  # __name__ -> wildcards/name.txt (also .yaml/.json)
+    styles: str = spec("styles.csv")  # the WebUI's styles.csv: name,prompt,negative_prompt
 
 
 @dataclass(frozen=True)
 class Executor:
     name: str = spec("local", _one_of(("local",)))
     device: str = spec("auto")
+    stack_cache_gb: float = spec(0.0, _range(0))  # loaded stacks kept beyond the one in use
 
 
 @dataclass(frozen=True)
@@ -115,8 +162,12 @@ class Job:
     job: JobInfo = spec(default_factory=JobInfo)
     prompt: Axis[str] = spec("")
     negative_prompt: Axis[str] = spec("")
+    prompt_file: str | None = spec(None)  # a recipe per line, like the WebUI's script
+    styles: tuple[str, ...] = spec(())  # names from paths.styles, applied to every prompt
+    dynamic_prompts: DynamicPrompts = spec(default_factory=DynamicPrompts)
     params: Params = spec(default_factory=Params)
     zip: tuple[tuple[str, ...], ...] = spec(())
+    paths: Paths = spec(default_factory=Paths)
     model: Model = spec(default_factory=Model)
     executor: Executor = spec(default_factory=Executor)
     run: Run = spec(default_factory=Run)
@@ -148,7 +199,9 @@ Origin = Callable[[str], str]
 def axes() -> dict[str, str]:
     """Every key that may be a grid axis, short name -> dotted key, in matrix order
     (outermost first). zip groups name axes by either form: [prompt, seed]."""
-    out = {f.name: f.name for f in dataclasses.fields(Job) if _axis_type(_hints(Job)[f.name])}
+    out = {f.name: f"model.{f.name}" for f in dataclasses.fields(Model)
+           if _axis_type(_hints(Model)[f.name])}
+    out |= {f.name: f.name for f in dataclasses.fields(Job) if _axis_type(_hints(Job)[f.name])}
     out |= {f.name: f"params.{f.name}" for f in dataclasses.fields(Params)
             if _axis_type(_hints(Params)[f.name])}
     return out
@@ -212,6 +265,12 @@ def _check_zip(job: Job, origin: Origin) -> list[Problem]:
 def _check_sampler_pairs(job: Job, origin: Origin) -> list[Problem]:
     """Each sampler with each schedule type of the grid (zipped pairs are a subset)."""
     problems = []
+    if job.params.eta is not None:
+        others = [s for s in _values(job.params.sampler) if samplers.split(s)[0] != "DDIM"]
+        if others:
+            problems.append(Problem("params.eta", f"eta applies to DDIM only (diffusers' other "
+                                    f"samplers take none), not to {', '.join(others)}",
+                                    origin("params.eta")))
     for name in dict.fromkeys(_values(job.params.sampler)):
         for schedule in dict.fromkeys(_values(job.params.schedule_type)):
             try:
@@ -243,7 +302,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[Problem], origin: Or
     if not isinstance(raw, Mapping):
         key = prefix.rstrip(".") or "<root>"
         problems.append(Problem(key, f"must be a mapping of keys, got {raw!r}", origin(key)))
-        return cls()
+        return None
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
@@ -268,6 +327,13 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[Problem], origin: Or
                     break
         if len(problems) == before:
             values[f.name] = value
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in raw
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in missing:
+        key = f"{prefix}{name}"
+        problems.append(Problem(key, "is required", origin(prefix.rstrip(".") or key)))
+    if missing:
+        return None
     return cls(**values)
 
 
@@ -309,14 +375,11 @@ def _coerce(v: Any, tp: Any, key: str, problems: list[Problem], origin: Origin) 
 def to_dict(job: Job) -> dict[str, Any]:
     """The job as plain data (tuples become lists), for run folders and PNG recipes."""
 
-    def plain(x: Any) -> Any:
-        if isinstance(x, tuple | list):
-            return [plain(i) for i in x]
-        return x
-
     def walk(obj: Any) -> Any:
         if dataclasses.is_dataclass(obj):
             return {f.name: walk(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        return plain(obj)
+        if isinstance(obj, tuple | list):
+            return [walk(i) for i in obj]
+        return obj
 
     return walk(job)

@@ -7,7 +7,6 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-import torch
 from PIL import Image
 
 from sdbatch.models import stack as stacks
@@ -25,21 +24,35 @@ class BatchResult:
     seconds: float
 
 
-def execute(batches: Iterable[Batch], spec: stacks.StackSpec, device: torch.device,
+def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
+            cache: stacks.StackCache,
+            networks: dict[tuple[str, str], stacks.NetworkFile] | None = None,
             on_step: Callable[[int, int], None] | None = None,
             should_stop: Callable[[], bool] = lambda: False) -> Iterator[BatchResult]:
     """Render batches in order; a failing batch is reported and the next one goes on.
 
-    The stack loads before the first batch; a stack that cannot load stops the run.
+    Each batch's stack comes from the cache (loaded on first use, its LoRAs checked against
+    it); a stack that cannot load stops the run: that is a broken model, not a broken image.
     """
-    stack = None
+    networks = networks or {}
+    checked: set[str] = set()
     for batch in batches:
         if should_stop():
             return
-        if stack is None:
-            stack = stacks.load(spec, device)
+        spec = specs[batch.renders[0].checkpoint]
+        stack = cache.get(spec)
+        if spec.identity not in checked:
+            try:
+                stack.check_loras([f.path for (kind, _), f in networks.items() if kind == "lora"])
+            except ValueError as e:
+                raise stacks.StackLoadError(str(e)) from e
+            checked.add(spec.identity)
+        first = batch.renders[0]
         start = time.perf_counter()
         try:
+            stack.use_networks([(networks[("lora", n)].path, w) for n, w in first.loras],
+                               [(networks[("hypernet", n)].path, w)
+                                for n, w in first.hypernetworks])
             images = STAGES[batch.kind](stack, batch.renders, on_step)
         except Exception as e:  # noqa: BLE001 - one batch's failure must not lose the others
             yield BatchResult(batch, None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}",

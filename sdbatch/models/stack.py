@@ -1,51 +1,181 @@
-"""A job's model section -> a resolved stack spec (checked up front) -> a loaded pipeline.
+"""A job's model section -> resolved stack specs (checked up front) -> loaded pipelines.
 
-Resolving checks that every file exists and computes the stack's identity (its content
-hash), which goes into every content key; loading happens later, once per run.
+Resolving finds every file (names as in the WebUI), so a missing one fails before any work,
+and gives each stack an identity (content hashes of its files) that goes into every content
+key. Loading happens later, once per stack, through a least-recently-used cache.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdbatch.models import hashing, tiny
-from sdbatch.schema import Model, Problem
+from sdbatch.models import families, hashing, hub, names, tiny
+from sdbatch.models.embeddings import load_embedding
+from sdbatch.models.single_file import ModelFileError, load_single_file, load_vae
+from sdbatch.prompts.parser import extract_extra_networks
+from sdbatch.schema import Job, Model, Paths, Problem
 
 EMBEDDED = {"tiny": tiny.ensure}
 
 
 @dataclass(frozen=True)
 class StackSpec:
+    """What a stack is made of: files resolved, nothing loaded."""
+
     name: str  # the WebUI's "Model": the checkpoint's stem
     path: Path
-    dtype: str
+    dtype: str = "auto"
+    family: str = "auto"
+    vae: Path | None = None
+    embeddings: tuple[Path, ...] = field(default=())
+    allow_pickle: bool = False
+    config: Path | None = None
 
-    @property
+    @cached_property
     def model_hash(self) -> str:
         return hashing.model_hash(self.path)
 
-    @property
+    @cached_property
+    def vae_hash(self) -> str | None:
+        return hashing.model_hash(self.vae) if self.vae else None
+
+    @cached_property
     def identity(self) -> str:
-        return f"{self.model_hash}:{self.dtype}"
+        parts = [self.model_hash, self.vae_hash or "-", self.dtype, self.family,
+                 *(hashing.sha256(e)[:12] for e in self.embeddings)]
+        return ":".join(parts)
 
 
-def resolve(model: Model, origin=lambda key: "the job") -> tuple[StackSpec | None, list[Problem]]:
-    """The spec for a job's model section, or the problems that stop it."""
-    if model.checkpoint in EMBEDDED:
-        return StackSpec(model.checkpoint, EMBEDDED[model.checkpoint](), model.dtype), []
-    path = Path(model.checkpoint).expanduser()
-    key = "model.checkpoint"
-    if not path.exists():
-        return None, [Problem(key, f"no such file or folder: {path}; give a diffusers folder or "
-                              f"'{next(iter(EMBEDDED))}' (the embedded model)", origin(key))]
-    if not (path / "model_index.json").exists():
-        return None, [Problem(key, f"{path} is not a diffusers pipeline folder (it has no "
-                              "model_index.json)", origin(key))]
-    return StackSpec(path.name, path, model.dtype), []
+def _models_dir(paths: Paths) -> Path | None:
+    return Path(paths.models).expanduser() if paths.models else None
+
+
+def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the job"
+            ) -> tuple[StackSpec | None, list[Problem]]:
+    """The spec for one checkpoint of a job's model section, or the problems that stop it."""
+    problems: list[Problem] = []
+    models = _models_dir(paths)
+    if models is not None and not models.is_dir():
+        problems.append(Problem("paths.models", f"no such folder: {models}; give your A1111 "
+                                "models folder (with Stable-diffusion/, Lora/, ...)",
+                                origin("paths.models")))
+        models = None
+
+    roots = [models, tiny.family_models()] if checkpoint in EMBEDDED else [models]
+
+    def find(kind: str, name: str, key: str) -> Path | None:
+        try:
+            return _find_in(roots, kind, name)
+        except names.NameNotFound as e:
+            problems.append(Problem(key, str(e), origin(key)))
+            return None
+
+    if checkpoint in EMBEDDED:
+        path: Path | None = EMBEDDED[checkpoint]()
+    elif hub.is_hub_id(checkpoint) and not _found(checkpoint, models):
+        try:
+            path = hub.fetch(checkpoint)
+        except hub.HubError as e:
+            problems.append(Problem("model.checkpoint", str(e), origin("model.checkpoint")))
+            path = None
+    else:
+        path = find("checkpoint", checkpoint, "model.checkpoint")
+    vae = find("vae", model.vae, "model.vae") if model.vae else None
+    config = Path(model.config).expanduser() if model.config else None
+    if config is not None and not (config / "model_index.json").is_file():
+        problems.append(Problem("model.config", f"{config} is not a diffusers folder (no "
+                                "model_index.json)", origin("model.config")))
+    embeddings = tuple(find("embedding", e, "model.embeddings") for e in model.embeddings)
+    if problems or path is None:
+        return None, problems
+    family = model.family
+    if path.is_file() and config is None:
+        try:
+            detected = families.detect_family(path)
+            if family == "auto":
+                family = detected
+            else:
+                families.check_compatible(family, detected, str(path))
+        except ModelFileError as e:
+            return None, [Problem("model.checkpoint", str(e), origin("model.checkpoint"))]
+    name = (checkpoint if checkpoint in EMBEDDED or hub.is_hub_id(checkpoint)
+            else names.stem(path.name))
+    return StackSpec(name, path, model.dtype, family, vae, embeddings, model.allow_pickle,
+                     config), []
+
+
+@dataclass(frozen=True)
+class NetworkFile:
+    path: Path
+    hash: str  # as the WebUI writes it: "Lora hashes" / hypernet hash
+
+
+def resolve_networks(job: Job, renders, origin=lambda key: "the job"
+                     ) -> tuple[dict[tuple[str, str], NetworkFile], list[Problem]]:
+    """Every LoRA and hypernetwork the renders use -> its file, found before any work."""
+    from sdbatch.models.hypernetwork import hypernetwork_hash
+    from sdbatch.models.lora import lora_hash
+
+    roots = _roots(job)
+    stack_names = {("lora", n.name) for n in job.model.loras} | \
+        {("hypernet", n.name) for n in job.model.hypernetworks}
+    files: dict[tuple[str, str], NetworkFile] = {}
+    problems: list[Problem] = []
+    wanted = dict.fromkeys([("lora", name) for r in renders for name, _ in r.loras] +
+                           [("hypernet", name) for r in renders for name, _ in r.hypernetworks])
+    for kind, name in wanted:
+        key = ("model.loras" if kind == "lora" else "model.hypernetworks") \
+            if (kind, name) in stack_names else "prompt"
+        try:
+            path = _find_in(roots, "lora" if kind == "lora" else "hypernetwork", name)
+        except names.NameNotFound as e:
+            problems.append(Problem(key, str(e), origin(key)))
+            continue
+        digest = lora_hash(path) if kind == "lora" else hypernetwork_hash(path)
+        files[(kind, name)] = NetworkFile(path, digest)
+    for text in dict.fromkeys(r.prompt for r in renders):
+        for tag in extract_extra_networks(text)[1]:
+            te, unet = tag.multipliers()
+            if tag.kind in ("lora", "hypernet") and te != unet:
+                problems.append(Problem("prompt", f"<{tag.kind}:{tag.name}:...> gives the text "
+                                        f"encoder {te} and the UNet {unet}: sdbatch applies one "
+                                        "weight to both; give one number", origin("prompt")))
+    return files, problems
+
+
+def _roots(job: Job) -> list[Path | None]:
+    """Where names are looked up: paths.models, then the embedded family's own folder."""
+    roots: list[Path | None] = [_models_dir(job.paths)]
+    if any(c in EMBEDDED for c in (job.model.checkpoint if isinstance(job.model.checkpoint, tuple)
+                                   else (job.model.checkpoint,))):
+        roots.append(tiny.family_models())
+    return roots
+
+
+def _find_in(roots: list[Path | None], kind: str, name: str) -> Path:
+    """The first root that has the name; else the error of the last folder searched (its
+    nearest names are the most useful)."""
+    errors = []
+    for root in roots:
+        try:
+            return names.resolve(kind, name, root)
+        except names.NameNotFound as e:
+            errors.append((root, e))
+    raise next((e for root, e in reversed(errors) if root is not None), errors[0][1])
+
+
+def _found(name: str, models: Path | None) -> bool:
+    try:
+        names.resolve("checkpoint", name, models)
+        return True
+    except names.NameNotFound:
+        return False
 
 
 def pick_device(name: str) -> torch.device:
@@ -78,18 +208,88 @@ class Stack:
     scheduler_config: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
+    triggers: dict[str, str] = field(default_factory=dict)  # embedding token -> TI hash
+
+    def use_networks(self, loras: list[tuple[Path, float]],
+                     hypernetworks: list[tuple[Path, float]]) -> None:
+        """Set the batch's LoRA and hypernetwork weights; files load once, the model never
+        reloads."""
+        from sdbatch.models.hypernetwork import Hypernetworks
+        from sdbatch.models.lora import LoraSet
+
+        LoraSet(self.pipe).apply(loras)
+        Hypernetworks(self.pipe).apply(hypernetworks)
+
+    def check_loras(self, paths: list[Path]) -> None:
+        """Refuse a LoRA that does not fit this model, before any image is rendered."""
+        from sdbatch.models.lora import check_lora
+
+        for path in paths:
+            check_lora(path, self.pipe)
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for name in ("unet", "vae", "text_encoder",
+                                                              "text_encoder_2")
+                   if (m := getattr(self.pipe, name, None)) is not None for p in m.parameters())
 
 
 def load(spec: StackSpec, device: torch.device) -> Stack:
-    """Load a diffusers folder fully offline, in the stack's dtype, on the device."""
+    """Load a stack fully offline, in its dtype, on the device: a diffusers folder as it
+    is, a single file through its family's shipped configs, then the VAE override."""
     quiet_libraries()
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     dtype = pick_dtype(spec.dtype, device)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        spec.path, dtype=dtype, local_files_only=True, safety_checker=None,
-        requires_safety_checker=False,
-    )
+    if spec.path.is_dir():
+        pipe = DiffusionPipeline.from_pretrained(spec.path, dtype=dtype, local_files_only=True,
+                                                 safety_checker=None,
+                                                 requires_safety_checker=False)
+    else:
+        pipe = load_single_file(spec.path, spec.family, dtype, spec.allow_pickle, spec.config)
+    if spec.vae is not None:
+        family = spec.family if spec.family != "auto" else (
+            "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15")
+        pipe.vae = load_vae(spec.vae, family, dtype, spec.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    return Stack(spec, pipe, dict(pipe.scheduler.config), device, dtype)
+    stack = Stack(spec, pipe, dict(pipe.scheduler.config), device, dtype)
+    for path in spec.embeddings:
+        embedding = load_embedding(pipe, path)
+        stack.triggers[embedding.token] = embedding.hash
+    return stack
+
+
+class StackLoadError(RuntimeError):
+    """A stack that cannot load stops the run: that is a broken model, not a broken image."""
+
+
+class StackCache:
+    """Loaded stacks of a run (of a worker), least recently used evicted past the budget.
+
+    A budget of 0 keeps only the stack in use; the newest stack always stays, however big.
+    """
+
+    def __init__(self, device: torch.device, budget_gb: float = 0.0, loader=None):
+        self.device = device
+        self.budget = budget_gb * 2**30
+        self.loader = loader
+        self.stacks: OrderedDict[str, Stack] = OrderedDict()
+        self.loads = 0
+
+    def get(self, spec: StackSpec) -> Stack:
+        if spec.identity in self.stacks:
+            self.stacks.move_to_end(spec.identity)
+            return self.stacks[spec.identity]
+        try:
+            stack = (self.loader or load)(spec, self.device)
+        except Exception as e:
+            raise StackLoadError(f"cannot load {spec.path}: {e}") from e
+        self.loads += 1
+        self.stacks[spec.identity] = stack
+        while len(self.stacks) > 1 and sum(s.nbytes() for s in self.stacks.values()) > \
+                self.budget:
+            _, old = self.stacks.popitem(last=False)
+            del old
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return stack

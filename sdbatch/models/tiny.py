@@ -109,3 +109,38 @@ def ensure() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+TINY_LORA = "LegoAlrev"  # the seed's LoRA: turns the building into LEGO bricks
+TINY_EMBEDDING = "nightsky"
+
+
+def family_models() -> Path:
+    """The embedded family as an A1111 models folder (Lora/, embeddings/), so jobs on `tiny`
+    use <lora:LegoAlrev:0.8> and embeddings by name with no download. Written once; the
+    same bytes every time."""
+    from sdbatch.models.embeddings import write_a1111_embedding
+    from sdbatch.models.lora import write_kohya_lora
+
+    folder = cache_root() / "models" / f"tiny-v{VERSION}-family"
+    lora = folder / "Lora" / f"{TINY_LORA}.safetensors"
+    embedding = folder / "embeddings" / f"{TINY_EMBEDDING}.pt"
+    if lora.exists() and embedding.exists():
+        return folder
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    model = ensure()
+    for part in (lora.parent, embedding.parent):
+        part.mkdir(parents=True, exist_ok=True)
+    unet = UNet2DConditionModel.from_pretrained(model / "unet", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder", local_files_only=True)
+    tmp = lora.with_name(f".{lora.name}.{os.getpid()}.tmp")
+    write_kohya_lora(tmp, unet, text_encoder, rank=4, seed=1, scale=1.0, name=TINY_LORA)
+    os.replace(tmp, lora)
+    torch.manual_seed(2)
+    vectors = torch.randn(2, text_encoder.config.hidden_size) * 0.5
+    tmp = embedding.with_name(f".{embedding.name}.{os.getpid()}.tmp")
+    write_a1111_embedding(tmp, vectors, name=TINY_EMBEDDING)
+    os.replace(tmp, embedding)
+    return folder

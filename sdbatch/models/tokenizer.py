@@ -32,14 +32,17 @@ def byte_level_vocab() -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
-def write_byte_level_tokenizer(folder: Path) -> None:
-    """Write vocab.json, merges.txt and the config a CLIPTokenizer loads from, offline."""
+def write_byte_level_tokenizer(folder: Path, pad_token: str = EOS) -> None:
+    """Write vocab.json, merges.txt and the config a CLIPTokenizer loads from, offline.
+
+    pad_token is EOS for OpenAI CLIP and "!" for OpenCLIP (SD2, SDXL's second encoder).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(byte_level_vocab(), ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
-              "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
+              "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token,
               "do_lower_case": True}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}, indent=2))
+        {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}, indent=2))

@@ -1,9 +1,13 @@
 """txt2img: noise from each image's own seed, denoised by the job's sampler.
 
-The initial noise of every image is drawn on the CPU from a generator seeded with that
-image's seed, and the same generator feeds the sampler's later noise (ancestral samplers);
-SDE samplers get a Brownian tree per image seed. So an image depends on its seed alone,
+The initial noise of every image is drawn on the CPU from its own seed (sdbatch.noise), and
+a generator of the same seed feeds the sampler's later noise (ancestral samplers); SDE
+samplers get a Brownian tree per image seed. So an image depends on its seed alone,
 not on its batch, its device's RNG or how many workers ran the job.
+
+SD1/SD2 and SDXL pipelines both run here; sdbatch encodes the prompts itself in either case.
+SDXL adds a pooled embedding and size/crop conditioning (original = target = the image size,
+crop at 0,0, as the WebUI's txt2img does).
 """
 
 from __future__ import annotations
@@ -13,17 +17,53 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-from sdbatch import samplers
+from sdbatch import noise, samplers
 from sdbatch.matrix import Render
+from sdbatch.models.embeddings import expand_triggers
 from sdbatch.models.stack import Stack
-from sdbatch.prompts.encode import encode
+from sdbatch.prompts.encode import encode, encode_sdxl
+from sdbatch.prompts.parser import extract_extra_networks
 
 StepCallback = Callable[[int, int], None]  # (step done, steps)
 
 
-def initial_noise(seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Generator]:
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator), generator
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def conditioning(pipe, renders: tuple[Render, ...], device: torch.device, dtype: torch.dtype
+                 ) -> dict[str, object]:
+    """The pipeline's text (and for SDXL, pooled and size) conditioning for a batch."""
+    first = renders[0]
+    prompts = prompt_texts(pipe, renders, "prompt")
+    negatives = prompt_texts(pipe, renders, "negative_prompt")
+    if not is_sdxl(pipe):
+        cond = encode(pipe.tokenizer, pipe.text_encoder, prompts, first.clip_skip, device)
+        uncond = encode(pipe.tokenizer, pipe.text_encoder, negatives, first.clip_skip, device)
+        return {"prompt_embeds": cond.to(dtype), "negative_prompt_embeds": uncond.to(dtype)}
+    tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
+    encoders = (pipe.text_encoder, pipe.text_encoder_2)
+    cond, pooled = encode_sdxl(tokenizers, encoders, prompts, first.clip_skip, device)
+    uncond, uncond_pooled = encode_sdxl(tokenizers, encoders, negatives, first.clip_skip, device)
+    if pipe.config.get("force_zeros_for_empty_prompt", False):
+        # SDXL's empty negative is zeros (the WebUI and diffusers agree); decided per image,
+        # not per batch as the WebUI does, so an image does not depend on its batch
+        empty = torch.tensor([n == "" for n in negatives], device=device)
+        uncond = torch.where(empty[:, None, None], torch.zeros_like(uncond), uncond)
+        uncond_pooled = torch.where(empty[:, None], torch.zeros_like(uncond_pooled),
+                                    uncond_pooled)
+    size = (first.height, first.width)
+    return {"prompt_embeds": cond.to(dtype), "negative_prompt_embeds": uncond.to(dtype),
+            "pooled_prompt_embeds": pooled.to(dtype),
+            "negative_pooled_prompt_embeds": uncond_pooled.to(dtype),
+            "original_size": size, "target_size": size, "crops_coords_top_left": (0, 0)}
+
+
+def prompt_texts(pipe, renders: tuple[Render, ...], field: str) -> list[str]:
+    """The text to encode: <lora:...> tags removed (they are applied to the model, as in the
+    WebUI), multi-vector embedding triggers spelled out for the tokenizer."""
+    return [expand_triggers(pipe.tokenizer, extract_extra_networks(getattr(r, field))[0])
+            for r in renders]
 
 
 def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None = None
@@ -35,14 +75,17 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
     if hasattr(pipe.scheduler, "noise_sampler_seed"):
         pipe.scheduler.noise_sampler_seed = [r.seed for r in renders]
 
-    cond = encode(pipe.tokenizer, pipe.text_encoder, [r.prompt for r in renders],
-                  first.clip_skip, stack.device)
-    uncond = encode(pipe.tokenizer, pipe.text_encoder, [r.negative_prompt for r in renders],
-                    first.clip_skip, stack.device)
     channels = pipe.vae.config.latent_channels
+    if pipe.unet.config.in_channels != channels:
+        raise ValueError(f"txt2img needs a {channels}-channel model; this one takes "
+                         f"{pipe.unet.config.in_channels} input channels (an inpainting model)")
+    cond = conditioning(pipe, renders, stack.device, stack.dtype)
     shape = (channels, first.height // 8, first.width // 8)
-    noise, generators = zip(*(initial_noise(r.seed, shape) for r in renders), strict=True)
-    latents = torch.stack(noise).to(stack.device, stack.dtype)
+    latents = torch.stack([
+        noise.initial_noise(shape, r.seed, r.subseed, r.subseed_strength,
+                            (r.seed_resize_from_w, r.seed_resize_from_h)) for r in renders
+    ]).to(stack.device, stack.dtype)
+    generators = [noise.sampler_generator(r.seed, r.ensd, shape) for r in renders]
 
     def step_end(_pipe, i, _t, kwargs):
         if on_step:
@@ -50,9 +93,9 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
         return kwargs
 
     out = pipe(
-        prompt_embeds=cond.to(stack.dtype), negative_prompt_embeds=uncond.to(stack.dtype),
-        latents=latents, generator=list(generators), num_inference_steps=first.steps,
+        **cond, latents=latents, generator=generators, num_inference_steps=first.steps,
         guidance_scale=first.cfg_scale, width=first.width, height=first.height,
         output_type="pil", callback_on_step_end=step_end,
+        **({"eta": first.eta} if first.eta is not None else {}),
     )
     return out.images

@@ -1,0 +1,89 @@
+"""Model names -> files, as the WebUI finds them.
+
+A bare name ("dreamshaper_8", "LegoAlrev.safetensors", "sub/x") is looked up in the kind's
+subfolder of paths.models (Stable-diffusion/, VAE/, Lora/, embeddings/, hypernetworks/),
+with or without its extension, in subfolders too; an existing path is taken as is. An
+unknown name fails up front with the nearest names that do exist.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+SUBFOLDERS = {
+    "checkpoint": ("Stable-diffusion",),
+    "vae": ("VAE",),
+    "lora": ("Lora", "LyCORIS"),
+    "embedding": ("embeddings",),
+    "hypernetwork": ("hypernetworks",),
+}
+EXTENSIONS = {
+    "checkpoint": (".safetensors", ".ckpt", ".pt", ".pth"),
+    "vae": (".safetensors", ".pt", ".ckpt", ".bin"),
+    "lora": (".safetensors", ".pt"),
+    "embedding": (".pt", ".safetensors", ".bin"),
+    "hypernetwork": (".pt",),
+}
+FOLDERS_ALLOWED = ("checkpoint", "vae")  # diffusers folders
+
+
+class NameNotFound(LookupError):
+    pass
+
+
+def candidates(kind: str, models: Path | None) -> list[Path]:
+    """Every file (and diffusers folder, where allowed) of a kind under paths.models."""
+    found: list[Path] = []
+    if models is None:
+        return found
+    for sub in SUBFOLDERS[kind]:
+        for folder, dirs, files in os.walk(models / sub):
+            here = Path(folder)
+            if kind in FOLDERS_ALLOWED and ({"model_index.json", "config.json"} & set(files)):
+                if "model_index.json" in files or kind == "vae":
+                    found.append(here)
+                    dirs.clear()  # its weight files are parts, not models
+                    continue
+            dirs.sort()
+            found += [here / f for f in sorted(files)
+                      if Path(f).suffix.lower() in EXTENSIONS[kind]]
+    return found
+
+
+def resolve(kind: str, name: str, models: Path | None) -> Path:
+    """The file or folder a name means, or NameNotFound listing the nearest names."""
+    direct = Path(name).expanduser()
+    if direct.is_absolute() or direct.exists():
+        if direct.exists():
+            return direct
+        raise NameNotFound(f"no such file or folder: {direct}")
+    files = candidates(kind, models)
+    wanted = name.replace("\\", "/")
+    for p in files:
+        rel = p.relative_to(_root_of(p, kind, models)).as_posix()
+        if wanted in (rel, p.name, stem(rel), stem(p.name)):
+            return p
+    names = [stem(p.relative_to(_root_of(p, kind, models)).as_posix()) for p in files]
+    where = (f"under {models}/{'|'.join(SUBFOLDERS[kind])}" if models
+             else "(paths.models is not set, so only paths are looked up)")
+    close = difflib.get_close_matches(stem(wanted), names, n=3, cutoff=0.4)
+    hint = f"; nearest: {', '.join(close)}" if close else (
+        f"; found: {', '.join(names[:8])}" if names else "")
+    raise NameNotFound(f"no {kind} named '{name}' {where}{hint}")
+
+
+def _root_of(p: Path, kind: str, models: Path | None) -> Path:
+    for sub in SUBFOLDERS[kind]:
+        root = models / sub
+        if root in p.parents:
+            return root
+    return p.parent
+
+
+def stem(name: str) -> str:
+    for ext in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name

@@ -1,0 +1,76 @@
+"""Prompts from a file, like the WebUI's "Prompts from file or textbox" script.
+
+Each non-empty line is one recipe: either a plain prompt, or options in the script's form
+`--prompt "a house" --negative_prompt "blurry" --steps 30 --cfg_scale 6 --seed 5
+--sampler_name "Euler a" --width 512 --height 768`. Each line is a value of one axis that
+sets all of its keys together.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+# the script's option names -> sdbatch keys, with the value type
+OPTIONS: dict[str, tuple[str, type]] = {
+    "prompt": ("prompt", str),
+    "negative_prompt": ("negative_prompt", str),
+    "sampler_name": ("params.sampler", str),
+    "sampler": ("params.sampler", str),
+    "scheduler": ("params.schedule_type", str),
+    "schedule_type": ("params.schedule_type", str),
+    "steps": ("params.steps", int),
+    "cfg_scale": ("params.cfg_scale", float),
+    "seed": ("params.seed", int),
+    "subseed": ("params.subseed", int),
+    "subseed_strength": ("params.subseed_strength", float),
+    "width": ("params.width", int),
+    "height": ("params.height", int),
+    "clip_skip": ("params.clip_skip", int),
+}
+
+
+def parse_line(line: str) -> dict[str, Any]:
+    """One line -> {dotted key: value}; raises ValueError saying what is wrong."""
+    if not line.startswith("--"):
+        return {"prompt": line}
+    try:
+        words = shlex.split(line)
+    except ValueError as e:
+        raise ValueError(f"unbalanced quotes: {e}") from None
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if not word.startswith("--"):
+            raise ValueError(f"expected an --option, got '{word}'")
+        name = word[2:]
+        if name not in OPTIONS:
+            raise ValueError(f"unknown option --{name}; options: "
+                             + " ".join(f"--{o}" for o in OPTIONS))
+        if i + 1 >= len(words):
+            raise ValueError(f"--{name} needs a value")
+        key, kind = OPTIONS[name]
+        try:
+            out[key] = kind(words[i + 1])
+        except ValueError:
+            raise ValueError(f"--{name} needs {kind.__name__}, got '{words[i + 1]}'") from None
+        i += 2
+    return out
+
+
+def read(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """(recipes, problems): every bad line is reported with its number."""
+    recipes, problems = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            recipes.append(parse_line(line))
+        except ValueError as e:
+            problems.append(f"line {n}: {e}")
+    if not recipes and not problems:
+        problems.append("has no prompts")
+    return recipes, problems

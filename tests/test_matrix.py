@@ -1,0 +1,47 @@
+from sdbatch import matrix
+from sdbatch.schema import validate
+
+
+def renders(raw, nonce=0):
+    return matrix.expand(matrix.resolve_seeds(validate(raw), nonce))
+
+
+def test_axes_are_crossed_first_axis_outermost():
+    rs = renders({"prompt": ["a", "b"], "params": {"cfg_scale": [5, 7, 9], "seed": 1}})
+    assert [(r.prompt, r.cfg_scale) for r in rs] == [
+        ("a", 5), ("a", 7), ("a", 9), ("b", 5), ("b", 7), ("b", 9)]
+    assert [r.index for r in rs] == list(range(6))
+    assert [r.cell for r in rs] == list(range(6))
+
+
+def test_zip_pairs_axes_instead_of_crossing():
+    rs = renders({"prompt": ["a", "b"], "params": {"seed": [1234, 5678], "cfg_scale": [5, 7, 9]},
+                  "zip": [["prompt", "seed"]]})
+    assert len(rs) == 6
+    assert {(r.prompt, r.seed) for r in rs} == {("a", 1234), ("b", 5678)}
+
+
+def test_batch_count_and_size_give_consecutive_seeds_as_in_the_webui():
+    rs = renders({"params": {"seed": 100, "batch_count": 2, "batch_size": 3}})
+    assert [r.seed for r in rs] == [100, 101, 102, 103, 104, 105]
+    assert {r.cell for r in rs} == {0}
+
+
+def test_random_seed_is_drawn_from_the_nonce_and_reproducible():
+    a = renders({"params": {"seed": [-1, -1, 7]}}, nonce=42)
+    b = renders({"params": {"seed": [-1, -1, 7]}}, nonce=42)
+    c = renders({"params": {"seed": [-1, -1, 7]}}, nonce=43)
+    assert [r.seed for r in a] == [r.seed for r in b]
+    assert a[0].seed != a[1].seed and a[2].seed == 7
+    assert [r.seed for r in a][:2] != [r.seed for r in c][:2]
+    assert all(0 <= r.seed <= 4294967294 for r in a)
+
+
+def test_count_is_known_before_seeds():
+    job = validate({"prompt": ["a", "b", "c"], "params": {"steps": [10, 20], "batch_count": 2}})
+    assert matrix.count(job) == 12 == len(renders(matrix.schema.to_dict(job)))
+
+
+def test_sampler_names_are_canonical_in_renders():
+    [r] = renders({"params": {"sampler": "DPM++ 2M Karras", "seed": 1}})
+    assert (r.sampler, r.schedule_type) == ("DPM++ 2M", "Karras")

@@ -1,0 +1,123 @@
+"""Names resolve as in the WebUI; hashes are computed once; stacks are cached LRU."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdbatch.models import hashing, names
+from sdbatch.models.stack import StackCache, StackSpec, resolve
+from sdbatch.schema import validate
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    root = tmp_path / "sd-models"
+    for rel in ("Stable-diffusion/dreamshaper_8.safetensors",
+                "Stable-diffusion/sdxl/juggernaut.ckpt",
+                "VAE/vae-ft-mse-840000-ema-pruned.safetensors", "Lora/LegoAlrev.safetensors",
+                "Lora/styles/pixel-art.safetensors", "embeddings/easynegative.pt",
+                "hypernetworks/anime.pt", "Stable-diffusion/readme.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+    diffusers_folder = root / "Stable-diffusion" / "my-diffusers"
+    (diffusers_folder / "unet").mkdir(parents=True)
+    (diffusers_folder / "model_index.json").write_text("{}")
+    (diffusers_folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    return root
+
+
+@pytest.mark.parametrize("kind,name,expected", [
+    ("checkpoint", "dreamshaper_8", "Stable-diffusion/dreamshaper_8.safetensors"),
+    ("checkpoint", "dreamshaper_8.safetensors", "Stable-diffusion/dreamshaper_8.safetensors"),
+    ("checkpoint", "juggernaut", "Stable-diffusion/sdxl/juggernaut.ckpt"),
+    ("checkpoint", "sdxl/juggernaut", "Stable-diffusion/sdxl/juggernaut.ckpt"),
+    ("checkpoint", "my-diffusers", "Stable-diffusion/my-diffusers"),
+    ("vae", "vae-ft-mse-840000-ema-pruned", "VAE/vae-ft-mse-840000-ema-pruned.safetensors"),
+    ("lora", "pixel-art", "Lora/styles/pixel-art.safetensors"),
+    ("embedding", "easynegative", "embeddings/easynegative.pt"),
+    ("hypernetwork", "anime", "hypernetworks/anime.pt"),
+])
+def test_bare_names_resolve_in_the_kinds_folder(models, kind, name, expected):
+    assert names.resolve(kind, name, models) == models / expected
+
+
+def test_parts_of_a_diffusers_folder_are_not_checkpoints(models):
+    found = names.candidates("checkpoint", models)
+    assert models / "Stable-diffusion/my-diffusers" in found
+    assert not any("unet" in str(p) for p in found)
+    assert not any(p.suffix == ".txt" for p in found)
+
+
+def test_unknown_name_lists_the_nearest(models):
+    with pytest.raises(names.NameNotFound, match="nearest: dreamshaper_8"):
+        names.resolve("checkpoint", "dreamshaper8", models)
+    with pytest.raises(names.NameNotFound, match="paths.models is not set"):
+        names.resolve("lora", "LegoAlrev", None)
+
+
+def test_a_path_is_taken_as_is(models):
+    path = models / "Lora" / "LegoAlrev.safetensors"
+    assert names.resolve("lora", str(path), None) == path
+
+
+def test_resolve_reports_every_missing_file_with_its_key(models):
+    job = validate({"paths": {"models": str(models)},
+                    "model": {"checkpoint": "nope", "vae": "vea", "embeddings": ["easyneg"]}})
+    spec, problems = resolve(job.model, job.paths, "nope", lambda key: "jobs/x.yaml")
+    assert spec is None
+    assert [p.key for p in problems] == ["model.checkpoint", "model.vae", "model.embeddings"]
+    assert "easynegative" in str(problems[2])
+
+
+def test_missing_models_folder_is_named(tmp_path):
+    job = validate({"paths": {"models": str(tmp_path / "nowhere")}})
+    _, problems = resolve(job.model, job.paths, "tiny")
+    assert problems[0].key == "paths.models" and "no such folder" in problems[0].message
+
+
+def test_hub_id_offline_and_uncached_fails_up_front(monkeypatch):
+    job = validate({"model": {"checkpoint": "someone/not-cached-model"}})
+    _, problems = resolve(job.model, job.paths, "someone/not-cached-model")
+    assert problems and "HF_HUB_OFFLINE" in problems[0].message
+
+
+def test_hash_is_computed_once_per_file_version(tmp_path, monkeypatch):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"weights" * 1000)
+    calls = []
+    real = hashing.hashlib.sha256
+    monkeypatch.setattr(hashing.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    first = hashing.sha256(f)
+    assert hashing.sha256(f) == first and len(calls) == 1
+    f.write_bytes(b"other" * 1000)
+    assert hashing.sha256(f) != first and len(calls) == 2
+    assert hashing.model_hash(f) == real(b"other" * 1000).hexdigest()[:10]
+
+
+def test_stack_cache_loads_once_and_evicts_least_recently_used():
+    loaded = []
+
+    class Fake:
+        def __init__(self, spec):
+            self.spec = spec
+
+        def nbytes(self):
+            return 2**30
+
+    cache = StackCache(torch.device("cpu"), budget_gb=2,
+                       loader=lambda spec, device: loaded.append(spec.name) or Fake(spec))
+    specs = {n: StackSpec(n, Path(n)) for n in "abc"}
+    for n in "aab":
+        cache.get(specs[n])
+    assert loaded == ["a", "b"]
+    cache.get(specs["a"])  # a is now the most recent
+    cache.get(specs["c"])  # over budget: b goes
+    assert list(cache.stacks) == [specs["a"].identity, specs["c"].identity]
+    cache.get(specs["b"])
+    assert loaded == ["a", "b", "c", "b"]
+
+
+@pytest.fixture(autouse=True)
+def _identity_without_files(monkeypatch):
+    monkeypatch.setattr(StackSpec, "identity", property(lambda self: self.name), raising=False)

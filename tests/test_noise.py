@@ -1,0 +1,44 @@
+import torch
+
+from sdbatch.noise import initial_noise, paste_centered, randn, sampler_generator, slerp
+
+
+def test_plain_noise_is_the_seeds_own():
+    assert initial_noise((4, 8, 8), 5).equal(randn(5, (4, 8, 8)))
+
+
+def test_variation_strength_blends_from_seed_to_subseed():
+    a, b = randn(1, (4, 8, 8)), randn(2, (4, 8, 8))
+    assert initial_noise((4, 8, 8), 1, 2, 0.0).equal(a)
+    assert torch.allclose(initial_noise((4, 8, 8), 1, 2, 1.0), b, atol=1e-5)
+    half = initial_noise((4, 8, 8), 1, 2, 0.5)
+    assert not torch.allclose(half, a) and not torch.allclose(half, b)
+    # slerp keeps the noise's scale where a straight mix would shrink it
+    assert abs(half.std() - a.std()) < 0.15 and (0.5 * a + 0.5 * b).std() < 0.8 * a.std()
+
+
+def test_slerp_of_equal_noises_is_the_noise():
+    a = randn(3, (4, 8, 8))
+    assert torch.allclose(slerp(0.3, a, a.clone()), a)
+
+
+def test_seed_resize_keeps_the_composition_centred():
+    small = randn(7, (4, 8, 8))
+    bigger = initial_noise((4, 16, 16), 7, resize_from=(64, 64))
+    assert bigger[:, 4:12, 4:12].equal(small)
+    smaller = initial_noise((4, 4, 4), 7, resize_from=(64, 64))
+    assert smaller.equal(small[:, 2:6, 2:6])
+
+
+def test_paste_centered_odd_sizes():
+    out = paste_centered(torch.ones(1, 3, 3), torch.zeros(1, 6, 6))
+    assert out.sum() == 9 and out[0, 1:4, 1:4].sum() == 9
+
+
+def test_ensd_restarts_the_sampler_generator():
+    shape = (4, 8, 8)
+    plain = sampler_generator(5, 0, shape)
+    delta = sampler_generator(5, 31337, shape)
+    assert not torch.randn(3, generator=plain).equal(torch.randn(3, generator=delta))
+    assert torch.randn(3, generator=sampler_generator(5, 31337, shape)).equal(
+        torch.randn(3, generator=torch.Generator().manual_seed(5 + 31337)))

@@ -1,0 +1,205 @@
+"""End to end on the tiny model: the run folder, determinism, resume, reproduce."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from sdbatch import run as runner
+from sdbatch.executors import local
+from sdbatch.output import png
+from sdbatch.output.infotext import parse_infotext
+from sdbatch.schema import validate
+
+from .conftest import SMALL_JOB, sdbatch, write_job
+
+
+def run_job(raw: dict, folder: Path) -> int:
+    raw = {**raw, "run": {**raw.get("run", {}), "dir": str(folder), "progress": "quiet"}}
+    return runner.run(validate(raw), lambda key: "test", [], ["test"])
+
+
+def shas(folder: Path) -> dict[str, str]:
+    entries = [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines()]
+    return {e["file"]: e["sha256"] for e in entries if e["status"] == "ok"}
+
+
+SMALL = {"prompt": ["a red house", "a blue tower"], "negative_prompt": "blurry",
+         "params": {"sampler": "Euler a", "steps": 4, "cfg_scale": [5, 7], "seed": 11,
+                    "width": 64, "height": 64}}
+
+
+def test_run_folder_layout_and_metadata(tmp_path: Path):
+    assert run_job(SMALL, tmp_path / "r") == 0
+    r = tmp_path / "r"
+    assert {p.name for p in r.iterdir()} == {"config.yaml", "overrides.yaml", "manifest.jsonl",
+                                             "run.json", "images"}
+    info = json.loads((r / "run.json").read_text())
+    assert info["status"] == "complete" and info["counts"]["rendered"] == 4
+    assert set(info["versions"]) >= {"python", "torch", "diffusers", "transformers"}
+    assert info["device"] == "cpu" and info["started"] and info["ended"]
+    entries = [json.loads(x) for x in (r / "manifest.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in entries] == [0, 1, 2, 3]
+    first = entries[0]
+    assert first["file"] == "images/00000-11.png" and first["seed"] == 11
+    assert first["recipe"]["params"]["sampler"] == "Euler a" and first["status"] == "ok"
+    assert first["recipe"]["model"]["name"] == "tiny" and first["stack"]
+    assert first["timings"]["render_s"] > 0
+    config = yaml.safe_load((r / "config.yaml").read_text())
+    assert config["params"]["cfg_scale"] == [5.0, 7.0]
+    text = png.read_text(r / first["file"])
+    prompt, negative, params = parse_infotext(text["parameters"])
+    assert (prompt, negative) == ("a red house", "blurry")
+    assert params["Steps"] == "4" and params["Sampler"] == "Euler a" and params["Seed"] == "11"
+    assert params["CFG scale"] == "5" and params["Size"] == "64x64" and params["Model"] == "tiny"
+    assert len(params["Model hash"]) == 10
+    assert json.loads(text["sdbatch"])["recipe"]["params"]["prompt"] == "a red house"
+
+
+def test_same_job_twice_gives_the_same_bytes(tmp_path: Path):
+    run_job(SMALL, tmp_path / "a")
+    run_job(SMALL, tmp_path / "b")
+    assert shas(tmp_path / "a") == shas(tmp_path / "b")
+    images = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "a/images").iterdir())]
+    assert not np.array_equal(images[0], images[2])  # the prompt matters
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ SDE Karras"])
+def test_an_image_does_not_depend_on_its_batch(tmp_path: Path, sampler):
+    job = {**SMALL, "params": {**SMALL["params"], "sampler": sampler, "cfg_scale": 7,
+                               "batch_count": 3}}
+    run_job(job, tmp_path / "one")
+    run_job({**job, "params": {**job["params"], "batch_count": 1, "batch_size": 3}},
+            tmp_path / "three")
+    for name in sorted(p.name for p in (tmp_path / "one/images").iterdir()):
+        a = np.asarray(Image.open(tmp_path / "one/images" / name), dtype=int)
+        b = np.asarray(Image.open(tmp_path / "three/images" / name), dtype=int)
+        assert np.abs(a - b).max() <= 1, name
+
+
+def test_random_seeds_are_recorded_and_kept_on_resume(tmp_path: Path):
+    job = {**SMALL, "prompt": "x", "params": {**SMALL["params"], "seed": -1, "cfg_scale": 7}}
+    run_job(job, tmp_path / "r")
+    [entry] = [json.loads(x) for x in (tmp_path / "r/manifest.jsonl").read_text().splitlines()]
+    assert entry["seed"] != -1
+    assert run_job(job, tmp_path / "r") == 0
+    [again] = [json.loads(x) for x in (tmp_path / "r/manifest.jsonl").read_text().splitlines()]
+    assert again["seed"] == entry["seed"]
+
+
+def test_a_failing_batch_never_loses_the_others(tmp_path: Path, monkeypatch):
+    real = local.STAGES["txt2img"]
+
+    def flaky(stack, renders, on_step=None):
+        if renders[0].cfg_scale == 7:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(stack, renders, on_step)
+
+    monkeypatch.setitem(local.STAGES, "txt2img", flaky)
+    assert run_job(SMALL, tmp_path / "r") == runner.EXIT_FAILURES
+    entries = [json.loads(x) for x in (tmp_path / "r/manifest.jsonl").read_text().splitlines()]
+    assert [e["status"] for e in entries] == ["ok", "failed", "ok", "failed"]
+    assert "out of memory" in entries[1]["error"]
+    monkeypatch.setitem(local.STAGES, "txt2img", real)
+    assert run_job(SMALL, tmp_path / "r") == 0  # a re-run renders only the failed ones
+    info = json.loads((tmp_path / "r/run.json").read_text())
+    assert info["counts"] == {"rendered": 2, "skipped": 2, "failed": 0}
+
+
+def test_a_run_folder_of_another_job_is_refused(tmp_path: Path):
+    run_job(SMALL, tmp_path / "r")
+    with pytest.raises(runner.JobError, match="different job.*params.steps"):
+        run_job({**SMALL, "params": {**SMALL["params"], "steps": 5}}, tmp_path / "r")
+
+
+MANY_JOB = SMALL_JOB.replace("seed: 11", "seed: [1, 2, 3, 4, 5, 6]").replace(
+    "steps: 4", "steps: 12")
+
+
+def test_killed_run_resumes_to_the_same_bytes(tmp_path: Path):
+    write_job(tmp_path, "small", MANY_JOB)
+    sdbatch(tmp_path, "+job=small", "run.dir=full")
+    proc = subprocess.Popen([sys.executable, "-m", "sdbatch", "+job=small", "run.dir=killed"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = tmp_path / "killed" / "manifest.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if manifest.exists() and len(manifest.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    written = len(manifest.read_text().splitlines())
+    assert 3 <= written < 24, "kill the run part-way"
+    out = sdbatch(tmp_path, "resume", "killed").stdout
+    assert f"{written} already there" in out or "already there" in out
+    assert shas(tmp_path / "killed") == shas(tmp_path / "full")
+    files = sorted(p.name for p in (tmp_path / "killed/images").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "full/images").iterdir())
+
+
+def test_ctrl_c_stops_after_the_batch_and_says_how_to_resume(tmp_path: Path):
+    write_job(tmp_path, "small", MANY_JOB)
+    proc = subprocess.Popen([sys.executable, "-m", "sdbatch", "+job=small", "run.dir=r"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    manifest = tmp_path / "r" / "manifest.jsonl"
+    while not manifest.exists() or not manifest.read_text():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == runner.EXIT_INTERRUPTED, err
+    assert "sdbatch resume r" in out
+    info = json.loads((tmp_path / "r/run.json").read_text())
+    assert info["status"] == "interrupted"
+    sdbatch(tmp_path, "+job=small", "run.dir=r")  # re-running the job resumes too
+    assert len(shas(tmp_path / "r")) == 24
+
+
+def test_reproduce_matches_bytes(tmp_path: Path):
+    job = {**SMALL, "params": {**SMALL["params"], "batch_size": 2}}
+    run_job(job, tmp_path / "r")
+    [image] = (tmp_path / "r/images").glob("00003-*.png")  # second of a batch of two
+    proc = sdbatch(tmp_path, "reproduce", str(image))
+    assert "matches byte for byte" in proc.stdout
+    image.write_bytes(png.encode(Image.new("RGB", (64, 64)), "x",
+                                 png.read_recipe(image)))
+    proc = sdbatch(tmp_path, "reproduce", str(image), check=False)
+    assert proc.returncode == 1 and "does not match" in proc.stdout
+
+
+def test_lego_building_end_to_end(tmp_path: Path):
+    """The README's main command, on the shipped job, as a user runs it."""
+    (tmp_path / "jobs").mkdir()
+    repo_job = Path(__file__).resolve().parents[1] / "jobs" / "lego_building.yaml"
+    (tmp_path / "jobs/lego_building.yaml").write_text(repo_job.read_text())
+    proc = sdbatch(tmp_path, "+job=lego_building", "run.progress=quiet")
+    assert "lego_building: 6 images (2 zip(prompt, seed) x 3 cfg_scale)" in proc.stdout
+    [run_dir] = list((tmp_path / "outputs/lego_building").iterdir())
+    names = sorted(p.name for p in (run_dir / "images").iterdir())
+    assert names == ["00000-1234.png", "00001-1234.png", "00002-1234.png",
+                     "00003-5678.png", "00004-5678.png", "00005-5678.png"]
+    params = parse_infotext(png.read_text(run_dir / "images" / names[4])["parameters"])[2]
+    assert params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras"
+    assert params["CFG scale"] == "7" and params["Size"] == "512x512"
+
+
+def test_quiet_mode_prints_no_bars(tmp_path: Path):
+    write_job(tmp_path, "small", SMALL_JOB)
+    proc = sdbatch(tmp_path, "+job=small")
+    assert "it/s" not in proc.stderr and "img/s" not in proc.stderr
+    assert "complete: 4 rendered" in proc.stdout
+
+
+def test_env_stays_offline():
+    assert os.environ["HF_HUB_OFFLINE"] == "1"

@@ -1,0 +1,120 @@
+from pathlib import Path
+
+import pytest
+
+from sdbatch import schema
+from sdbatch.schema import JobError, validate
+
+from .conftest import sdbatch, write_job
+
+
+def problems(raw) -> list[str]:
+    with pytest.raises(JobError) as e:
+        validate(raw, lambda key: "jobs/x.yaml")
+    return [str(p) for p in e.value.problems]
+
+
+def test_defaults_make_a_complete_job():
+    job = validate({"prompt": "a house"})
+    assert job.params.steps == 20 and job.params.cfg_scale == 7.0
+    assert job.params.sampler == "DPM++ 2M" and job.model.checkpoint == "tiny"
+
+
+def test_lists_become_axes_and_ints_become_floats():
+    job = validate({"params": {"cfg_scale": [5, 7.5], "seed": 3}})
+    assert job.params.cfg_scale == (5.0, 7.5)
+    assert job.params.seed == 3
+
+
+def test_unknown_key_suggests_the_right_one_and_names_the_file():
+    [p] = problems({"params": {"widht": 512}})
+    assert "params.widht" in p and "jobs/x.yaml" in p and "did you mean 'width'" in p
+
+
+def test_every_problem_is_reported_at_once():
+    found = problems({
+        "params": {"width": 500, "steps": "many", "sampler": "Eulr a"},
+        "colour": "red",
+    })
+    text = "\n".join(found)
+    assert len(found) == 4
+    assert "multiple of 8" in text and "use 496 or 504" in text
+    assert "params.steps" in text and "an integer" in text
+    assert "unknown sampler 'Eulr a'" in text and "did you mean 'Euler a'" in text
+    assert "DPM++ 2M" in text  # the valid samplers are listed
+    assert "colour" in text
+
+
+def test_unknown_sampler_lists_the_valid_ones():
+    [p] = problems({"params": {"sampler": "Foo"}})
+    for name in ("Euler a", "DPM++ SDE", "DDIM", "Heun", "LMS", "UniPC"):
+        assert name in p
+
+
+def test_sampler_diffusers_cannot_run_names_the_nearest():
+    [p] = problems({"params": {"sampler": "DPM++ 2S a"}})
+    assert "nearest" in p and "DPM++ SDE" in p
+
+
+def test_sampler_and_schedule_type_must_fit():
+    [p] = problems({"params": {"sampler": "Euler a", "schedule_type": "Karras"}})
+    assert "cannot use schedule type 'Karras'" in p
+
+
+def test_zip_lists_must_have_equal_lengths():
+    [p] = problems({"prompt": ["a", "b"], "params": {"seed": [1, 2, 3]},
+                    "zip": [["prompt", "seed"]]})
+    assert "zip[0]" in p and "prompt has 2" in p and "params.seed has 3" in p
+
+
+def test_zip_names_axes_by_short_or_dotted_name():
+    job = validate({"prompt": ["a", "b"], "params": {"seed": [1, 2]},
+                    "zip": [["prompt", "params.seed"]]})
+    assert job.zip == (("prompt", "params.seed"),)
+    [p] = problems({"prompt": ["a", "b"], "zip": [["prompt", "sed"]]})
+    assert "did you mean 'seed'" in p
+
+
+def test_zip_needs_lists():
+    [p] = problems({"prompt": ["a", "b"], "params": {"seed": 1}, "zip": [["prompt", "seed"]]})
+    assert "single value" in p
+
+
+def test_bad_filename_pattern():
+    [p] = problems({"run": {"filename": "[index]-[colour]"}})
+    assert "[colour]" in p and "[seed]" in p
+
+
+def test_to_dict_round_trips():
+    job = validate({"prompt": ["a", "b"], "params": {"cfg_scale": [5, 7]}})
+    assert validate(schema.to_dict(job)) == job
+
+
+def test_cli_reports_all_problems_with_their_files_and_makes_no_run_folder(tmp_path: Path):
+    write_job(tmp_path, "bad", "# @package _global_\nprompt: hi\nparams:\n  widht: 512\n"
+              "  sampler: Nope\n")
+    proc = sdbatch(tmp_path, "+job=bad", "params.height=100", check=False)
+    assert proc.returncode == 2
+    err = proc.stderr
+    assert "params.widht (jobs/bad.yaml)" in err
+    assert "params.sampler (jobs/bad.yaml)" in err
+    assert "params.height (command line 'params.height=100')" in err
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_cli_refuses_a_matrix_over_the_cap(tmp_path: Path):
+    write_job(tmp_path, "big", "# @package _global_\nprompt: hi\nparams:\n"
+              "  seed: [1, 2, 3]\n  cfg_scale: [4, 5]\nrun:\n  max_images: 5\n")
+    proc = sdbatch(tmp_path, "+job=big", check=False)
+    assert proc.returncode == 2
+    assert "makes 6 images" in proc.stderr and "run.max_images" in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_job_folders_from_sdbatch_jobs(tmp_path: Path, monkeypatch):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "far.yaml").write_text("# @package _global_\nprompt: hi\nparams:\n  width: 7\n")
+    monkeypatch.setenv("SDBATCH_JOBS", str(other))
+    proc = sdbatch(tmp_path, "+job=far", check=False)
+    assert proc.returncode == 2 and "far.yaml" in proc.stderr and "params.width" in proc.stderr
