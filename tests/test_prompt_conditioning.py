@@ -9,7 +9,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from sdbatch.prompts.clip_vocab import PAD_OPENCLIP, write_clip_tokenizer  # noqa: E402
 from sdbatch.prompts.conditioning import (  # noqa: E402
@@ -19,6 +24,7 @@ from sdbatch.prompts.conditioning import (  # noqa: E402
     encode_chunks,
     encode_pair,
     encode_prompts,
+    encode_prompts_sdxl,
     match_chunks,
     tokenize_prompt,
 )
@@ -42,15 +48,18 @@ def text_encoder():
                             num_hidden_layers=3, num_attention_heads=4,
                             max_position_embeddings=77, hidden_act="quick_gelu",
                             bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS)
-    model = CLIPTextModel(config).eval()
-    # Fresh layer norms output zero-mean tokens, and the WebUI's emphasis divides by the
-    # mean; trained ones do not, so give them trained-looking parameters.
+    return trained_looking(CLIPTextModel(config))
+
+
+def trained_looking(model):
+    """Fresh layer norms output zero-mean tokens, and the WebUI's emphasis divides by the
+    mean; trained ones do not, so give them trained-looking parameters."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm):
                 module.weight.normal_(1.0, 0.2)
                 module.bias.normal_(0.3, 0.2)
-    return model
+    return model.eval()
 
 
 def content(chunk: Chunk) -> list[int]:
@@ -221,3 +230,58 @@ def test_encode_pair_and_the_old_encode_entry_point(tokenizer, text_encoder):
     torch.testing.assert_close(uncond[:, 77:],
                                encode_prompts(tokenizer, text_encoder, [""], 2, CPU))
     torch.testing.assert_close(encode(tokenizer, text_encoder, ["cat BREAK dog"], 2, CPU), cond)
+
+
+# ---------------------------------------------------------------------------------- SDXL
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory, tokenizer, text_encoder):
+    """Two encoders as SDXL's: CLIP-L (pad EOS) and a projecting OpenCLIP (pad "!")."""
+    folder = tmp_path_factory.mktemp("openclip-tokenizer")
+    write_clip_tokenizer(folder, PAD_OPENCLIP)
+    torch.manual_seed(1)
+    # eos_token_id 2 as in the released SDXL configs: pool at the highest id (the end token)
+    second = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=24,
+        hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    return (tokenizer, CLIPTokenizer.from_pretrained(folder)), (text_encoder,
+                                                                 trained_looking(second))
+
+
+def test_sdxl_short_prompt_is_both_penultimate_layers_and_the_pooled_end_token(sdxl):
+    tokenizers, encoders = sdxl
+    text = ["a photo of a cat"]
+    embeds, pooled = encode_prompts_sdxl(tokenizers, encoders, text, 1, CPU)
+    hidden, outs = [], []
+    with torch.no_grad():
+        for tok, enc in zip(tokenizers, encoders, strict=True):
+            ids = tok(text, padding="max_length", max_length=77, return_tensors="pt").input_ids
+            outs.append(enc(input_ids=ids, output_hidden_states=True))
+            hidden.append(outs[-1].hidden_states[-2])
+    assert embeds.shape == (1, 77, 32 + 48) and pooled.shape == (1, 24)
+    torch.testing.assert_close(embeds, torch.cat(hidden, dim=-1))
+    torch.testing.assert_close(pooled, outs[1].text_embeds)
+    same, _ = encode_prompts_sdxl(tokenizers, encoders, text, 2, CPU)
+    further, _ = encode_prompts_sdxl(tokenizers, encoders, text, 3, CPU)
+    assert torch.equal(same, embeds) and not torch.allclose(further, embeds)
+
+
+def test_sdxl_long_prompt_chunks_both_encoders_and_pools_the_first_chunk(sdxl):
+    tokenizers, encoders = sdxl
+    long = "a (red:1.4) cat, " * 20  # 80 tokens: two chunks
+    embeds, pooled = encode_prompts_sdxl(tokenizers, encoders, [long], 1, CPU)
+    assert embeds.shape == (1, 154, 80)
+    first = tokenize_prompt(tokenizers[1], long)[0]
+    ids = torch.tensor([first.tokens])
+    ids[0, first.tokens.index(EOS) + 1:] = 0  # OpenCLIP pads with "!"
+    with torch.no_grad():
+        torch.testing.assert_close(pooled, encoders[1](input_ids=ids).text_embeds)
+    # the weights apply to each encoder's part on its own, each keeping its own mean
+    plain, _ = encode_prompts_sdxl(tokenizers, encoders, ["a red cat, " * 20], 1, CPU)
+    for part in (slice(0, 32), slice(32, 80)):
+        for chunk in (slice(0, 77), slice(77, 154)):
+            torch.testing.assert_close(embeds[:, chunk, part].mean(),
+                                       plain[:, chunk, part].mean())
+    assert not torch.allclose(embeds, plain)

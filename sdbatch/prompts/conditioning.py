@@ -122,21 +122,43 @@ def hidden_states(text_encoder, ids: torch.Tensor, clip_skip: int) -> torch.Tens
     return final_layer_norm(text_encoder)(states[-clip_skip])
 
 
-@torch.no_grad()
-def encode_chunks(text_encoder, chunks: Sequence[Chunk], clip_skip: int, device: torch.device,
-                  *, eos: int, pad: int) -> torch.Tensor:
-    """Encode one chunk per prompt -> (batch, 77, dim), emphasis applied.
+def chunk_batches(tokenizer, prompts: Sequence[str], *, backtrack: int = COMMA_BACKTRACK
+                  ) -> list[list[Chunk]]:
+    """Chunk i of every prompt, for i up to the longest prompt; shorter ones get empty chunks.
 
-    Where the pad token is not EOS (OpenCLIP: "!"), everything after the first EOS becomes
-    the pad token, as the WebUI does for SD2.
+    The WebUI encodes a batch chunk by chunk this way, so a batch is one tensor.
     """
+    per_prompt = [tokenize_prompt(tokenizer, p, backtrack=backtrack) for p in prompts]
+    empty = empty_chunk(tokenizer)
+    count = max(len(chunks) for chunks in per_prompt)
+    return [[c[i] if i < len(c) else empty for c in per_prompt] for i in range(count)]
+
+
+def chunk_ids(chunks: Sequence[Chunk], *, eos: int, pad: int) -> torch.Tensor:
+    """(batch, 77) token ids. Where the pad token is not EOS (OpenCLIP: "!"), everything
+    after the first EOS becomes the pad token, as the WebUI does for SD2 and SDXL."""
     ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long)
     if pad != eos:
         for row, chunk in zip(ids, chunks, strict=True):
             row[chunk.tokens.index(eos) + 1:] = pad
-    z = hidden_states(text_encoder, ids.to(device), clip_skip)
-    weights = torch.tensor([c.weights for c in chunks], device=z.device)
-    return apply_emphasis(z, weights)
+    return ids
+
+
+def _special_ids(tokenizer) -> dict[str, int]:
+    eos = tokenizer.eos_token_id
+    return {"eos": eos, "pad": eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id}
+
+
+def _weights(chunks: Sequence[Chunk], device) -> torch.Tensor:
+    return torch.tensor([c.weights for c in chunks], device=device)
+
+
+@torch.no_grad()
+def encode_chunks(text_encoder, chunks: Sequence[Chunk], clip_skip: int, device: torch.device,
+                  *, eos: int, pad: int) -> torch.Tensor:
+    """Encode one chunk per prompt -> (batch, 77, dim), emphasis applied."""
+    z = hidden_states(text_encoder, chunk_ids(chunks, eos=eos, pad=pad).to(device), clip_skip)
+    return apply_emphasis(z, _weights(chunks, z.device))
 
 
 @torch.no_grad()
@@ -147,16 +169,40 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], clip_skip: i
     Extra-network tags (<lora:...>) and prompt editing must be resolved before this call:
     it encodes the text it is given.
     """
-    per_prompt = [tokenize_prompt(tokenizer, p, backtrack=backtrack) for p in prompts]
-    empty = empty_chunk(tokenizer)
-    eos = tokenizer.eos_token_id
-    pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    count = max(len(chunks) for chunks in per_prompt)
-    return torch.cat([
-        encode_chunks(text_encoder, [c[i] if i < len(c) else empty for c in per_prompt],
-                      clip_skip, device, eos=eos, pad=pad)
-        for i in range(count)
-    ], dim=1)
+    special = _special_ids(tokenizer)
+    return torch.cat([encode_chunks(text_encoder, batch, clip_skip, device, **special)
+                      for batch in chunk_batches(tokenizer, prompts, backtrack=backtrack)], dim=1)
+
+
+@torch.no_grad()
+def encode_prompts_sdxl(tokenizers, text_encoders, prompts: Sequence[str], clip_skip: int,
+                        device: torch.device, *, backtrack: int = COMMA_BACKTRACK
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL: (both encoders' chunked hidden states side by side, pooled embedding).
+
+    SDXL was trained on the penultimate layer of both encoders with no final layer norm, so
+    clip skip 1 and 2 are the same (the WebUI ignores it for SDXL); N > 2 goes further back on
+    both. Each encoder chunks and weights the prompt on its own, as the WebUI's two wrapped
+    embedders do; the pooled embedding is the last encoder's projection of the end token of
+    the first chunk, unweighted, as in the WebUI.
+    """
+    layer = -max(2, clip_skip)
+    hidden, pooled = [], None
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
+        special, zs = _special_ids(tokenizer), []
+        for i, batch in enumerate(chunk_batches(tokenizer, prompts, backtrack=backtrack)):
+            ids = chunk_ids(batch, **special).to(device)
+            out = text_encoder(input_ids=ids, output_hidden_states=True)
+            if -layer > len(out.hidden_states):
+                raise ValueError(f"clip skip {clip_skip} is more than this text encoder's "
+                                 f"{len(out.hidden_states) - 1} layers")
+            zs.append(apply_emphasis(out.hidden_states[layer], _weights(batch, ids.device)))
+            if i == 0:
+                pooled = getattr(out, "text_embeds", None)
+        hidden.append(torch.cat(zs, dim=1))
+    if len({h.shape[1] for h in hidden}) != 1:
+        raise ValueError("SDXL's two tokenizers cut this prompt into different chunk counts")
+    return torch.cat(hidden, dim=-1), pooled
 
 
 def match_chunks(cond: torch.Tensor, uncond: torch.Tensor, empty: torch.Tensor
