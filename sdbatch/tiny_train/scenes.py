@@ -309,7 +309,8 @@ def batch(seed: int, n: int, size: int = 64, style: str = "plain", lego: float =
     rng = random.Random(seed)
     scenes = [random_scene(rng, lego=lego, sky=sky)
               for _ in range(n)]
-    images = np.stack([draw(s, size, style).image for s in scenes])
+    images = np.stack([draw(s, size, style).image for s in scenes]) if scenes else \
+        np.zeros((0, size, size, 3), np.uint8)
     texts = ["" if rng.random() < empty else caption(s, rng, trigger, sky_words)
              for s in scenes]
     return images, texts, scenes

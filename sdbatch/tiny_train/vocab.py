@@ -9,6 +9,7 @@ merges.txt), so transformers' CLIPTokenizer loads them like any SD1.x tokenizer.
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 from sdbatch.models.tokenizer import BOS, EOS, bytes_to_unicode
@@ -18,8 +19,7 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE on one word (already in byte-unicode characters)."""
     parts = [*word[:-1], word[-1] + "</w>"]
     while len(parts) > 1:
-        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts,
-                                                                                   parts[1:]))]
+        pairs = [(ranks.get(pair, 1 << 30), i) for i, pair in enumerate(pairwise(parts))]
         rank, i = min(pairs)
         if rank == 1 << 30:
             break
