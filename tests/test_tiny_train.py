@@ -4,6 +4,7 @@ retrained here."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -12,11 +13,12 @@ import pytest
 import torch
 
 from sdbatch.tiny_train import scenes, train
+from sdbatch.tiny_train.__main__ import main, parse_steps
 from sdbatch.tiny_train.vocab import write_tokenizer
 
-SMALL = dict(steps={"vae": 2, "unet": 3, "lora": 3, "ti": 3}, vae_batch=4, pool=64,
-             unet_batch=4, lora_pool=16, lora_batch=4, ti_batch=4, samples=False,
-             threads=1)  # two threads on two busy cores run several times slower
+STEPS = {"vae": 2, "unet": 3, "lora": 3, "ti": 3}
+SMALL = ["vae_batch=4", "pool=64", "unet_batch=4", "lora_pool=16", "lora_batch=4",
+         "ti_batch=4"]
 
 
 def nearest_colour(pixels: np.ndarray, palette: dict) -> np.ndarray:
@@ -110,16 +112,20 @@ def test_every_caption_word_is_one_token(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, sdbatch_cache):
+    """A few steps of every part, through the command line as the lead would run it."""
     out = tmp_path_factory.mktemp("tiny-train")
-    record = train.train(out, train.Settings(**SMALL))
-    return out, record
+    steps = ",".join(f"{k}={v}" for k, v in STEPS.items())
+    # one thread: two threads on two busy cores run several times slower
+    assert main(["--out", str(out), "--steps", steps, "--threads", "1", "--no-samples",
+                 "--set", *SMALL]) == 0
+    return out, json.loads((out / "train_settings.json").read_text())
 
 
 def test_short_training_records_what_made_it(trained):
     out, record = trained
     report = record["report"]
     for part in train.PARTS:
-        assert report[part]["steps"] == SMALL["steps"][part]
+        assert report[part]["steps"] == report[part]["steps_done"] == STEPS[part]
         assert np.isfinite(report[part]["final_loss"])
     assert record["settings"]["seed"] == 0 and record["versions"]["torch"]
     assert "--steps vae=2,unet=3,lora=3,ti=3" in record["command"]
@@ -217,3 +223,17 @@ def test_kohya_names():
         "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0"
     assert train.kohya_name("lora_te", "encoder.layers.1.self_attn.q_proj") == \
         "lora_te_text_model_encoder_layers_1_self_attn_q_proj"
+
+
+def test_a_part_cut_short_replays_its_schedule():
+    settings = train.Settings(steps={"vae": 10}, stop={"vae": 4})
+    clock, report, calls = train.Clock(settings), {}, []
+
+    def step(i, total):
+        calls.append((i, total))
+        return 0.5
+
+    train.train_loop("vae", step, settings, clock, report, clock.start_part("vae"))
+    assert calls == [(i, 10) for i in range(4)]
+    assert (report["vae"]["steps"], report["vae"]["steps_done"]) == (10, 4)
+    assert parse_steps("vae=9,unet=7:5") == ({"vae": 9, "unet": 7}, {"unet": 5})

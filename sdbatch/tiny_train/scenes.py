@@ -298,19 +298,27 @@ def vocabulary() -> list[str]:
     return sorted(set(text.split()))
 
 
+DETAIL = ("building", "roof", "windows", "door", "studs")
+
+
 def batch(seed: int, n: int, size: int = 64, style: str = "plain", lego: float = 0.25,
           sky: str | None = None, empty: float = 0.0, trigger: str | None = None,
-          sky_words: bool = True) -> tuple[np.ndarray, list[str], list[Scene]]:
+          sky_words: bool = True, details: list | None = None
+          ) -> tuple[np.ndarray, list[str], list[Scene]]:
     """``n`` images (n, size, size, 3) uint8 with captions, all from ``seed``.
 
     ``empty`` is the share of captions replaced by "" (so the model also learns the
-    unconditional prediction that classifier-free guidance needs).
+    unconditional prediction that classifier-free guidance needs). A ``details`` list
+    receives each image's building mask (walls, roof, windows, door, studs): where the
+    small things are that a VAE learns last.
     """
     rng = random.Random(seed)
-    scenes = [random_scene(rng, lego=lego, sky=sky)
-              for _ in range(n)]
-    images = np.stack([draw(s, size, style).image for s in scenes]) if scenes else \
+    scenes = [random_scene(rng, lego=lego, sky=sky) for _ in range(n)]
+    drawn = [draw(s, size, style) for s in scenes]
+    images = np.stack([d.image for d in drawn]) if drawn else \
         np.zeros((0, size, size, 3), np.uint8)
+    if details is not None:
+        details += [np.logical_or.reduce([d.masks[k] for k in DETAIL]) for d in drawn]
     texts = ["" if rng.random() < empty else caption(s, rng, trigger, sky_words)
              for s in scenes]
     return images, texts, scenes

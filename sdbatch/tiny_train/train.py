@@ -33,7 +33,7 @@ from sdbatch.tiny_train.vocab import write_tokenizer
 PARTS = ("vae", "unet", "lora", "ti")
 CALIBRATION_STEPS = 8  # measured, then the step count is fixed; all within warmup
 
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
            block_out_channels=[16, 32, 64, 64], norm_num_groups=8)
 UNET = dict(in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[64, 128],
@@ -67,20 +67,23 @@ class Settings:
     size: int = 64
     threads: int = 2
     shares: dict[str, float] = field(default_factory=lambda: {
-        "vae": 0.15, "unet": 0.60, "lora": 0.15, "ti": 0.10})
+        "vae": 0.22, "unet": 0.53, "lora": 0.15, "ti": 0.10})
     steps: dict[str, int] = field(default_factory=dict)  # fixed counts: no clock
-    reserve_s: float = 45.0  # kept back for saving, checks and the sample sheet
+    stop: dict[str, int] = field(default_factory=dict)  # replays a part cut short in time
+    reserve_s: float = 30.0  # kept back for saving, checks and the sample sheet
     # VAE: L1 + an edge term (image gradients) for crisp windows, a small KL
-    vae_batch: int = 16
-    vae_lr: float = 1e-3
+    vae_batch: int = 8  # small: a VAE learns from steps more than from batch size
+    vae_lr: float = 1.5e-3
     vae_edge: float = 1.0
+    vae_detail: float = 3.0  # building pixels count 1 + this much in the L1 term
     vae_kl: float = 1e-4
+    vae_logvar_init: float = -8.0  # posterior std e^-4 at the start
     vae_lego_share: float = 0.2  # LoRA-look images, so the VAE can draw them too
     # UNet + text encoder, jointly, epsilon prediction with min-SNR weighting
     pool: int = 24576  # scenes encoded once to latents; captions redrawn every use
     unet_batch: int = 64
-    unet_lr: float = 8e-4
-    te_lr: float = 8e-4
+    unet_lr: float = 1e-3
+    te_lr: float = 1e-3
     empty: float = 0.1  # empty captions, for classifier-free guidance
     min_snr: float = 5.0
     ema: float = 0.999
@@ -129,7 +132,6 @@ class Clock:
         self.settings = settings
         self.start = time.monotonic()
         self.deadline = self.start + settings.minutes * 60
-
         self.budgets: dict[str, float] = {}
 
     def start_part(self, part: str) -> float:
@@ -146,13 +148,16 @@ def train_loop(name: str, step: Callable[[int, int], float], settings: Settings,
     """Run ``step(i, total)`` for a fixed count, or for as many as the part's time allows.
 
     The first CALIBRATION_STEPS steps run inside warmup, where the schedule does not depend
-    on the total; their speed fixes the total, which is recorded for ``--steps``.
+    on the total; their speed fixes the total, which is recorded for ``--steps``. Should the
+    machine slow down later, the part stops at 1.25 times its budget (plus 30 s), and the
+    step it stopped at is recorded too.
     """
     fixed = settings.steps.get(name)
     budget = clock.budgets[name] - (time.monotonic() - started)
     losses: list[float] = []
     curve: list[tuple[int, float]] = []
     total = fixed if fixed is not None else 10**9
+    stop = settings.stop.get(name, total) if fixed is not None else None
     t0 = time.monotonic()
     timed_from = None
     i = 0
@@ -167,14 +172,19 @@ def train_loop(name: str, step: Callable[[int, int], float], settings: Settings,
             total = max(i, int(budget / per_step))  # budget counts from the part's start
             print(f"[{name}] {per_step:.3f} s/step -> {total} steps in {budget:.0f} s",
                   flush=True)
-        if i % log_every == 0 or i == total:
+        late = fixed is None and time.monotonic() - started > 1.25 * clock.budgets[name] + 30
+        if i % log_every == 0 or i == total or i == stop or late:
             curve.append((i, float(np.mean(losses[-log_every:]))))
-            if i % (log_every * 8) == 0 or i == total:
+            if i % (log_every * 8) == 0 or i in (total, stop) or late:
                 print(f"[{name}] step {i}/{total} loss {curve[-1][1]:.4f} "
                       f"({time.monotonic() - t0:.0f} s)", flush=True)
+        if (i == stop or late) and i < total:
+            print(f"[{name}] stopped at step {i} of {total}", flush=True)
+            break
     elapsed = time.monotonic() - t0
     report[name] = {
-        "steps": i, "seconds": round(elapsed, 1), "part_s": round(time.monotonic() - started, 1),
+        "steps": total, "steps_done": i,
+        "seconds": round(elapsed, 1), "part_s": round(time.monotonic() - started, 1),
         "budget_s": None if fixed is not None else round(clock.budgets[name], 1),
         "steps_per_s": round((i - 1) / (time.monotonic() - timed_from), 3) if i > 1 else None,
         "final_loss": curve[-1][1] if curve else None,
@@ -198,6 +208,10 @@ def train_vae(settings: Settings, clock: Clock, report: dict):
     started = clock.start_part("vae")
     torch.manual_seed(seed_of(settings.seed, "vae-init"))
     vae = AutoencoderKL(**VAE, sample_size=settings.size, scaling_factor=1.0)
+    with torch.no_grad():  # start nearly deterministic: sampling noise of std 1 would hide
+        c = VAE["latent_channels"]  # the latent's detail until the encoder had outgrown it
+        vae.quant_conv.weight[c:] *= 0.01
+        vae.quant_conv.bias[c:] = settings.vae_logvar_init
     opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.01)
     n_lego = round(settings.vae_batch * settings.vae_lego_share)
     gen = torch.Generator().manual_seed(seed_of(settings.seed, "vae-noise"))
@@ -207,15 +221,19 @@ def train_vae(settings: Settings, clock: Clock, report: dict):
 
     def step(i: int, total: int) -> float:
         s = seed_of(settings.seed, "vae", i)
-        plain, _, _ = scenes.batch(s, settings.vae_batch - n_lego, settings.size)
-        lego, _, _ = scenes.batch(s + 1, n_lego, settings.size, style="legoalrev")
+        details: list[np.ndarray] = []
+        plain, _, _ = scenes.batch(s, settings.vae_batch - n_lego, settings.size,
+                                   details=details)
+        lego, _, _ = scenes.batch(s + 1, n_lego, settings.size, style="legoalrev",
+                                  details=details)
         x = to_tensor(np.concatenate([plain, lego]))
+        weight = 1 + settings.vae_detail * torch.from_numpy(np.stack(details))[:, None].float()
         for g in opt.param_groups:
             g["lr"] = settings.vae_lr * lr_factor(i, total, settings.warmup)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         y = vae.decode(z).sample
-        rec = (y - x).abs().mean()
+        rec = ((y - x).abs() * weight).mean() / weight.mean()
         edge = sum((a - b).abs().mean() for a, b in zip(grads(y), grads(x), strict=True))
         kl = post.kl().mean() / post.mean[0].numel()
         loss = rec + settings.vae_edge * edge + settings.vae_kl * kl
@@ -569,7 +587,7 @@ def train_ti(settings: Settings, clock: Clock, report: dict, folder: Path, out: 
     path = out / "embeddings" / f"{settings.ti_name}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors},
-                "name": settings.ti_name, "step": report["ti"]["steps"],
+                "name": settings.ti_name, "step": report["ti"]["steps_done"],
                 "sd_checkpoint": None, "sd_checkpoint_name": None}, path)
     report["ti"].update(file=str(path.relative_to(out)), vectors=list(vectors.shape),
                         scenes=len(night), check=check_embedding(folder, path, te, tokenizer,
@@ -680,9 +698,12 @@ def replay_command(out: Path, settings: Settings, report: dict) -> str:
     """The command that redoes this run step for step, with no clock."""
     default = Settings()
     changed = [f"{f.name}={getattr(settings, f.name)}" for f in dataclasses.fields(Settings)
-               if f.name not in ("minutes", "seed", "threads", "steps", "shares", "samples")
+               if f.name not in ("minutes", "seed", "threads", "steps", "stop", "shares",
+                                 "samples")
                and getattr(settings, f.name) != getattr(default, f.name)]
-    steps = ",".join(f"{p}={report[p]['steps']}" for p in PARTS)
+    steps = ",".join(f"{p}={report[p]['steps']}" + (
+        f":{report[p]['steps_done']}" if report[p]["steps_done"] < report[p]["steps"] else "")
+        for p in PARTS)
     return " ".join([f"python -m sdbatch.tiny_train --out {out} --seed {settings.seed}",
                      f"--threads {settings.threads} --steps {steps}",
                      *([] if settings.samples else ["--no-samples"]),
@@ -691,9 +712,17 @@ def replay_command(out: Path, settings: Settings, report: dict) -> str:
 
 def train(out: Path, settings: Settings) -> dict:
     """The whole family into ``out``: tiny/, Lora/, embeddings/, train_settings.json."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        return _train(out, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(out: Path, settings: Settings) -> dict:
     from transformers import CLIPTokenizer
 
-    torch.set_num_threads(settings.threads)
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock(settings)
     report: dict = {}
