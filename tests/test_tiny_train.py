@@ -237,3 +237,30 @@ def test_a_part_cut_short_replays_its_schedule():
     assert calls == [(i, 10) for i in range(4)]
     assert (report["vae"]["steps"], report["vae"]["steps_done"]) == (10, 4)
     assert parse_steps("vae=9,unet=7:5") == ({"vae": 9, "unet": 7}, {"unet": 5})
+
+
+def test_outputs_load_through_sdbatch_own_loaders(trained):
+    """The folder, the LoRA and the embedding as a job would use them: a stack with the
+    embedding, the LoRA checked against it and applied at weights 0 and 1."""
+    from sdbatch.models.stack import StackSpec, load
+    from sdbatch.prompts.encode import encode
+
+    out, _ = trained
+    lora, embedding = out / "Lora" / "LegoAlrev.safetensors", out / "embeddings" / "nightsky.pt"
+    stack = load(StackSpec("tiny", out / "tiny", embeddings=(embedding,)), torch.device("cpu"))
+    assert "nightsky" in stack.triggers
+    stack.check_loras([lora])
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+
+    def predict():
+        with torch.no_grad():
+            c = encode(stack.pipe.tokenizer, stack.pipe.text_encoder,
+                       ["LegoAlrev, a red building, nightsky"], 1, torch.device("cpu"))
+            return stack.pipe.unet(x, t, c).sample
+
+    bare = predict()
+    stack.use_networks([(lora, 1.0)], [])
+    on = predict()
+    stack.use_networks([(lora, 0.0)], [])
+    assert not torch.equal(on, bare)
+    assert torch.allclose(predict(), bare, atol=1e-6)
