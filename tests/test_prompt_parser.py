@@ -158,6 +158,12 @@ def test_text_the_grammar_rejects_stays_literal(text):
     assert schedules(text, 10) == [(10, text)]
 
 
+def test_absurd_nesting_is_a_clear_error():
+    assert schedules("(" * 100 + "x" + ")" * 100, 10) == [(10, "(" * 100 + "x" + ")" * 100)]
+    with pytest.raises(ValueError, match="too deeply"):
+        schedules("[" * 5000 + "x", 10)
+
+
 def test_prompt_at_step_counts_like_the_webui_denoiser():
     # The WebUI's step counter starts at 0 and picks the first entry with end >= step.
     assert [prompt_at_step("[a|b]", s, 10) for s in range(6)] == ["a", "a", "b", "a", "b", "a"]

@@ -9,10 +9,7 @@ diffusers do; `sd2-v` (v-prediction, 768) has the same keys as `sd2` and must be
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,30 +117,8 @@ def tokenizer_folder(name: str, component: str = "tokenizer") -> Path:
 
 
 def _ensure_tokenizer(pad_token: str) -> Path:
-    """The single seam for tokenizer files.
+    """The single seam for tokenizer files: the real CLIP BPE vocabulary, rebuilt offline
+    from the file shipped in sdbatch.prompts and cached per pad token."""
+    from sdbatch.prompts.clip_vocab import ensure_clip_tokenizer
 
-    MERGE: replace the body with
-    `from sdbatch.prompts.clip_vocab import ensure_clip_tokenizer; return
-    ensure_clip_tokenizer(pad_token)` so real models get the real CLIP BPE vocabulary. Until
-    then this writes the byte-level vocabulary (every id < 49408, so it runs any family, but
-    real weights read it as the wrong words).
-    """
-    from sdbatch.models.tiny import cache_root
-    from sdbatch.models.tokenizer import write_byte_level_tokenizer
-
-    tag = hashlib.sha256(pad_token.encode()).hexdigest()[:8]  # folders differ by pad token
-    folder = cache_root() / "tokenizers" / f"byte-level-{tag}"
-    if (folder / "tokenizer_config.json").exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=folder.parent))
-    try:
-        write_byte_level_tokenizer(tmp, pad_token=pad_token)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process won the race with the same files
-            if not (folder / "tokenizer_config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return ensure_clip_tokenizer(pad_token)

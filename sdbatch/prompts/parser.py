@@ -121,6 +121,9 @@ class _Parser:
     Inside brackets every "[", "(", ":" and "|" must belong to a construct; at the top level
     brackets and colons that fit nothing are literal text. A "|" outside an alternation or a
     trailing lone backslash makes the whole prompt literal, as lark's parse error does there.
+    Known difference: when an edit's closing "]" is directly followed by stray brackets or
+    colons ("[a:b:3]::"), the WebUI's ambiguous Earley parse sometimes reads the edit as
+    literal text, by no simple rule; here it is always an edit.
     """
 
     def __init__(self, text: str):
@@ -209,7 +212,10 @@ def schedules(text: str, steps: int, *, hires_steps: int | None = None
     if hires_steps is not None:
         int_offset, frac_offset, total = steps, 1.0, hires_steps
 
-    tree = _Parser(text).parse()
+    try:
+        tree = _Parser(text).parse()
+    except RecursionError:  # hundreds of nested brackets; the WebUI fails here too
+        raise ValueError("prompt nests brackets too deeply to parse") from None
     if tree is None:
         return [(total, text)]
 

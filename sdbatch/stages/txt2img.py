@@ -21,7 +21,8 @@ from sdbatch import noise, samplers
 from sdbatch.matrix import Render
 from sdbatch.models.embeddings import expand_triggers
 from sdbatch.models.stack import Stack
-from sdbatch.prompts.encode import encode, encode_sdxl
+from sdbatch.prompts.conditioning import CHUNK, encode_pair, match_chunks
+from sdbatch.prompts.encode import encode_sdxl
 from sdbatch.prompts.parser import extract_extra_networks
 
 StepCallback = Callable[[int, int], None]  # (step done, steps)
@@ -38,8 +39,8 @@ def conditioning(pipe, renders: tuple[Render, ...], device: torch.device, dtype:
     prompts = prompt_texts(pipe, renders, "prompt")
     negatives = prompt_texts(pipe, renders, "negative_prompt")
     if not is_sdxl(pipe):
-        cond = encode(pipe.tokenizer, pipe.text_encoder, prompts, first.clip_skip, device)
-        uncond = encode(pipe.tokenizer, pipe.text_encoder, negatives, first.clip_skip, device)
+        cond, uncond = encode_pair(pipe.tokenizer, pipe.text_encoder, prompts, negatives,
+                                   first.clip_skip, device)
         return {"prompt_embeds": cond.to(dtype), "negative_prompt_embeds": uncond.to(dtype)}
     tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
     encoders = (pipe.text_encoder, pipe.text_encoder_2)
@@ -47,11 +48,17 @@ def conditioning(pipe, renders: tuple[Render, ...], device: torch.device, dtype:
     uncond, uncond_pooled = encode_sdxl(tokenizers, encoders, negatives, first.clip_skip, device)
     if pipe.config.get("force_zeros_for_empty_prompt", False):
         # SDXL's empty negative is zeros (the WebUI and diffusers agree); decided per image,
-        # not per batch as the WebUI does, so an image does not depend on its batch
+        # not per batch as the WebUI does, so an image does not depend on its batch. An empty
+        # prompt is one chunk: only that is zeroed, the batch's padding chunks stay as for
+        # any other short prompt.
         empty = torch.tensor([n == "" for n in negatives], device=device)
-        uncond = torch.where(empty[:, None, None], torch.zeros_like(uncond), uncond)
+        uncond = uncond.clone()
+        uncond[:, :CHUNK + 2] = torch.where(empty[:, None, None], 0.0, uncond[:, :CHUNK + 2])
         uncond_pooled = torch.where(empty[:, None], torch.zeros_like(uncond_pooled),
                                     uncond_pooled)
+    if cond.shape[1] != uncond.shape[1]:  # long prompts: pad with the empty prompt's chunks
+        blank, _ = encode_sdxl(tokenizers, encoders, [""], first.clip_skip, device)
+        cond, uncond = match_chunks(cond, uncond, blank)
     size = (first.height, first.width)
     return {"prompt_embeds": cond.to(dtype), "negative_prompt_embeds": uncond.to(dtype),
             "pooled_prompt_embeds": pooled.to(dtype),
