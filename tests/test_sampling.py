@@ -54,3 +54,11 @@ def test_ensd_changes_ancestral_noise_only(tiny_stack):
     a, b = pixels(tiny_stack, render(sampler="Euler a"), render(sampler="Euler a", ensd=31337))
     c, d = pixels(tiny_stack, render(sampler="Euler"), render(sampler="Euler", ensd=31337))
     assert not np.array_equal(a, b) and np.array_equal(c, d)
+
+
+def test_a_long_prompt_beside_a_short_one_changes_nothing(tiny_stack):
+    """Each image is conditioned alone: a neighbour's extra chunks are not padded onto it."""
+    long = "a red house, " + ", ".join(f"window {i}" for i in range(60))
+    [alone] = pixels(tiny_stack, render(prompt="a red house"))
+    short, _ = pixels(tiny_stack, render(prompt="a red house"), render(prompt=long, seed=8))
+    assert np.abs(alone - short).max() <= 1

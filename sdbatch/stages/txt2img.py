@@ -73,36 +73,58 @@ def prompt_texts(pipe, renders: tuple[Render, ...], field: str) -> list[str]:
             for r in renders]
 
 
+def _same_length_groups(conds: list[dict[str, object]]) -> list[list[int]]:
+    """Image positions grouped by their conditioning's token length, in order.
+
+    Each image is encoded alone (cond and negative padded only to each other), so an image
+    never takes padding from a longer prompt beside it; images of one length share a pass.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, cond in enumerate(conds):
+        groups.setdefault(cond["prompt_embeds"].shape[1], []).append(i)
+    return list(groups.values())
+
+
+def _stack_conds(conds: list[dict[str, object]]) -> dict[str, object]:
+    return {k: torch.cat([c[k] for c in conds]) if isinstance(v, torch.Tensor) else v
+            for k, v in conds[0].items()}
+
+
 def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None = None
         ) -> list[Image.Image]:
     first = renders[0]
     pipe = stack.pipe
-    pipe.scheduler = samplers.make_scheduler(stack.scheduler_config, first.sampler,
-                                             first.schedule_type)
-    if hasattr(pipe.scheduler, "noise_sampler_seed"):
-        pipe.scheduler.noise_sampler_seed = [r.seed for r in renders]
-
     channels = pipe.vae.config.latent_channels
     if pipe.unet.config.in_channels != channels:
         raise ValueError(f"txt2img needs a {channels}-channel model; this one takes "
                          f"{pipe.unet.config.in_channels} input channels (an inpainting model)")
-    cond = conditioning(pipe, renders, stack.device, stack.dtype)
+    conds = [conditioning(pipe, (r,), stack.device, stack.dtype) for r in renders]
     shape = (channels, first.height // 8, first.width // 8)
-    latents = torch.stack([
-        noise.initial_noise(shape, r.seed, r.subseed, r.subseed_strength,
-                            (r.seed_resize_from_w, r.seed_resize_from_h)) for r in renders
-    ]).to(stack.device, stack.dtype)
-    generators = [noise.sampler_generator(r.seed, r.ensd, shape) for r in renders]
+    images: list[Image.Image | None] = [None] * len(renders)
 
     def step_end(_pipe, i, _t, kwargs):
         if on_step:
             on_step(i + 1, first.steps)
         return kwargs
 
-    out = pipe(
-        **cond, latents=latents, generator=generators, num_inference_steps=first.steps,
-        guidance_scale=first.cfg_scale, width=first.width, height=first.height,
-        output_type="pil", callback_on_step_end=step_end,
-        **({"eta": first.eta} if first.eta is not None else {}),
-    )
-    return out.images
+    for group in _same_length_groups(conds):
+        members = [renders[i] for i in group]
+        pipe.scheduler = samplers.make_scheduler(stack.scheduler_config, first.sampler,
+                                                 first.schedule_type)
+        if hasattr(pipe.scheduler, "noise_sampler_seed"):
+            pipe.scheduler.noise_sampler_seed = [r.seed for r in members]
+        latents = torch.stack([
+            noise.initial_noise(shape, r.seed, r.subseed, r.subseed_strength,
+                                (r.seed_resize_from_w, r.seed_resize_from_h)) for r in members
+        ]).to(stack.device, stack.dtype)
+        out = pipe(
+            **_stack_conds([conds[i] for i in group]), latents=latents,
+            generator=[noise.sampler_generator(r.seed, r.ensd, shape) for r in members],
+            num_inference_steps=first.steps, guidance_scale=first.cfg_scale,
+            width=first.width, height=first.height, output_type="pil",
+            callback_on_step_end=step_end,
+            **({"eta": first.eta} if first.eta is not None else {}),
+        )
+        for i, image in zip(group, out.images, strict=True):
+            images[i] = image
+    return images
