@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from sdbatch import samplers
 from sdbatch.matrix import Render
@@ -62,3 +63,30 @@ def test_a_long_prompt_beside_a_short_one_changes_nothing(tiny_stack):
     [alone] = pixels(tiny_stack, render(prompt="a red house"))
     short, _ = pixels(tiny_stack, render(prompt="a red house"), render(prompt=long, seed=8))
     assert np.abs(alone - short).max() <= 1
+
+
+def test_prompt_editing_switches_the_prompt_during_sampling(tiny_stack):
+    r = dict(steps=6, sampler="Euler")
+    blue, switched, never, red_blue, blue_red = pixels(
+        tiny_stack, render(prompt="a blue tower", **r),
+        render(prompt="[a blue tower:a red house:0]", **r),
+        render(prompt="[a blue tower:a red house:100]", **r),
+        render(prompt="[a red house|a blue tower]", **r),
+        render(prompt="[a blue tower|a red house]", **r))
+    assert np.abs(never - blue).max() <= 1  # the switch never comes
+    assert np.abs(switched - blue).max() > 3  # red from step 1 on
+    assert np.abs(red_blue - blue_red).max() > 3  # alternation: the order matters
+
+
+def test_prompt_editing_on_sdxl(tmp_path):
+    from sdbatch.models.stack import Stack, StackSpec
+
+    from .conftest import build_tiny_sdxl
+
+    pipe = build_tiny_sdxl(tmp_path)
+    stack = Stack(StackSpec("xl", tmp_path), pipe, dict(pipe.scheduler.config),
+                  torch.device("cpu"), torch.float32)
+    r = dict(steps=4, sampler="Euler")
+    [plain] = pixels(stack, render(prompt="a red house", **r))
+    [edited] = pixels(stack, render(prompt="[a red house:a long blue tower by night:2]", **r))
+    assert plain.shape == edited.shape and not np.array_equal(plain, edited)

@@ -23,7 +23,7 @@ from sdbatch.models.embeddings import expand_triggers
 from sdbatch.models.stack import Stack
 from sdbatch.prompts.conditioning import CHUNK, encode_pair, match_chunks
 from sdbatch.prompts.encode import encode_sdxl
-from sdbatch.prompts.parser import extract_extra_networks
+from sdbatch.prompts.parser import extract_extra_networks, prompt_at_step
 
 StepCallback = Callable[[int, int], None]  # (step done, steps)
 
@@ -32,12 +32,10 @@ def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
-def conditioning(pipe, renders: tuple[Render, ...], device: torch.device, dtype: torch.dtype
-                 ) -> dict[str, object]:
-    """The pipeline's text (and for SDXL, pooled and size) conditioning for a batch."""
-    first = renders[0]
-    prompts = prompt_texts(pipe, renders, "prompt")
-    negatives = prompt_texts(pipe, renders, "negative_prompt")
+def conditioning(pipe, first: Render, prompts: list[str], negatives: list[str],
+                 device: torch.device, dtype: torch.dtype) -> dict[str, object]:
+    """The pipeline's text (and for SDXL, pooled and size) conditioning for prompt texts
+    already cleaned by clean_text."""
     if not is_sdxl(pipe):
         cond, uncond = encode_pair(pipe.tokenizer, pipe.text_encoder, prompts, negatives,
                                    first.clip_skip, device)
@@ -66,28 +64,80 @@ def conditioning(pipe, renders: tuple[Render, ...], device: torch.device, dtype:
             "original_size": size, "target_size": size, "crops_coords_top_left": (0, 0)}
 
 
-def prompt_texts(pipe, renders: tuple[Render, ...], field: str) -> list[str]:
+def clean_text(pipe, text: str) -> str:
     """The text to encode: <lora:...> tags removed (they are applied to the model, as in the
     WebUI), multi-vector embedding triggers spelled out for the tokenizer."""
-    return [expand_triggers(pipe.tokenizer, extract_extra_networks(getattr(r, field))[0])
-            for r in renders]
+    return expand_triggers(pipe.tokenizer, extract_extra_networks(text)[0])
 
 
-def _same_length_groups(conds: list[dict[str, object]]) -> list[list[int]]:
+def _pad(x: torch.Tensor, length: int, blank: torch.Tensor) -> torch.Tensor:
+    extra = (length - x.shape[1]) // blank.shape[1]
+    return torch.cat([x, blank.to(x.dtype).repeat(x.shape[0], extra, 1)], dim=1) if extra else x
+
+
+class Timeline:
+    """One image's conditioning at every sampling step: the WebUI's prompt editing
+    ([from:to:when]) and alternation ([a|b]) switch the text as sampling goes.
+
+    Every distinct (prompt, negative) pair is encoded once, and all are padded with blank
+    chunks to one token length, so the switch never changes the tensors' shapes.
+    """
+
+    def __init__(self, pipe, render: Render, device: torch.device, dtype: torch.dtype):
+        prompt, negative = (clean_text(pipe, render.prompt),
+                            clean_text(pipe, render.negative_prompt))
+        self.keys = [(prompt_at_step(prompt, s, render.steps),
+                      prompt_at_step(negative, s, render.steps)) for s in range(render.steps)]
+        encoded = {key: conditioning(pipe, render, [key[0]], [key[1]], device, dtype)
+                   for key in dict.fromkeys(self.keys)}
+        self.length = max(c["prompt_embeds"].shape[1] for c in encoded.values())
+        if len(encoded) > 1:
+            blank = conditioning(pipe, render, [""], [""], device, dtype)["prompt_embeds"]
+            for c in encoded.values():
+                for name in ("prompt_embeds", "negative_prompt_embeds"):
+                    c[name] = _pad(c[name], self.length, blank[:, :CHUNK + 2])
+        self.encoded = encoded
+
+    def key(self, step: int) -> tuple[str, str]:
+        return self.keys[min(step, len(self.keys) - 1)]
+
+    def at(self, step: int) -> dict[str, object]:
+        return self.encoded[self.key(step)]
+
+
+def _same_length_groups(timelines: list[Timeline]) -> list[list[int]]:
     """Image positions grouped by their conditioning's token length, in order.
 
     Each image is encoded alone (cond and negative padded only to each other), so an image
     never takes padding from a longer prompt beside it; images of one length share a pass.
     """
     groups: dict[int, list[int]] = {}
-    for i, cond in enumerate(conds):
-        groups.setdefault(cond["prompt_embeds"].shape[1], []).append(i)
+    for i, timeline in enumerate(timelines):
+        groups.setdefault(timeline.length, []).append(i)
     return list(groups.values())
 
 
 def _stack_conds(conds: list[dict[str, object]]) -> dict[str, object]:
     return {k: torch.cat([c[k] for c in conds]) if isinstance(v, torch.Tensor) else v
             for k, v in conds[0].items()}
+
+
+def _switchable(pipe) -> list[str]:
+    return ["latents", "prompt_embeds"] + (["add_text_embeds"] if is_sdxl(pipe) else [])
+
+
+def _switched(pipe, conds: list[dict[str, object]]) -> dict[str, torch.Tensor]:
+    """The pipeline's own loop tensors for new conditioning: [negative, prompt] under CFG."""
+    c = _stack_conds(conds)
+    cfg = pipe.do_classifier_free_guidance
+
+    def pair(neg: str, pos: str) -> torch.Tensor:
+        return torch.cat([c[neg], c[pos]]) if cfg else c[pos]
+
+    out = {"prompt_embeds": pair("negative_prompt_embeds", "prompt_embeds")}
+    if is_sdxl(pipe):
+        out["add_text_embeds"] = pair("negative_pooled_prompt_embeds", "pooled_prompt_embeds")
+    return out
 
 
 def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None = None
@@ -98,17 +148,21 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
     if pipe.unet.config.in_channels != channels:
         raise ValueError(f"txt2img needs a {channels}-channel model; this one takes "
                          f"{pipe.unet.config.in_channels} input channels (an inpainting model)")
-    conds = [conditioning(pipe, (r,), stack.device, stack.dtype) for r in renders]
+    timelines = [Timeline(pipe, r, stack.device, stack.dtype) for r in renders]
     shape = (channels, first.height // 8, first.width // 8)
     images: list[Image.Image | None] = [None] * len(renders)
 
-    def step_end(_pipe, i, _t, kwargs):
-        if on_step:
-            on_step(i + 1, first.steps)
-        return kwargs
-
-    for group in _same_length_groups(conds):
+    for group in _same_length_groups(timelines):
         members = [renders[i] for i in group]
+        mine = [timelines[i] for i in group]
+
+        def step_end(pipe_, i, _t, kwargs, mine=mine):
+            if on_step:
+                on_step(i + 1, first.steps)
+            if any(t.key(i + 1) != t.key(i) for t in mine):
+                kwargs.update(_switched(pipe_, [t.at(i + 1) for t in mine]))
+            return kwargs
+
         pipe.scheduler = samplers.make_scheduler(stack.scheduler_config, first.sampler,
                                                  first.schedule_type)
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
@@ -118,11 +172,12 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
                                 (r.seed_resize_from_w, r.seed_resize_from_h)) for r in members
         ]).to(stack.device, stack.dtype)
         out = pipe(
-            **_stack_conds([conds[i] for i in group]), latents=latents,
+            **_stack_conds([t.at(0) for t in mine]), latents=latents,
             generator=[noise.sampler_generator(r.seed, r.ensd, shape) for r in members],
             num_inference_steps=first.steps, guidance_scale=first.cfg_scale,
             width=first.width, height=first.height, output_type="pil",
             callback_on_step_end=step_end,
+            callback_on_step_end_tensor_inputs=_switchable(pipe),
             **({"eta": first.eta} if first.eta is not None else {}),
         )
         for i, image in zip(group, out.images, strict=True):
