@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from sdbatch.models.tokenizer import byte_level_vocab, write_byte_level_tokenizer
+from sdbatch.output import atomic
 
 VERSION = "1"  # bump when the architecture or build recipe changes
 
@@ -33,6 +32,19 @@ SCHEDULER = {  # SD1.5's own scheduler config
     "skip_prk_steps": True,
     "steps_offset": 1,
     "clip_sample": False,
+}
+
+
+MODEL_INDEX = {  # a diffusers StableDiffusionPipeline folder without safety checker
+    "_class_name": "StableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
 }
 
 
@@ -79,36 +91,13 @@ def build(folder: Path) -> None:
     write_byte_level_tokenizer(folder / "tokenizer")
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }, indent=2))
+    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
 
 
 def ensure() -> Path:
     """The tiny model's folder, built on first use; concurrent builders never see half a folder."""
-    folder = cache_root() / "models" / f"tiny-v{VERSION}"
-    if (folder / "model_index.json").exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished first; its folder is identical
-            if not (folder / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return atomic.build_folder(cache_root() / "models" / f"tiny-v{VERSION}", "model_index.json",
+                               build)
 
 
 TINY_LORA = "LegoAlrev"  # the seed's LoRA: turns the building into LEGO bricks

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -28,3 +30,23 @@ def remove_stale_temps(folder: Path) -> None:
     """Temp files left by a killed process; their targets were never replaced."""
     for tmp in folder.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+def build_folder(folder: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """``folder``, built by ``build`` into a temp folder and renamed into place, unless its
+    ``marker`` file is already there: a concurrent builder never sees half a folder, and the
+    loser of a race keeps the winner's (identical) folder."""
+    if (folder / marker).exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / marker).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -11,14 +11,12 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
 from sdbatch.models.tokenizer import BOS, EOS, bytes_to_unicode
+from sdbatch.output import atomic
 
 VERSION = "1"  # bump when the files written here change
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -67,21 +65,9 @@ def ensure_clip_tokenizer(pad_token: str = PAD_SD1) -> Path:
     from sdbatch.models.tiny import cache_root
 
     pad_id = _pad_id(pad_token)
-    folder = cache_root() / "tokenizers" / f"clip-bpe-v{VERSION}-pad{pad_id}"
-    if (folder / "tokenizer_config.json").exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".clip-", dir=folder.parent))
-    try:
-        write_clip_tokenizer(tmp, pad_token)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished first; its folder is identical
-            if not (folder / "tokenizer_config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return atomic.build_folder(cache_root() / "tokenizers" / f"clip-bpe-v{VERSION}-pad{pad_id}",
+                               "tokenizer_config.json",
+                               lambda tmp: write_clip_tokenizer(tmp, pad_token))
 
 
 def _pad_id(pad_token: str) -> int:

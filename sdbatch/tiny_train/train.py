@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdbatch.models.tiny import SCHEDULER
+from sdbatch.models.tiny import MODEL_INDEX, SCHEDULER
 from sdbatch.tiny_train import scenes
 from sdbatch.tiny_train.vocab import write_tokenizer
 
@@ -45,17 +45,6 @@ TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_atte
 LORA_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
                      "ff.net.0.proj", "ff.net.2"]
 LORA_TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "scheduler": ["diffusers", "PNDMScheduler"],
-    "safety_checker": [None, None],
-    "feature_extractor": [None, None],
-    "requires_safety_checker": False,
-}
 
 
 @dataclass
