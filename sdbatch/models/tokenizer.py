@@ -32,17 +32,25 @@ def byte_level_vocab() -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
+def write_clip_files(folder: Path, vocab: dict[str, int], merges: list[str],
+                     pad_token: str = EOS) -> None:
+    """vocab.json, merges.txt ("a b" lines) and the configs that CLIPTokenizer loads from,
+    in transformers 4 and 5 alike: every offline tokenizer of sdbatch is written here."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges),
+                                       encoding="utf-8")
+    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+              "do_lower_case": True, **specials}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+
+
 def write_byte_level_tokenizer(folder: Path, pad_token: str = EOS) -> None:
-    """Write vocab.json, merges.txt and the config a CLIPTokenizer loads from, offline.
+    """A CLIP tokenizer with the byte-level vocabulary and no merges.
 
     pad_token is EOS for OpenAI CLIP and "!" for OpenCLIP (SD2, SDXL's second encoder).
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(byte_level_vocab(), ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
-              "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token,
-              "do_lower_case": True}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}, indent=2))
+    write_clip_files(folder, byte_level_vocab(), [], pad_token)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import functools
 import gzip
-import json
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from sdbatch.models.tokenizer import BOS, EOS, bytes_to_unicode
+from sdbatch.models.tokenizer import BOS, EOS, bytes_to_unicode, write_clip_files
 from sdbatch.output import atomic
 
 VERSION = "1"  # bump when the files written here change
@@ -48,16 +47,7 @@ def write_clip_tokenizer(folder: Path, pad_token: str = PAD_SD1) -> None:
     vocab = clip_vocab(merges)
     if pad_token not in vocab:
         raise ValueError(f"pad token {pad_token!r} is not in the CLIP vocabulary")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n",
-                                       encoding="utf-8")
-    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
-              "do_lower_case": True, **specials}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    write_clip_files(folder, vocab, list(merges), pad_token)
 
 
 def ensure_clip_tokenizer(pad_token: str = PAD_SD1) -> Path:

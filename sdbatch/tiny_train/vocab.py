@@ -8,11 +8,10 @@ merges.txt), so transformers' CLIPTokenizer loads them like any SD1.x tokenizer.
 
 from __future__ import annotations
 
-import json
 from itertools import pairwise
 from pathlib import Path
 
-from sdbatch.models.tokenizer import BOS, EOS, bytes_to_unicode
+from sdbatch.models.tokenizer import BOS, EOS, bytes_to_unicode, write_clip_files
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -61,14 +60,5 @@ def vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[tuple[str, 
 def write_tokenizer(folder: Path, words: list[str]) -> dict[str, int]:
     """Write a CLIPTokenizer folder for ``words``; returns its vocabulary."""
     vocab, merges = vocab_and_merges(words)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
-              "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
-              "do_lower_case": True}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}, indent=2))
+    write_clip_files(folder, vocab, [f"{a} {b}" for a, b in merges])
     return vocab
