@@ -83,6 +83,17 @@ def test_legoalrev_look_adds_studs_and_a_baseplate():
     assert not plain.masks["studs"].any() and lego.masks["studs"].sum() > 20
     lawn = plain.masks["lawn"] & lego.masks["lawn"]
     assert lego.image[lawn].std(0).mean() > plain.image[lawn].std(0).mean() + 10
+    assert np.array_equal(lego.masks["baseplate"], lego.masks["lawn"])
+
+
+def test_baseplate_studs_repeat_in_every_8x8_cell():
+    """Each latent pixel of the VAE covers 8x8 pixels; on a fixed grid the studs are one
+    pattern per cell, which an 8x VAE learns to draw (off-grid, it blurs them away)."""
+    for seed in (1, 2, 3):
+        drawn = scenes.draw(scenes.Scene(seed=seed), style="legoalrev")
+        cells = [drawn.image[y:y + 8, x:x + 8] for y in range(48, 64, 8) for x in range(8, 56, 8)
+                 if drawn.masks["baseplate"][y:y + 8, x:x + 8].all()]
+        assert cells and all(np.array_equal(c, cells[0]) for c in cells)
 
 
 def test_scenes_depend_on_the_seed_alone():

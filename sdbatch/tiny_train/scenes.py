@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-VERSION = "1"  # bump when drawing or captions change: a retrain is then due
+VERSION = "2"  # bump when drawing or captions change: a retrain is then due
 
 COLOURS = {  # base look: toy paint, a little muted
     "red": (196, 52, 46), "blue": (48, 88, 198), "yellow": (228, 196, 44),
@@ -115,13 +115,14 @@ def _lawn(img: np.ndarray, horizon: int, scene: Scene, baseplate: bool,
     h, w, _ = img.shape
     k = w / 64
     dark = 0.55 if scene.sky == "night" else 1.0
-    if baseplate:
+    if baseplate:  # studs on a fixed grid: every 8x8 cell the VAE sees holds the same pattern
         img[horizon:] = _shade((0, 150, 44), dark)
-        pitch = max(3, round(4 * k))
+        pitch = max(4, round(4 * k))
         stud = _shade((70, 200, 96), dark)
-        for y in range(horizon + 1, h - 1, pitch):
+        first = -(-(horizon + 1) // pitch) * pitch + 1
+        for y in range(first, h - 1, pitch):
             for x in range(1, w - 1, pitch):
-                img[y:y + max(1, pitch // 2), x:x + max(1, pitch // 2)] = stud
+                img[y:y + pitch // 2, x:x + pitch // 2] = stud
         return
     base = np.array((72, 150, 58), np.float32) + rng.uniform(-12, 12)
     rows = np.arange(h - horizon, dtype=np.float32)[:, None] / max(1, h - horizon)
@@ -236,6 +237,8 @@ def draw(scene: Scene, size: int = 64, style: str = "plain") -> Drawn:
                  roof=roof, studs=studs)
     masks["sky"] &= ~(building | roof | studs)
     masks["lawn"] &= ~(building | roof | studs)
+    if style == "legoalrev":
+        masks["baseplate"] = masks["lawn"].copy()
     return Drawn(img, masks)
 
 
@@ -298,7 +301,7 @@ def vocabulary() -> list[str]:
     return sorted(set(text.split()))
 
 
-DETAIL = ("building", "roof", "windows", "door", "studs")
+DETAIL = ("building", "roof", "windows", "door", "studs", "baseplate")
 
 
 def batch(seed: int, n: int, size: int = 64, style: str = "plain", lego: float = 0.25,
@@ -318,7 +321,8 @@ def batch(seed: int, n: int, size: int = 64, style: str = "plain", lego: float =
     images = np.stack([d.image for d in drawn]) if drawn else \
         np.zeros((0, size, size, 3), np.uint8)
     if details is not None:
-        details += [np.logical_or.reduce([d.masks[k] for k in DETAIL]) for d in drawn]
+        details += [np.logical_or.reduce([d.masks[k] for k in DETAIL if k in d.masks])
+                    for d in drawn]
     texts = ["" if rng.random() < empty else caption(s, rng, trigger, sky_words)
              for s in scenes]
     return images, texts, scenes

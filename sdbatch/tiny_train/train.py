@@ -67,7 +67,7 @@ class Settings:
     vae_detail: float = 3.0  # building pixels count 1 + this much in the L1 term
     vae_kl: float = 1e-4
     vae_logvar_init: float = -8.0  # posterior std e^-4 at the start
-    vae_lego_share: float = 0.2  # LoRA-look images, so the VAE can draw them too
+    vae_lego_share: float = 0.4  # LoRA-look images, so the VAE can draw them too
     # UNet + text encoder, jointly, epsilon prediction with min-SNR weighting
     pool: int = 24576  # scenes encoded once to latents; captions redrawn every use
     unet_batch: int = 64
@@ -648,20 +648,20 @@ def sample_sheet(out: Path, settings: Settings, report: dict, lora: Path | None,
     seeds = [1, 2, 3, 4]
     rows, labels = [], []
     for prompt in SAMPLE_PROMPTS[:6]:
-        rows.append(render(pipe, [prompt] * len(seeds), 0))
+        rows.append(render(pipe, [prompt] * len(seeds), seeds[0]))
         labels.append(prompt)
     if lora is not None:
         pipe.load_lora_weights(str(lora), adapter_name="lego")
         for weight in (0.0, 1.0):
             pipe.set_adapters(["lego"], adapter_weights=[weight])
             for prompt in SAMPLE_PROMPTS[6:]:
-                rows.append(render(pipe, [prompt] * len(seeds), 0))
+                rows.append(render(pipe, [prompt] * len(seeds), seeds[0]))
                 labels.append(f"<lora:{settings.trigger}:{weight:g}> {prompt}")
         pipe.unload_lora_weights()
     if embedding is not None:
         pipe.load_textual_inversion(str(embedding))
         for prompt in ("a red building, lawn", f"a red building, lawn, {settings.ti_name}"):
-            rows.append(render(pipe, [prompt] * len(seeds), 0))
+            rows.append(render(pipe, [prompt] * len(seeds), seeds[0]))
             labels.append(prompt)
     sheet = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
     Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2),
