@@ -28,9 +28,9 @@ def sdbatch_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_spec(sdbatch_cache):
     from sdbatch.models.stack import StackSpec
-    from sdbatch.models.tiny import ensure
+    from sdbatch.models.tiny import model_folder
 
-    return StackSpec("tiny", ensure(), "auto")
+    return StackSpec("tiny", model_folder(), "auto")
 
 
 @pytest.fixture(scope="session")

@@ -191,7 +191,7 @@ def test_lego_building_end_to_end(tmp_path: Path):
                      "00003-5678.png", "00004-5678.png", "00005-5678.png"]
     params = parse_infotext(png.read_text(run_dir / "images" / names[4])["parameters"])[2]
     assert params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras"
-    assert params["CFG scale"] == "7" and params["Size"] == "512x512"
+    assert params["CFG scale"] == "7" and params["Size"] == "64x64"
 
 
 def test_quiet_mode_prints_no_bars(tmp_path: Path):

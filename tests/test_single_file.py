@@ -217,8 +217,9 @@ def tiny_sd(tmp_path_factory, tiny_spec):
     from diffusers import StableDiffusionPipeline
 
     folder = tmp_path_factory.mktemp("tiny-sd")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        tiny_spec.path, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(  # the family ships fp16; renders in fp32
+        tiny_spec.path, dtype=torch.float32, local_files_only=True, safety_checker=None,
+        requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return SimpleNamespace(pipe=pipe, config=config_only(tiny_spec.path, folder / "config"),
                            file=ldm_export.save_single_file(pipe, folder / "tiny.safetensors"),

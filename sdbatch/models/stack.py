@@ -21,7 +21,7 @@ from sdbatch.models.single_file import ModelFileError, load_single_file, load_va
 from sdbatch.prompts.parser import extract_extra_networks
 from sdbatch.schema import Job, Model, Paths, Problem
 
-EMBEDDED = {"tiny": tiny.ensure}
+EMBEDDED = {"tiny": tiny.model_folder}
 
 
 @dataclass(frozen=True)
