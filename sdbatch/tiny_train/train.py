@@ -284,6 +284,12 @@ class Diffusion:
         mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         return (self.weight[t] * mse).mean()
 
+    def caption_loss(self, unet, te, tokenizer, latents: torch.Tensor, texts: list[str],
+                     gen: torch.Generator) -> torch.Tensor:
+        """The loss on ``latents`` with their captions encoded by ``te``: every part that
+        trains on captions (UNet + text encoder, LoRA, embedding) steps through here."""
+        return self.loss(unet, latents, te(token_ids(tokenizer, texts)).last_hidden_state, gen)
+
 
 def train_unet(settings: Settings, clock: Clock, report: dict, vae, tokenizer, vocab):
     from diffusers import UNet2DConditionModel
@@ -323,8 +329,7 @@ def train_unet(settings: Settings, clock: Clock, report: dict, vae, tokenizer, v
                  for j in idx]
         for g in opt.param_groups:
             g["lr"] = g["base"] * lr_factor(i, total, settings.warmup)
-        cond = te(token_ids(tokenizer, texts)).last_hidden_state
-        loss = diffusion.loss(unet, pool[idx], cond, gen)
+        loss = diffusion.caption_loss(unet, te, tokenizer, pool[idx], texts, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(both.parameters(), 1.0)
@@ -481,8 +486,7 @@ def train_lora(settings: Settings, clock: Clock, report: dict, folder: Path, out
         texts = [scenes.caption(pool_scenes[j], rng, trigger=settings.trigger) for j in idx]
         for g in opt.param_groups:
             g["lr"] = settings.lora_lr * lr_factor(i, total, min(settings.warmup, 50))
-        cond = te(token_ids(tokenizer, texts)).last_hidden_state
-        loss = diffusion.loss(unet, pool[idx], cond, gen)
+        loss = diffusion.caption_loss(unet, te, tokenizer, pool[idx], texts, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -563,8 +567,7 @@ def train_ti(settings: Settings, clock: Clock, report: dict, folder: Path, out: 
             texts.append(f"{word}, {text}" if rng.random() < 0.3 else f"{text}, {word}")
         for g in opt.param_groups:
             g["lr"] = settings.ti_lr * lr_factor(i, total, min(settings.warmup, 20))
-        cond = te(token_ids(tokenizer, texts)).last_hidden_state
-        loss = diffusion.loss(unet, pool[idx], cond, gen)
+        loss = diffusion.caption_loss(unet, te, tokenizer, pool[idx], texts, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         table.grad.masked_fill_(keep, 0)
