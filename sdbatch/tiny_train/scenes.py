@@ -237,8 +237,7 @@ def draw(scene: Scene, size: int = 64, style: str = "plain") -> Drawn:
                  roof=roof, studs=studs)
     masks["sky"] &= ~(building | roof | studs)
     masks["lawn"] &= ~(building | roof | studs)
-    if style == "legoalrev":
-        masks["baseplate"] = masks["lawn"].copy()
+    masks["baseplate"] = masks["lawn"] if style == "legoalrev" else np.zeros_like(masks["lawn"])
     return Drawn(img, masks)
 
 
@@ -321,8 +320,7 @@ def batch(seed: int, n: int, size: int = 64, style: str = "plain", lego: float =
     images = np.stack([d.image for d in drawn]) if drawn else \
         np.zeros((0, size, size, 3), np.uint8)
     if details is not None:
-        details += [np.logical_or.reduce([d.masks[k] for k in DETAIL if k in d.masks])
-                    for d in drawn]
+        details += [np.logical_or.reduce([d.masks[k] for k in DETAIL]) for d in drawn]
     texts = ["" if rng.random() < empty else caption(s, rng, trigger, sky_words)
              for s in scenes]
     return images, texts, scenes
