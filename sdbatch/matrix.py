@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdbatch import samplers, schema
+from sdbatch import sampler_names, schema
 from sdbatch.prompts.dynamic import DynamicPrompts
 from sdbatch.prompts.parser import extract_extra_networks
 from sdbatch.schema import Job
@@ -137,7 +137,7 @@ def expand(job: Job) -> list[Render]:
         if seed == -1 or subseed == -1:
             raise ValueError("expand() needs resolved seeds: call resolve_seeds() first")
         strength = values["params.subseed_strength"]
-        sampler, schedule_type = samplers.split(values["params.sampler"],
+        sampler, schedule_type = sampler_names.split(values["params.sampler"],
                                                 values["params.schedule_type"])
         for i in range(per_cell):
             # the WebUI: with a variation strength the seed stays and the subseed counts up

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union
 
-from sdbatch import samplers
+from sdbatch import sampler_names
 from sdbatch.output.filenames import check_pattern
 
 T = TypeVar("T")
@@ -76,8 +76,8 @@ class JobInfo:
 class Params:
     """Generation parameters, in the WebUI's words and with its UI defaults."""
 
-    sampler: Axis[str] = spec("DPM++ 2M", samplers.check_sampler)
-    schedule_type: Axis[str] = spec("Automatic", samplers.check_schedule_type)
+    sampler: Axis[str] = spec("DPM++ 2M", sampler_names.check_sampler)
+    schedule_type: Axis[str] = spec("Automatic", sampler_names.check_schedule_type)
     steps: Axis[int] = spec(20, _range(1, 1000))
     cfg_scale: Axis[float] = spec(7.0, _range(0, 100))
     seed: Axis[int] = spec(-1, _seed)
@@ -207,6 +207,20 @@ def axes() -> dict[str, str]:
     return out
 
 
+def knows(key: str) -> bool:
+    """Whether a dotted key is one of the schema's (or lies inside a list or mapping value of
+    one), so that a command-line override of anything else is reported like a file's key."""
+    cls: Any = Job
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return True
+        hints = _hints(cls)
+        if part not in hints:
+            return False
+        cls = hints[part]
+    return True
+
+
 def get(job: Job, key: str) -> Any:
     """The value at a dotted key."""
     obj: Any = job
@@ -266,7 +280,7 @@ def _check_sampler_pairs(job: Job, origin: Origin) -> list[Problem]:
     """Each sampler with each schedule type of the grid (zipped pairs are a subset)."""
     problems = []
     if job.params.eta is not None:
-        others = [s for s in _values(job.params.sampler) if samplers.split(s)[0] != "DDIM"]
+        others = [s for s in _values(job.params.sampler) if sampler_names.split(s)[0] != "DDIM"]
         if others:
             problems.append(Problem("params.eta", f"eta applies to DDIM only (diffusers' other "
                                     f"samplers take none), not to {', '.join(others)}",
@@ -274,8 +288,8 @@ def _check_sampler_pairs(job: Job, origin: Origin) -> list[Problem]:
     for name in dict.fromkeys(_values(job.params.sampler)):
         for schedule in dict.fromkeys(_values(job.params.schedule_type)):
             try:
-                samplers.split(name, schedule)
-            except samplers.SamplerError as e:
+                sampler_names.split(name, schedule)
+            except sampler_names.SamplerError as e:
                 problems.append(Problem("params.sampler", str(e), origin("params.sampler")))
     return problems
 
