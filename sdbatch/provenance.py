@@ -37,7 +37,8 @@ class Origins:
     """origin(key) -> 'command line: params.seed=[1,2]' or the file that set the key."""
 
     def __init__(self, overrides: list[str], choices: dict[str, str | None]):
-        self.overrides = overrides
+        # a group choice (+job=NAME, model=sd15) sets no key itself: the file it picks does
+        self.overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in choices]
         self.sources: list[tuple[str, str, dict]] = []  # (label, key prefix, raw yaml)
         job = choices.get("job")
         if job:

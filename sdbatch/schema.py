@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union
 
 from sdbatch import sampler_names
-from sdbatch.output.filenames import check_pattern
+from sdbatch.output.filenames import RESERVED, check_pattern
 
 T = TypeVar("T")
 Axis = Union[T, tuple[T, ...]]  # noqa: UP007 - a value, or a list of values: a grid axis
@@ -67,9 +67,27 @@ def spec(default: Any = dataclasses.MISSING, check: Callable | None = None, **kw
     return field(metadata={"check": check}, **kw)
 
 
+def _folder_name(v: str) -> str | None:
+    """A job name is one plain folder under outputs/ on every system: no path, nothing
+    Windows refuses (trailing dots or spaces, CON, NUL...)."""
+    bad = sorted({c for c in v if not (c.isalnum() or c in "-_. ")})
+    fix = "use letters, digits, '-', '_', '.' and spaces"
+    if bad:
+        return f"must be a plain folder name, got {v!r} (it has {' '.join(bad)}): {fix}"
+    if not v.strip(" ."):
+        return f"must be a plain folder name, got {v!r}: {fix}"
+    if v != v.strip(" ."):
+        return f"must not begin or end with a space or a dot, got {v!r}"
+    if v.split(".")[0].upper() in RESERVED:
+        return f"{v!r} is a name Windows reserves for a device; choose another"
+    if len(v) > 100:
+        return f"must be at most 100 characters, got {len(v)}"
+    return None
+
+
 @dataclass(frozen=True)
 class JobInfo:
-    name: str = spec("sdbatch")
+    name: str = spec("sdbatch", _folder_name)  # outputs/<name>/: one folder, never a path
 
 
 @dataclass(frozen=True)

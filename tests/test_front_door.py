@@ -10,19 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, write_job
+from .conftest import REPO, sdbatch, write_job
 
 OK = "# @package _global_\nprompt: hi\n"
 
 
-def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """The CLI of this checkout (not an installed one), run in ``cwd`` as a user would."""
-    return subprocess.run([sys.executable, "-m", "sdbatch", *args], cwd=cwd, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-
-
 def refused(tmp_path: Path, *args: str) -> str:
-    proc = cli(tmp_path, *args)
+    proc = sdbatch(tmp_path, *args, check=False)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
     assert not (tmp_path / "outputs").exists()
@@ -72,9 +66,10 @@ def test_a_missing_job_lists_the_jobs_there(tmp_path: Path):
                                       "params.width=100", "job.name=../x"])
 def test_checking_a_bad_job_imports_neither_torch_nor_diffusers(tmp_path: Path, override):
     write_job(tmp_path, "ok", OK)
-    probe = ("import sys\nsys.argv = ['sdbatch', '+job=ok', %r]\nfrom sdbatch.cli import main\n"
+    probe = (f"import sys\nsys.argv = ['sdbatch', '+job=ok', {override!r}]\n"
+             "from sdbatch.cli import main\n"
              "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
-             "print(code, 'torch' in sys.modules, 'diffusers' in sys.modules)\n" % override)
+             "print(code, 'torch' in sys.modules, 'diffusers' in sys.modules)\n")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.stdout.split() == ["2", "False", "False"], proc.stderr
