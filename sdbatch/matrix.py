@@ -155,8 +155,10 @@ def expand(job: Job) -> list[Render]:
                 cfg_scale=values["params.cfg_scale"], seed=image_seed,
                 width=values["params.width"], height=values["params.height"],
                 clip_skip=values["params.clip_skip"], subseed=image_subseed,
-                subseed_strength=strength, seed_resize_from_w=p.seed_resize_from_w,
-                seed_resize_from_h=p.seed_resize_from_h, eta=p.eta, ensd=p.ensd,
+                subseed_strength=strength,
+                seed_resize_from_w=values["params.seed_resize_from_w"],
+                seed_resize_from_h=values["params.seed_resize_from_h"],
+                eta=values["params.eta"], ensd=values["params.ensd"],
                 loras=loras, hypernetworks=hypernets,
             ))
     return renders

@@ -104,10 +104,10 @@ class Params:
     clip_skip: Axis[int] = spec(1, _range(1, 12))
     subseed: Axis[int] = spec(-1, _seed)  # the variation seed
     subseed_strength: Axis[float] = spec(0.0, _range(0, 1))
-    seed_resize_from_w: int = spec(0, _range(0))  # 0 = off; noise as if drawn at this size
-    seed_resize_from_h: int = spec(0, _range(0))
-    eta: float | None = spec(None, _range(0, 1))  # DDIM's eta (diffusers' other samplers have none)
-    ensd: int = spec(0, _range(0))  # eta noise seed delta: later noise from seed + ensd
+    seed_resize_from_w: Axis[int] = spec(0, _range(0))  # 0 = off; noise as if drawn at this size
+    seed_resize_from_h: Axis[int] = spec(0, _range(0))
+    eta: Axis[float] | None = spec(None, _range(0, 1))  # DDIM's (diffusers' others take none)
+    ensd: Axis[int] = spec(0, _range(0))  # eta noise seed delta: later noise from seed + ensd
     batch_size: int = spec(1, _range(1, 64))
     batch_count: int = spec(1, _range(1, 100000))
 
@@ -297,7 +297,7 @@ def _check_zip(job: Job, origin: Origin) -> list[Problem]:
 def _check_sampler_pairs(job: Job, origin: Origin) -> list[Problem]:
     """Each sampler with each schedule type of the grid (zipped pairs are a subset)."""
     problems = []
-    if job.params.eta is not None:
+    if any(e is not None for e in _values(job.params.eta)):
         others = [s for s in _values(job.params.sampler) if sampler_names.split(s)[0] != "DDIM"]
         if others:
             problems.append(Problem("params.eta", f"eta applies to DDIM only (diffusers' other "
@@ -321,9 +321,9 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _axis_type(tp: Any) -> Any:
-    """The element type if ``tp`` is Axis[X], else None."""
+    """The element type if ``tp`` is Axis[X] (or Axis[X] | None), else None."""
     if typing.get_origin(tp) in (Union, types.UnionType):
-        args = typing.get_args(tp)
+        args = tuple(a for a in typing.get_args(tp) if a is not type(None))
         if len(args) == 2 and typing.get_origin(args[1]) is tuple and \
                 typing.get_args(args[1]) == (args[0], Ellipsis):
             return args[0]
@@ -379,6 +379,8 @@ def _coerce(v: Any, tp: Any, key: str, problems: list[Problem], origin: Origin) 
     if dataclasses.is_dataclass(tp):
         return _build(tp, v, f"{key}.", problems, origin)
     element = _axis_type(tp)
+    if element is not None and v is None and type(None) in typing.get_args(tp):
+        return None
     if element is not None:
         if isinstance(v, list | tuple):
             if not v:

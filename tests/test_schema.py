@@ -138,3 +138,11 @@ def test_cli_refuses_a_job_name_that_leaves_outputs(tmp_path: Path):
     proc = sdbatch(inner, "+job=esc", check=False)
     assert proc.returncode == 2 and "job.name (jobs/esc.yaml)" in proc.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "esc.yaml", "jobs"]
+
+
+def test_eta_as_a_list_still_applies_to_ddim_only():
+    assert validate({"params": {"sampler": "DDIM", "eta": [0, 1]}}).params.eta == (0.0, 1.0)
+    [p] = problems({"params": {"sampler": ["DDIM", "Euler"], "eta": [0, 0.5]}})
+    assert "params.eta" in p and "DDIM only" in p and "Euler" in p
+    [p] = problems({"params": {"sampler": "DDIM", "eta": [0.5, 2]}})
+    assert "params.eta" in p and "at most 1" in p
