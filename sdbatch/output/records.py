@@ -43,6 +43,14 @@ def _hash_list(entries) -> str | None:
     return ", ".join(f"{n.replace(':', '').replace(',', '')}: {h}" for n, h in entries) or None
 
 
+def _embedding_hashes(render: Render, spec: StackSpec) -> list[tuple[str, str]]:
+    """(trigger, TI hash) of each embedding the image triggers."""
+    from sdbatch.models.embeddings import ti_hash
+
+    files = {names.stem(path.name): path for path in spec.embeddings}
+    return [(n, ti_hash(files[n])) for n in render.embeddings if n in files]
+
+
 def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> str:
     """The WebUI's infotext, key by key in the order of its create_infotext
     (modules/processing.py, v1.10), extra generation parameters in the order the WebUI adds
@@ -50,16 +58,13 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
     are encoded, Eta DDIM when sampling starts). Hypernetworks are named only by their
     tags: the WebUI writes no Hypernet keys, and on paste it turns a "Hypernet" key into a
     second tag."""
-    from sdbatch.models.embeddings import ti_hash
-
     stage = calls[0].params
     prompt = infotext_prompt(render)
     lora_hash = {names.stem(name): digest for name, _, digest in stage["loras"]}
     loras = {tag.name: lora_hash[names.stem(tag.name)]
              for tag in extract_extra_networks(prompt)[1]
              if tag.kind == "lora" and names.stem(tag.name) in lora_hash}
-    files = {names.stem(path.name): path for path in spec.embeddings}
-    embeddings = [(n, ti_hash(files[n])) for n in render.embeddings if n in files]
+    embeddings = _embedding_hashes(render, spec)
     params = {
         "Steps": render.steps,
         "Sampler": render.sampler,
@@ -94,7 +99,9 @@ def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> dic
     return {
         "params": render.params(),
         "model": {"name": spec.name, "hash": spec.model_hash, "dtype": spec.dtype,
-                  "vae": spec.vae_hash},
+                  "vae": spec.vae_hash, "loras": calls[0].params["loras"],
+                  "hypernetworks": calls[0].params["hypernetworks"],
+                  "embeddings": dict(_embedding_hashes(render, spec))},
         "stages": [{"kind": c.kind, "key": c.key} for c in calls],
     }
 
