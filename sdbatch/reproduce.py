@@ -26,8 +26,12 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
     data = png.read_recipe(image)
     label = f"the recipe in {image}"
     job = schema.validate(data["job"], lambda key: label)
-    renders = matrix.expand(job)
     index = data["index"]
+    recorded_params = data["recipe"]["params"]
+    # the prompts as rendered: a random dynamic prompt is not picked again (its wildcard
+    # files need not exist any more)
+    renders = matrix.expand(job, {index: (recorded_params["prompt"],
+                                          recorded_params["negative_prompt"])})
     checkpoint = renders[index].checkpoint
     spec, problems = stacks.resolve(job.model, job.paths, checkpoint, lambda key: label)
     if problems:
@@ -36,11 +40,12 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
     if spec.model_hash != recorded:
         print(f"note: model {spec.name} now hashes to {spec.model_hash}, the image was made "
               f"with {recorded}: expect different pixels")
-    specs = {checkpoint: spec}
     mine = [r for r in renders if r.checkpoint == checkpoint]
     networks, problems = stacks.resolve_networks(job, mine, lambda key: label)
     if problems:
         raise JobError(problems)
+    spec = stacks.with_embeddings({checkpoint: spec}, mine, job)[checkpoint]
+    specs = {checkpoint: spec}
     plan = make_plan(mine, {checkpoint: spec.identity}, job.params.batch_size,
                      {k: f.hash for k, f in networks.items()})
     batch = next(b for b in plan.batches if any(r.index == index for r in b.renders))

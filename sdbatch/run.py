@@ -128,6 +128,7 @@ def prepare(job: Job, origin: Origin) -> Prepared:
              for r in renders}
     networks, network_problems = stacks.resolve_networks(normal, renders, origin)
     problems += network_problems
+    specs = stacks.with_embeddings(specs, renders, normal)
     repeated = [n for n, c in Counter(names.values()).items() if c > 1]
     if repeated:
         problems.append(Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "

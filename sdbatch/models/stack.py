@@ -7,6 +7,7 @@ key. Loading happens later, once per stack, through a least-recently-used cache.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -147,6 +148,25 @@ def resolve_networks(job: Job, renders, origin=lambda key: "the job"
                                         f"encoder {te} and the UNet {unet}: sdbatch applies one "
                                         "weight to both; give one number", origin("prompt")))
     return files, problems
+
+
+def with_embeddings(specs: dict[str, StackSpec | None], renders, job: Job
+                    ) -> dict[str, StackSpec | None]:
+    """Each checkpoint's spec holding exactly the embeddings its renders trigger (as the
+    WebUI, every file under embeddings/ may; model.embeddings adds files from elsewhere):
+    only those are loaded and hashed, and their hashes are part of the stack's identity, so
+    the content keys of a resumed run follow them."""
+    found = names.embeddings_in(_roots(job))
+    out: dict[str, StackSpec | None] = {}
+    for checkpoint, spec in specs.items():
+        if spec is None:
+            out[checkpoint] = None
+            continue
+        files = {**found, **{names.stem(p.name): p for p in spec.embeddings}}
+        used = dict.fromkeys(n for r in renders if r.checkpoint == checkpoint
+                             for n in r.embeddings)
+        out[checkpoint] = dataclasses.replace(spec, embeddings=tuple(files[n] for n in used))
+    return out
 
 
 def _roots(job: Job) -> list[Path | None]:
