@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from sdbatch import run as runner
 from sdbatch.executors import local
+from sdbatch.models.stack import pick_device
 from sdbatch.output import png
 from sdbatch.output.infotext import parse_infotext
 from sdbatch.schema import validate
@@ -43,17 +45,24 @@ def test_run_folder_layout_and_metadata(tmp_path: Path):
     assert run_job(SMALL, tmp_path / "r") == 0
     r = tmp_path / "r"
     assert {p.name for p in r.iterdir()} == {"config.yaml", "overrides.yaml", "manifest.jsonl",
-                                             "run.json", "images"}
+                                             "run.json", "images", "run.lock"}
     info = json.loads((r / "run.json").read_text())
     assert info["status"] == "complete" and info["counts"]["rendered"] == 4
     assert set(info["versions"]) >= {"python", "torch", "diffusers", "transformers"}
-    assert info["device"] == "cpu" and info["started"] and info["ended"]
+    device = pick_device("auto")  # where this machine renders: cpu, or cuda where there is one
+    assert info["device"] == device.type and info["started"] and info["ended"]
+    assert info["dtype"] == ("float16" if device.type == "cuda" else "float32")
+    assert info["threads"] == torch.get_num_threads()
+    assert info["made_of"]["models"]["tiny"]["device"] == device.type
     entries = [json.loads(x) for x in (r / "manifest.jsonl").read_text().splitlines()]
     assert [e["index"] for e in entries] == [0, 1, 2, 3]
     first = entries[0]
     assert first["file"] == "images/00000-11.png" and first["seed"] == 11
     assert first["recipe"]["params"]["sampler"] == "Euler a" and first["status"] == "ok"
     assert first["recipe"]["model"]["name"] == "tiny" and first["stack"]
+    assert first["recipe"]["device"] == {"device": device.type, "threads": info["threads"],
+                                         "device_name": info["device_name"]}
+    assert first["recipe"]["model"]["dtype"] == info["dtype"]
     assert first["timings"]["render_s"] > 0
     config = yaml.safe_load((r / "config.yaml").read_text())
     assert config["params"]["cfg_scale"] == [5.0, 7.0]
@@ -118,7 +127,7 @@ def test_a_failing_batch_never_loses_the_others(tmp_path: Path, monkeypatch):
 
 def test_a_run_folder_of_another_job_is_refused(tmp_path: Path):
     run_job(SMALL, tmp_path / "r")
-    with pytest.raises(runner.JobError, match="different job.*params.steps"):
+    with pytest.raises(runner.JobError, match="changed in params.steps"):
         run_job({**SMALL, "params": {**SMALL["params"], "steps": 5}}, tmp_path / "r")
 
 
