@@ -6,6 +6,7 @@ by another job) is checked before the run folder is made or any model is loaded.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -201,7 +202,8 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
     if stale:
         i = stale[0]
         what = (differences(entries[i].get("recipe", {}).get("params", {}),
-                            by_index[i].params()) if i in by_index else ["not in this job"])
+                            json.loads(json.dumps(by_index[i].params())))
+                if i in by_index else ["not in this job"])
         problems.append(_refusal(path, f"{len(stale)} image(s) there would come out "
                                  f"differently (image {i:05d}: "
                                  f"{', '.join(what) or 'its model stack'})", origin))
