@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -131,27 +130,52 @@ def test_a_run_folder_of_another_job_is_refused(tmp_path: Path):
         run_job({**SMALL, "params": {**SMALL["params"], "steps": 5}}, tmp_path / "r")
 
 
-MANY_JOB = SMALL_JOB.replace("seed: 11", "seed: [1, 2, 3, 4, 5, 6]").replace(
-    "steps: 4", "steps: 12")
+MANY_JOB = SMALL_JOB.replace("seed: 11", "seed: [1, 2, 3]")  # 12 images, one per batch
+
+# Runs the CLI with a hook at a chosen image: the moment a test stops a run is exact.
+STOP_AT = """import os, signal, sys
+sys.path.insert(0, {repo!r})
+from sdbatch.executors import local
+from sdbatch.output.run_folder import RunFolder
+n, how = int(sys.argv.pop(1)), sys.argv.pop(1)
+if how == "kill":  # kill -9 as image n (0-based) is about to be written
+    write, count = RunFolder.write_image, []
+    def write_image(self, *a):
+        count.append(1)
+        if len(count) == n + 1:
+            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+        return write(self, *a)
+    RunFolder.write_image = write_image
+else:  # Ctrl-C while batch n (1-based) is rendered
+    stage, count = local.STAGES["txt2img"], []
+    def txt2img(*a, **k):
+        count.append(1)
+        if len(count) == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return stage(*a, **k)
+    local.STAGES["txt2img"] = txt2img
+from sdbatch.cli import main
+main()
+"""
+
+
+def stop_at(tmp_path: Path, n: int, how: str, *args: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "stop_at.py"
+    script.write_text(STOP_AT.format(repo=str(Path(__file__).resolve().parents[1])))
+    return subprocess.run([sys.executable, str(script), str(n), how, *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_killed_run_resumes_to_the_same_bytes(tmp_path: Path):
     write_job(tmp_path, "small", MANY_JOB)
     sdbatch(tmp_path, "+job=small", "run.dir=full")
-    proc = subprocess.Popen([sys.executable, "-m", "sdbatch", "+job=small", "run.dir=killed"],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = stop_at(tmp_path, 5, "kill", "+job=small", "run.dir=killed")
+    assert proc.returncode == -getattr(signal, "SIGKILL", signal.SIGTERM), proc.stderr
     manifest = tmp_path / "killed" / "manifest.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if manifest.exists() and len(manifest.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    written = len(manifest.read_text().splitlines())
-    assert 3 <= written < 24, "kill the run part-way"
+    assert len(manifest.read_text().splitlines()) == 5
     out = sdbatch(tmp_path, "resume", "killed").stdout
-    assert f"{written} already there" in out or "already there" in out
+    assert "resuming: 5 already there, 7 to render" in out
+    assert "complete: 7 rendered, 5 already there" in out
     assert shas(tmp_path / "killed") == shas(tmp_path / "full")
     files = sorted(p.name for p in (tmp_path / "killed/images").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "full/images").iterdir())
@@ -159,20 +183,16 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path: Path):
 
 def test_ctrl_c_stops_after_the_batch_and_says_how_to_resume(tmp_path: Path):
     write_job(tmp_path, "small", MANY_JOB)
-    proc = subprocess.Popen([sys.executable, "-m", "sdbatch", "+job=small", "run.dir=r"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    manifest = tmp_path / "r" / "manifest.jsonl"
-    while not manifest.exists() or not manifest.read_text():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == runner.EXIT_INTERRUPTED, err
-    assert "sdbatch resume r" in out
+    proc = stop_at(tmp_path, 3, "sigint", "+job=small", "run.dir=r")
+    assert proc.returncode == runner.EXIT_INTERRUPTED, proc.stderr
+    assert "stopping after the current batch" in proc.stderr
+    assert "interrupted: 3 rendered" in proc.stdout and "sdbatch resume r" in proc.stdout
     info = json.loads((tmp_path / "r/run.json").read_text())
-    assert info["status"] == "interrupted"
-    sdbatch(tmp_path, "+job=small", "run.dir=r")  # re-running the job resumes too
-    assert len(shas(tmp_path / "r")) == 24
+    assert info["status"] == "interrupted" and info["counts"]["rendered"] == 3
+    assert len(shas(tmp_path / "r")) == 3
+    out = sdbatch(tmp_path, "+job=small", "run.dir=r").stdout  # re-running the job resumes
+    assert "complete: 9 rendered, 3 already there" in out
+    assert len(shas(tmp_path / "r")) == 12
 
 
 def test_reproduce_matches_bytes(tmp_path: Path):
@@ -210,5 +230,30 @@ def test_quiet_mode_prints_no_bars(tmp_path: Path):
     assert "complete: 4 rendered" in proc.stdout
 
 
-def test_env_stays_offline():
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+NO_NETWORK = """import socket, sys
+sys.path.insert(0, {repo!r})
+def refuse(*a, **k):
+    sys.stderr.write("NETWORK ATTEMPT %r\\n" % (a,))
+    raise OSError("network is off in this test")
+socket.socket.connect = socket.socket.connect_ex = refuse
+socket.create_connection = socket.getaddrinfo = refuse
+from sdbatch.cli import main
+main()
+"""
+
+
+def test_a_job_runs_with_no_network_and_no_offline_setting(tmp_path: Path):
+    """Nothing is downloaded: with the Hugging Face offline switches unset and every socket
+    refused, the job runs and nothing even tries to connect."""
+    write_job(tmp_path, "small", SMALL_JOB.replace('["a red house", "a blue tower"]',
+                                                   '"a red house"').replace("[5, 7]", "5"))
+    script = tmp_path / "no_network.py"
+    script.write_text(NO_NETWORK.format(repo=str(Path(__file__).resolve().parents[1])))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE",
+                                                             "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache: nothing to fall back on
+    proc = subprocess.run([sys.executable, str(script), "+job=small", "run.dir=r"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "NETWORK ATTEMPT" not in proc.stderr
+    assert len(shas(tmp_path / "r")) == 1
