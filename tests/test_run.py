@@ -207,6 +207,26 @@ def test_reproduce_matches_bytes(tmp_path: Path):
     assert proc.returncode == 1 and "does not match" in proc.stdout
 
 
+def test_reproduce_on_another_device_compares_within_tolerance(tmp_path: Path):
+    """An image said to be made elsewhere: reproduce says so, and accepts pixels within the
+    stated tolerance (not bytes); a different picture still fails."""
+    run_job({**SMALL, "prompt": "a red house", "params": {**SMALL["params"], "cfg_scale": 7}},
+            tmp_path / "r")
+    [image] = (tmp_path / "r/images").glob("*.png")
+    recipe = png.read_recipe(image)
+    recipe["recipe"]["device"]["device_name"] = "another-chip"
+    text = png.read_text(image)["parameters"]
+    pixels = np.asarray(Image.open(image)).copy()
+    pixels[::2] = np.clip(pixels[::2].astype(int) + 3, 0, 255)  # mean 1.5 levels off
+    image.write_bytes(png.encode(Image.fromarray(pixels), text, recipe))
+    proc = sdbatch(tmp_path, "reproduce", str(image))
+    assert "was made on cpu (another-chip)" in proc.stdout
+    assert "reproduced within tolerance on another device" in proc.stdout
+    image.write_bytes(png.encode(Image.new("RGB", (64, 64)), text, recipe))
+    proc = sdbatch(tmp_path, "reproduce", str(image), check=False)
+    assert proc.returncode == 1 and "does not match" in proc.stdout
+
+
 def test_lego_building_end_to_end(tmp_path: Path):
     """The README's main command, on the shipped job, as a user runs it."""
     (tmp_path / "jobs").mkdir()
