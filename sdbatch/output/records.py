@@ -95,13 +95,17 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
 
 
 def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> dict[str, Any]:
-    """Everything that made this image, as data."""
+    """Everything that made this image, as data; `device` says where (device, its name,
+    torch's thread count), which `sdbatch reproduce` needs to match bytes."""
+    from sdbatch.models.stack import machine
+
     return {
         "params": render.params(),
-        "model": {"name": spec.name, "hash": spec.model_hash, "dtype": spec.dtype,
+        "model": {"name": spec.name, "hash": spec.model_hash, "dtype": spec.record["dtype"],
                   "vae": spec.vae_hash, "loras": calls[0].params["loras"],
                   "hypernetworks": calls[0].params["hypernetworks"],
                   "embeddings": dict(_embedding_hashes(render, spec))},
+        "device": machine(spec.torch_device),
         "stages": [{"kind": c.kind, "key": c.key} for c in calls],
     }
 
