@@ -161,3 +161,24 @@ def test_and_parts_get_their_own_rows(tiny_stack, monkeypatch):
     monkeypatch.setattr(pipe.unet, "forward", spy)
     txt2img.run(tiny_stack, (render(prompt="a AND b AND c", negative_prompt="x AND y"),))
     assert set(batches) == {4}  # one negative (AND is a word there, as in the WebUI) + 3 parts
+
+
+def test_sampling_can_start_part_way_from_init_latents(tiny_stack):
+    """The img2img hook: start_step skips steps (Heun: 2 calls for each later step) and
+    noises init_latents to where sampling starts; progress counts on from there."""
+    from sdbatch import sampling
+
+    scheduler = samplers.make_scheduler(tiny_stack.scheduler_config, "Heun", "Automatic")
+    timeline = txt2img.Timeline(tiny_stack.pipe, render(), 2, tiny_stack.device,
+                                tiny_stack.dtype)
+    calls, steps = [], []
+
+    def conditioning(call):
+        calls.append(call)
+        return txt2img.batch_conditioning([timeline], call, None)
+
+    init = torch.zeros(1, 4, 8, 8)
+    sampling.sample(tiny_stack.pipe.unet, scheduler, noise.randn(1, (1, 4, 8, 8)), 4,
+                    conditioning, 5.0, start_step=2, init_latents=init,
+                    on_step=lambda done, total: steps.append(done))
+    assert calls == [3, 4, 5, 6] and steps == [3, 4]
