@@ -40,6 +40,15 @@ def test_seed_resize_keeps_the_composition_centred():
     assert smaller.equal(small[:, 2:6, 2:6])
 
 
+def test_seed_resize_shrinking_by_an_odd_amount_keeps_the_webuis_last_column():
+    """From 11x9 latents to 8x8: the WebUI offsets by floor(-3 / 2) = -2 and -1, pastes
+    11 - 4 = 7 columns and 9 - 2 = 7 rows, and the last row and column stay the target's."""
+    noise, target = randn(1, (1, 9, 11)), randn(2, (1, 8, 8))
+    out = paste_centered(noise, target)
+    assert out[:, :7, :7].equal(noise[:, 1:8, 2:9])
+    assert out[:, 7, :].equal(target[:, 7, :]) and out[:, :, 7].equal(target[:, :, 7])
+
+
 def test_paste_centered_odd_sizes():
     out = paste_centered(torch.ones(1, 3, 3), torch.zeros(1, 6, 6))
     assert out.sum() == 9 and out[0, 1:4, 1:4].sum() == 9
