@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from sdbatch import sampler_names, schema
+from sdbatch.models import names, tiny
 from sdbatch.prompts.dynamic import DynamicPrompts
 from sdbatch.prompts.parser import extract_extra_networks
+from sdbatch.prompts.triggers import triggered
 from sdbatch.schema import Job
 
 
@@ -46,6 +48,7 @@ class Render:
     ensd: int = 0
     loras: tuple[tuple[str, float], ...] = ()  # (name, weight): the stack's, then the prompt's
     hypernetworks: tuple[tuple[str, float], ...] = ()
+    embeddings: tuple[str, ...] = ()  # triggers in the prompt, then the negative prompt
 
     def params(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -101,13 +104,29 @@ def _axes(job: Job) -> list[tuple[tuple[str, ...], list[tuple]]]:
 
 
 def networks(job: Job, prompt: str) -> tuple[tuple[tuple[str, float], ...], ...]:
-    """(loras, hypernetworks) of one image: the stack's, then the prompt's <lora:...> tags."""
-    found = {"lora": [(n.name, n.weight) for n in job.model.loras],
-             "hypernet": [(n.name, n.weight) for n in job.model.hypernetworks]}
+    """(loras, hypernetworks) of one image: the stack's, then the prompt's <lora:...> tags.
+
+    Each network is applied once: a tag naming a network of the stack (same name, with or
+    without extension) replaces the stack's weight, in the stack's place, as the prompt is
+    the more specific and is what the WebUI reads; of two tags of one name the last wins.
+    """
+    found: dict[str, dict[str, tuple[str, float]]] = {
+        "lora": {names.stem(n.name): (n.name, n.weight) for n in job.model.loras},
+        "hypernet": {names.stem(n.name): (n.name, n.weight) for n in job.model.hypernetworks}}
     for tag in extract_extra_networks(prompt)[1]:
         if tag.kind in found:
-            found[tag.kind].append((tag.name, tag.multipliers()[0]))
-    return tuple(found["lora"]), tuple(found["hypernet"])
+            found[tag.kind][names.stem(tag.name)] = (tag.name, tag.multipliers()[0])
+    return tuple(found["lora"].values()), tuple(found["hypernet"].values())
+
+
+def embedding_triggers(job: Job) -> list[str]:
+    """Every embedding a prompt of the job may trigger: each file under embeddings/ of
+    paths.models (and of the tiny family on `tiny`) and each of model.embeddings."""
+    roots = [Path(job.paths.models).expanduser() if job.paths.models else None]
+    if "tiny" in values(job.model.checkpoint):
+        roots.append(tiny.family_models())
+    found = names.embeddings_in([r for r in roots if r is None or r.is_dir()])
+    return [*found, *(names.stem(Path(e).name) for e in job.model.embeddings)]
 
 
 def cells(job: Job) -> int:
@@ -122,14 +141,18 @@ def count(job: Job) -> int:
     return cells(job) * job.params.batch_count * job.params.batch_size
 
 
-def expand(job: Job) -> list[Render]:
-    """Every image of a job whose seeds are resolved, in matrix order."""
+def expand(job: Job, picked: dict[int, tuple[str, str]] | None = None) -> list[Render]:
+    """Every image of a job whose seeds are resolved, in matrix order.
+
+    ``picked`` gives images their (prompt, negative prompt) as recorded, instead of picking
+    them again in random dynamic-prompt mode (reproduce: the wildcard files may be gone)."""
     axes = _axes(job)
     p = job.params
     per_cell = p.batch_count * p.batch_size
     dynamic = (DynamicPrompts("random", Path(job.paths.wildcards), 1)
                if job.dynamic_prompts.mode == "random" else None)
-    renders = []
+    triggers = embedding_triggers(job)
+    renders: list[Render] = []
     for cell, combo in enumerate(itertools.product(*(rows for _, rows in axes))):
         values = {k: v for (keys, _), row in zip(axes, combo, strict=True)
                   for k, v in zip(keys, row, strict=True)}
@@ -144,10 +167,13 @@ def expand(job: Job) -> list[Render]:
             image_seed, image_subseed = (seed, subseed + i) if strength > 0 else (seed + i,
                                                                                    subseed)
             prompt, negative = values["prompt"], values["negative_prompt"]
-            if dynamic:
+            if picked and len(renders) in picked:
+                prompt, negative = picked[len(renders)]
+            elif dynamic:
                 prompt = dynamic.pick(prompt, image_seed)
                 negative = dynamic.pick(negative, image_seed)
             loras, hypernets = networks(job, prompt)
+            embeddings = triggered([extract_extra_networks(prompt)[0], negative], triggers)
             renders.append(Render(
                 index=len(renders), cell=cell, checkpoint=values["model.checkpoint"],
                 prompt=prompt, negative_prompt=negative, sampler=sampler,
@@ -159,6 +185,6 @@ def expand(job: Job) -> list[Render]:
                 seed_resize_from_w=values["params.seed_resize_from_w"],
                 seed_resize_from_h=values["params.seed_resize_from_h"],
                 eta=values["params.eta"], ensd=values["params.ensd"],
-                loras=loras, hypernetworks=hypernets,
+                loras=loras, hypernetworks=hypernets, embeddings=embeddings,
             ))
     return renders

@@ -25,12 +25,17 @@ def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
 
 def paste_centered(noise: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Put ``noise`` (C, h, w) in the middle of ``target`` (C, H, W), cropping what overhangs:
-    the composition of the 'seed resize from' size survives at the new size."""
+    the composition of the 'seed resize from' size survives at the new size.
+
+    As the WebUI's create_random_tensors: the offset is floor((H - h) / 2), and a side that
+    shrinks is cropped by that offset at both ends, so shrinking by an odd amount pastes
+    one row or column less and the target's own noise shows in the last one.
+    """
     out = target.clone()
     _, h, w = noise.shape
     _, height, width = target.shape
     dy, dx = (height - h) // 2, (width - w) // 2
-    ch, cw = min(h, height), min(w, width)
+    ch, cw = (h if dy >= 0 else h + 2 * dy), (w if dx >= 0 else w + 2 * dx)
     ty, tx = max(dy, 0), max(dx, 0)
     sy, sx = max(-dy, 0), max(-dx, 0)
     out[:, ty:ty + ch, tx:tx + cw] = noise[:, sy:sy + ch, sx:sx + cw]

@@ -173,6 +173,7 @@ class Run:
     max_images: int = spec(1000, _range(1))
     filename: str = spec("[index]-[seed]", check_pattern)
     progress: str = spec("bar", _one_of(("bar", "steps", "quiet")))
+    allow_device_change: bool = spec(False)  # resume on another device type or dtype
 
 
 @dataclass(frozen=True)

@@ -257,10 +257,38 @@ def prompt_at_step(text: str, step: int, steps: int, *, hires_steps: int | None 
     The WebUI picks the first timeline entry whose last step is >= the number of denoiser
     calls made so far, so step 0 and step 1 both see the first entry: "[a|b]" reads
     a, a, b, a, b, ... and "[a:b:3]" shows a for four steps. That is kept, so that images
-    match. Samplers that call the model twice a step (Heun, DPM2) count each call.
+    match. For samplers that call the model twice a step (Heun, DPM2, DPM++ SDE) the WebUI
+    builds the timeline over steps x 2 and counts calls: pass those (sdbatch.sampling).
     """
     timeline = schedules(text, steps, hires_steps=hires_steps)
     return next((t for end, t in timeline if step <= end), timeline[0][1])
+
+
+# ------------------------------------------------------------------ composable prompts
+
+_AND = re.compile(r"\bAND\b")
+_PART_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.S)
+
+
+def split_and(text: str) -> list[tuple[str, float]]:
+    """The WebUI's composable prompt: "a cat AND a dog :1.2" -> [("a cat", 1.0), (" a dog", 1.2)].
+
+    Split on the upper-case word AND anywhere (brackets are not looked at, as in the
+    WebUI's get_multicond_prompt_list); a trailing ":number" is the part's weight. Each
+    part is then a prompt of its own, with its own editing schedule. Only the prompt is
+    split: the WebUI encodes the negative prompt as it is, "AND" as a word.
+    """
+    parts = []
+    for part in _AND.split(text):
+        match = _PART_WEIGHT.match(part)
+        body, weight = match.group(1), match.group(2)
+        parts.append((body, float(weight) if weight is not None else 1.0))
+    return parts
+
+
+def has_and(text: str) -> bool:
+    """Whether a prompt composes parts with AND (for stages that cannot guide with them)."""
+    return bool(_AND.search(text))
 
 
 # ---------------------------------------------------------------------- extra networks

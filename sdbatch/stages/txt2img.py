@@ -1,9 +1,10 @@
-"""txt2img: noise from each image's own seed, denoised by the job's sampler.
+"""txt2img: noise from each image's own seed, denoised by the job's sampler in sdbatch's own
+loop (sdbatch.sampling), decoded by the VAE as the diffusers pipelines do.
 
 The initial noise of every image is drawn on the CPU from its own seed (sdbatch.noise), and
-a generator of the same seed feeds the sampler's later noise (ancestral samplers); SDE
-samplers get a Brownian tree per image seed. So an image depends on its seed alone,
-not on its batch, its device's RNG or how many workers ran the job.
+a generator of the same seed feeds the sampler's later noise (ancestral samplers); the SDE
+samplers (DPM++ SDE, 2M SDE, 3M SDE) get a Brownian tree per image seed. So an image depends
+on its seed alone, not on its batch, its device's RNG or how many workers ran the job.
 
 SD1/SD2 and SDXL pipelines both run here; sdbatch encodes the prompts itself in either case.
 SDXL adds a pooled embedding and size/crop conditioning (original = target = the image size,
@@ -17,13 +18,14 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-from sdbatch import noise, samplers
+from sdbatch import noise, samplers, sampling
 from sdbatch.matrix import Render
 from sdbatch.models.embeddings import expand_triggers
 from sdbatch.models.stack import Stack
-from sdbatch.prompts.conditioning import CHUNK, encode_pair, match_chunks
+from sdbatch.prompts.conditioning import encode_prompts
 from sdbatch.prompts.encode import encode_sdxl
-from sdbatch.prompts.parser import extract_extra_networks, prompt_at_step
+from sdbatch.prompts.parser import extract_extra_networks, prompt_at_step, split_and
+from sdbatch.sampling import Conditioning
 
 StepCallback = Callable[[int, int], None]  # (step done, steps)
 
@@ -32,36 +34,51 @@ def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
+def encode_text(pipe, text: str, clip_skip: int, device: torch.device, dtype: torch.dtype,
+                *, negative: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One text cleaned by clean_text -> ((1, 77 * chunks, dim), SDXL's pooled (1, dim) or None).
+
+    SDXL's empty negative is zeros (the WebUI and diffusers agree); decided per image, not
+    per batch as the WebUI does, so an image does not depend on its batch. Only the empty
+    prompt's own chunk is zeroed: padding chunks added later stay as for any short prompt.
+    """
+    if not is_sdxl(pipe):
+        embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [text], clip_skip, device)
+        return embeds.to(dtype), None
+    embeds, pooled = encode_sdxl((pipe.tokenizer, pipe.tokenizer_2),
+                                 (pipe.text_encoder, pipe.text_encoder_2), [text], clip_skip,
+                                 device)
+    if negative and text == "" and pipe.config.get("force_zeros_for_empty_prompt", False):
+        embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    return embeds.to(dtype), pooled.to(dtype)
+
+
 def conditioning(pipe, first: Render, prompts: list[str], negatives: list[str],
                  device: torch.device, dtype: torch.dtype) -> dict[str, object]:
-    """The pipeline's text (and for SDXL, pooled and size) conditioning for prompt texts
-    already cleaned by clean_text."""
-    if not is_sdxl(pipe):
-        cond, uncond = encode_pair(pipe.tokenizer, pipe.text_encoder, prompts, negatives,
-                                   first.clip_skip, device)
-        return {"prompt_embeds": cond.to(dtype), "negative_prompt_embeds": uncond.to(dtype)}
-    tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
-    encoders = (pipe.text_encoder, pipe.text_encoder_2)
-    cond, pooled = encode_sdxl(tokenizers, encoders, prompts, first.clip_skip, device)
-    uncond, uncond_pooled = encode_sdxl(tokenizers, encoders, negatives, first.clip_skip, device)
-    if pipe.config.get("force_zeros_for_empty_prompt", False):
-        # SDXL's empty negative is zeros (the WebUI and diffusers agree); decided per image,
-        # not per batch as the WebUI does, so an image does not depend on its batch. An empty
-        # prompt is one chunk: only that is zeroed, the batch's padding chunks stay as for
-        # any other short prompt.
-        empty = torch.tensor([n == "" for n in negatives], device=device)
-        uncond = uncond.clone()
-        uncond[:, :CHUNK + 2] = torch.where(empty[:, None, None], 0.0, uncond[:, :CHUNK + 2])
-        uncond_pooled = torch.where(empty[:, None], torch.zeros_like(uncond_pooled),
-                                    uncond_pooled)
-    if cond.shape[1] != uncond.shape[1]:  # long prompts: pad with the empty prompt's chunks
-        blank, _ = encode_sdxl(tokenizers, encoders, [""], first.clip_skip, device)
-        cond, uncond = match_chunks(cond, uncond, blank)
-    size = (first.height, first.width)
-    return {"prompt_embeds": cond.to(dtype), "negative_prompt_embeds": uncond.to(dtype),
-            "pooled_prompt_embeds": pooled.to(dtype),
-            "negative_pooled_prompt_embeds": uncond_pooled.to(dtype),
-            "original_size": size, "target_size": size, "crops_coords_top_left": (0, 0)}
+    """The text (and for SDXL, pooled and size) conditioning of a batch of plain prompts
+    already cleaned by clean_text, each prompt and negative padded to each other's length
+    with the empty prompt's chunk (the WebUI's pad_cond_uncond), named as diffusers names it."""
+    blank, _ = encode_text(pipe, "", first.clip_skip, device, dtype)
+    pairs = [_pad_pair(encode_text(pipe, p, first.clip_skip, device, dtype),
+                       encode_text(pipe, n, first.clip_skip, device, dtype, negative=True), blank)
+             for p, n in zip(prompts, negatives, strict=True)]
+    length = max(c[0].shape[1] for c, _ in pairs)
+    out = {"prompt_embeds": torch.cat([_pad(c[0], length, blank) for c, _ in pairs]),
+           "negative_prompt_embeds": torch.cat([_pad(u[0], length, blank) for _, u in pairs])}
+    if is_sdxl(pipe):
+        size = (first.height, first.width)
+        out |= {"pooled_prompt_embeds": torch.cat([c[1] for c, _ in pairs]),
+                "negative_pooled_prompt_embeds": torch.cat([u[1] for _, u in pairs]),
+                "original_size": size, "target_size": size, "crops_coords_top_left": (0, 0)}
+    return out
+
+
+Encoded = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _pad_pair(cond: Encoded, uncond: Encoded, blank: torch.Tensor) -> tuple[Encoded, Encoded]:
+    length = max(cond[0].shape[1], uncond[0].shape[1])
+    return (_pad(cond[0], length, blank), cond[1]), (_pad(uncond[0], length, blank), uncond[1])
 
 
 def clean_text(pipe, text: str) -> str:
@@ -71,38 +88,69 @@ def clean_text(pipe, text: str) -> str:
 
 
 def _pad(x: torch.Tensor, length: int, blank: torch.Tensor) -> torch.Tensor:
+    """Pad with copies of the empty prompt's chunk up to `length` tokens."""
     extra = (length - x.shape[1]) // blank.shape[1]
     return torch.cat([x, blank.to(x.dtype).repeat(x.shape[0], extra, 1)], dim=1) if extra else x
 
 
-class Timeline:
-    """One image's conditioning at every sampling step: the WebUI's prompt editing
-    ([from:to:when]) and alternation ([a|b]) switch the text as sampling goes.
+def _pad_last(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad by repeating the last token vector: how the WebUI evens out AND parts of
+    different lengths (reconstruct_multicond_batch)."""
+    extra = length - x.shape[1]
+    return torch.cat([x, x[:, -1:].repeat(1, extra, 1)], dim=1) if extra else x
 
-    Every distinct (prompt, negative) pair is encoded once, and all are padded with blank
-    chunks to one token length, so the switch never changes the tensors' shapes.
+
+class Timeline:
+    """One image's conditioning at every model call: the WebUI's composable prompts (AND),
+    prompt editing ([from:to:when]) and alternation ([a|b]).
+
+    The WebUI's schedules run over steps x calls per step (2 for second-order samplers) and
+    follow the model-call count; so does this. Every distinct text is encoded once; the
+    parts of a prompt are evened out as the WebUI does, and everything is padded with blank
+    chunks to one token length, so a switch never changes the tensors' shapes.
     """
 
-    def __init__(self, pipe, render: Render, device: torch.device, dtype: torch.dtype):
+    def __init__(self, pipe, render: Render, calls_per_step: int, device: torch.device,
+                 dtype: torch.dtype):
         prompt, negative = (clean_text(pipe, render.prompt),
                             clean_text(pipe, render.negative_prompt))
-        self.keys = [(prompt_at_step(prompt, s, render.steps),
-                      prompt_at_step(negative, s, render.steps)) for s in range(render.steps)]
-        encoded = {key: conditioning(pipe, render, [key[0]], [key[1]], device, dtype)
-                   for key in dict.fromkeys(self.keys)}
-        self.length = max(c["prompt_embeds"].shape[1] for c in encoded.values())
-        if len(encoded) > 1:
-            blank = conditioning(pipe, render, [""], [""], device, dtype)["prompt_embeds"]
-            for c in encoded.values():
-                for name in ("prompt_embeds", "negative_prompt_embeds"):
-                    c[name] = _pad(c[name], self.length, blank[:, :CHUNK + 2])
-        self.encoded = encoded
+        parts = split_and(prompt)
+        self.weights = tuple(w for _, w in parts)
+        total = render.steps * calls_per_step
+        self.keys = [(tuple(prompt_at_step(p, c, total) for p, _ in parts),
+                      prompt_at_step(negative, c, total)) for c in range(total)]
 
-    def key(self, step: int) -> tuple[str, str]:
-        return self.keys[min(step, len(self.keys) - 1)]
+        def encoder(negative: bool):
+            cache: dict[str, Encoded] = {}
 
-    def at(self, step: int) -> dict[str, object]:
-        return self.encoded[self.key(step)]
+            def encode(text: str) -> Encoded:
+                if text not in cache:
+                    cache[text] = encode_text(pipe, text, render.clip_skip, device, dtype,
+                                              negative=negative)
+                return cache[text]
+            return encode
+
+        prompt_of, negative_of = encoder(False), encoder(True)
+        blank, _ = encode_text(pipe, "", render.clip_skip, device, dtype)
+        encoded = {}
+        for key in dict.fromkeys(self.keys):
+            conds = [prompt_of(p) for p in key[0]]
+            longest = max(c[0].shape[1] for c in conds)
+            embeds = torch.cat([_pad_last(c[0], longest) for c in conds])
+            pooled = None if conds[0][1] is None else torch.cat([c[1] for c in conds])
+            cond, uncond = _pad_pair((embeds, pooled), negative_of(key[1]), blank)
+            encoded[key] = (cond, uncond)
+        self.length = max(c[0].shape[1] for c, _ in encoded.values())
+        self.encoded = {key: ((_pad(c[0], self.length, blank), c[1]),
+                              (_pad(u[0], self.length, blank), u[1]))
+                        for key, (c, u) in encoded.items()}
+
+    def key(self, call: int) -> tuple[tuple[str, ...], str]:
+        return self.keys[min(call, len(self.keys) - 1)]
+
+    def at(self, call: int) -> tuple[Encoded, Encoded]:
+        """((parts' embeddings, pooled), (negative's embeddings, pooled)) at model call `call`."""
+        return self.encoded[self.key(call)]
 
 
 def _same_length_groups(timelines: list[Timeline]) -> list[list[int]]:
@@ -117,27 +165,64 @@ def _same_length_groups(timelines: list[Timeline]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _stack_conds(conds: list[dict[str, object]]) -> dict[str, object]:
-    return {k: torch.cat([c[k] for c in conds]) if isinstance(v, torch.Tensor) else v
-            for k, v in conds[0].items()}
+def batch_conditioning(timelines: list[Timeline], call: int,
+                       time_ids: torch.Tensor | None) -> Conditioning:
+    """The batch's UNet inputs at one model call: negatives first, then every image's parts."""
+    encoded = [t.at(call) for t in timelines]
+    rows, parts = len(timelines), []
+    for timeline in timelines:
+        parts.append(tuple((rows + j, w) for j, w in enumerate(timeline.weights)))
+        rows += len(timeline.weights)
+    context = torch.cat([u[0] for _, u in encoded] + [c[0] for c, _ in encoded])
+    pooled = None
+    if time_ids is not None:
+        pooled = torch.cat([u[1] for _, u in encoded] + [c[1] for c, _ in encoded])
+        time_ids = time_ids.repeat(rows, 1)
+    return Conditioning(context, tuple(parts), pooled, time_ids)
 
 
-def _switchable(pipe) -> list[str]:
-    return ["latents", "prompt_embeds"] + (["add_text_embeds"] if is_sdxl(pipe) else [])
+def _time_ids(pipe, render: Render, dtype: torch.dtype, device: torch.device
+              ) -> torch.Tensor | None:
+    """SDXL's size conditioning: original = target = the image size, crop at 0,0, as the
+    WebUI's txt2img does."""
+    if not is_sdxl(pipe):
+        return None
+    size = (render.height, render.width)
+    return torch.tensor([[*size, 0, 0, *size]], dtype=dtype, device=device)
 
 
-def _switched(pipe, conds: list[dict[str, object]]) -> dict[str, torch.Tensor]:
-    """The pipeline's own loop tensors for new conditioning: [negative, prompt] under CFG."""
-    c = _stack_conds(conds)
-    cfg = pipe.do_classifier_free_guidance
+def _guidance_embedding(pipe, cfg_scale: float, batch: int, dtype: torch.dtype,
+                        device: torch.device) -> torch.Tensor | None:
+    """Guidance-distilled UNets (LCM) take the CFG scale as an embedding instead of an
+    unconditional pass, as the diffusers pipelines give it."""
+    dim = pipe.unet.config.time_cond_proj_dim
+    if dim is None:
+        return None
+    scale = torch.tensor(cfg_scale - 1).repeat(batch)
+    return pipe.get_guidance_scale_embedding(scale, embedding_dim=dim).to(device, dtype)
 
-    def pair(neg: str, pos: str) -> torch.Tensor:
-        return torch.cat([c[neg], c[pos]]) if cfg else c[pos]
 
-    out = {"prompt_embeds": pair("negative_prompt_embeds", "prompt_embeds")}
-    if is_sdxl(pipe):
-        out["add_text_embeds"] = pair("negative_pooled_prompt_embeds", "pooled_prompt_embeds")
-    return out
+@torch.no_grad()
+def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents -> PIL images as the diffusers pipelines decode them (SDXL's fp16 VAE upcast
+    to fp32 when its config asks, latents_mean/std where the VAE has them)."""
+    vae = pipe.vae
+    upcast = is_sdxl(pipe) and vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        vae.to(torch.float32)
+    latents = latents.to(vae.dtype)
+    mean, std = (getattr(vae.config, "latents_mean", None),
+                 getattr(vae.config, "latents_std", None))
+    if mean is not None and std is not None:
+        view = (1, len(mean), 1, 1)
+        latents = (latents * torch.tensor(std).view(view).to(latents)
+                   / vae.config.scaling_factor + torch.tensor(mean).view(view).to(latents))
+    else:
+        latents = latents / vae.config.scaling_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    if upcast:
+        vae.to(torch.float16)
+    return pipe.image_processor.postprocess(image, output_type="pil")
 
 
 def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None = None
@@ -148,38 +233,38 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
     if pipe.unet.config.in_channels != channels:
         raise ValueError(f"txt2img needs a {channels}-channel model; this one takes "
                          f"{pipe.unet.config.in_channels} input channels (an inpainting model)")
-    timelines = [Timeline(pipe, r, stack.device, stack.dtype) for r in renders]
+    per_step = sampling.calls_per_step(
+        samplers.make_scheduler(stack.scheduler_config, first.sampler, first.schedule_type))
+    timelines = [Timeline(pipe, r, per_step, stack.device, stack.dtype) for r in renders]
+    if pipe.unet.config.time_cond_proj_dim is not None and any(
+            len(t.weights) > 1 for t in timelines):
+        raise ValueError("this model is guidance-distilled (no negative pass), so it cannot "
+                         "compose prompts with AND; remove the AND")
     shape = (channels, first.height // 8, first.width // 8)
+    time_ids = _time_ids(pipe, first, stack.dtype, stack.device)
     images: list[Image.Image | None] = [None] * len(renders)
 
     for group in _same_length_groups(timelines):
         members = [renders[i] for i in group]
         mine = [timelines[i] for i in group]
-
-        def step_end(pipe_, i, _t, kwargs, mine=mine):
-            if on_step:
-                on_step(i + 1, first.steps)
-            if any(t.key(i + 1) != t.key(i) for t in mine):
-                kwargs.update(_switched(pipe_, [t.at(i + 1) for t in mine]))
-            return kwargs
-
-        pipe.scheduler = samplers.make_scheduler(stack.scheduler_config, first.sampler,
-                                                 first.schedule_type)
-        if hasattr(pipe.scheduler, "noise_sampler_seed"):
-            pipe.scheduler.noise_sampler_seed = [r.seed for r in members]
+        scheduler = samplers.make_scheduler(stack.scheduler_config, first.sampler,
+                                            first.schedule_type)
+        seeds = [r.seed for r in members]
+        if hasattr(scheduler, "noise_sampler_seed"):
+            scheduler.noise_sampler_seed = seeds
         latents = torch.stack([
             noise.initial_noise(shape, r.seed, r.subseed, r.subseed_strength,
                                 (r.seed_resize_from_w, r.seed_resize_from_h)) for r in members
         ]).to(stack.device, stack.dtype)
-        out = pipe(
-            **_stack_conds([t.at(0) for t in mine]), latents=latents,
-            generator=[noise.sampler_generator(r.seed, r.ensd, shape) for r in members],
-            num_inference_steps=first.steps, guidance_scale=first.cfg_scale,
-            width=first.width, height=first.height, output_type="pil",
-            callback_on_step_end=step_end,
-            callback_on_step_end_tensor_inputs=_switchable(pipe),
-            **({"eta": first.eta} if first.eta is not None else {}),
-        )
-        for i, image in zip(group, out.images, strict=True):
+        generators = [noise.sampler_generator(r.seed, r.ensd, shape) for r in members]
+        latents = sampling.sample(
+            pipe.unet, scheduler, latents, first.steps,
+            lambda call, mine=mine: batch_conditioning(mine, call, time_ids), first.cfg_scale,
+            step_kwargs={"generator": generators,
+                         "eta": first.eta if first.eta is not None else 0.0},
+            seeds=seeds, on_step=on_step,
+            timestep_cond=_guidance_embedding(pipe, first.cfg_scale, len(members),
+                                              stack.dtype, stack.device))
+        for i, image in zip(group, decode(pipe, latents), strict=True):
             images[i] = image
     return images

@@ -1,0 +1,159 @@
+"""sdbatch's denoising loop: one sampler run over a diffusers scheduler and the UNet.
+
+Owning the loop (instead of calling a diffusers pipeline) is what lets sdbatch count as
+the WebUI does. A second-order sampler (Heun, DPM2, DPM2 a, DPM++ SDE) calls the model
+twice a sampling step; the WebUI's denoiser counts those calls and builds its prompt
+schedules over steps x 2 of them, while its progress bar counts sampling steps. Here
+`conditioning(call)` receives the model-call count and `on_step` the sampling step, so
+both are right for every sampler. Guidance is the WebUI's composable form (`AND`):
+
+    guided = uncond + sum_i weight_i * cfg * (cond_i - uncond)
+
+Later stages start the same loop part way (`start_step` with `init_latents`, img2img) and
+re-impose latents after every step (`on_latents`, inpainting).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The UNet's text inputs for one model call over a batch of B images.
+
+    Rows [0, B) of `context` are the images' negative prompts; every later row is one
+    `AND` part of one image, and `parts[i]` lists image i's (row, weight) pairs.
+    SDXL adds `pooled` and `time_ids`, row for row with `context`.
+    """
+    context: torch.Tensor
+    parts: tuple[tuple[tuple[int, float], ...], ...]
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    @property
+    def plain(self) -> bool:
+        """One part of weight 1 per image: guidance at scale 1 is the prompt alone."""
+        return all(len(p) == 1 and p[0][1] == 1.0 for p in self.parts)
+
+
+def calls_per_step(scheduler) -> int:
+    """Model calls per sampling step, as the WebUI counts them for prompt schedules."""
+    return getattr(scheduler, "order", 1)
+
+
+def guide(out: torch.Tensor, cond: Conditioning, cfg_scale: float) -> torch.Tensor:
+    """The WebUI's combine_denoised: each image's negative plus its weighted, scaled parts."""
+    batch = len(cond.parts)
+    uncond = out[:batch]
+    guided = uncond.clone()
+    for i, parts in enumerate(cond.parts):
+        for row, weight in parts:
+            guided[i] += (out[row] - uncond[i]) * (weight * cfg_scale)
+    return guided
+
+
+def brownian_noise(scheduler, latents: torch.Tensor, seeds: list[int]
+                   ) -> Callable[[int], torch.Tensor]:
+    """Per-image Brownian-tree noise for a multistep SDE scheduler (DPM++ 2M/3M SDE), as the
+    WebUI's BrownianTreeNoiseSampler gives k-diffusion: seeded from each image's seed, so the
+    noise of a step depends on the step's sigmas and the seed, not on the batch."""
+    sigmas = scheduler.sigmas
+    positive = sigmas[sigmas > 0]
+    sampler = BrownianTreeNoiseSampler(latents.float(), positive.min().item(),
+                                       sigmas.max().item(), seeds)
+
+    def noise(i: int) -> torch.Tensor:
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        if sigma_next <= 0:  # the last step lands on sigma 0 and adds no noise
+            return torch.zeros_like(latents, dtype=torch.float32)
+        return sampler(sigma, sigma_next).to(latents.device)
+
+    return noise
+
+
+def uses_variance_noise(scheduler) -> bool:
+    return getattr(scheduler.config, "algorithm_type", "").startswith("sde-")
+
+
+@torch.no_grad()
+def sample(unet, scheduler, noise: torch.Tensor, steps: int,
+           conditioning: Callable[[int], Conditioning], cfg_scale: float, *,
+           step_kwargs: dict | None = None, seeds: list[int] | None = None,
+           timestep_cond: torch.Tensor | None = None,
+           start_step: int = 0, init_latents: torch.Tensor | None = None,
+           on_step: Callable[[int, int], None] | None = None,
+           on_latents: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+           ) -> torch.Tensor:
+    """Denoise `noise` (B, C, H, W) over `steps` sampling steps; returns the final latents.
+
+    `conditioning(call)` gives the text inputs for model call `call` (0-based). `seeds`
+    (one per image) seed the Brownian trees of the SDE samplers. With `start_step`, the
+    first steps are skipped and `init_latents` noised to where sampling starts (img2img).
+    `on_step(done, steps)` reports each finished sampling step; `on_latents(step, x)`
+    may replace the latents after it.
+    """
+    device = noise.device
+    scheduler.set_timesteps(steps, device=device)
+    per_step = calls_per_step(scheduler)
+    # a second-order step is one call for its first step and two for every later one
+    first_call = 0 if start_step == 0 else start_step * per_step - (per_step - 1)
+    timesteps = scheduler.timesteps[first_call:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(first_call)
+    if init_latents is None:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        latents = scheduler.add_noise(init_latents, noise, timesteps[:1])
+    kwargs = dict(step_kwargs or {})
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    variance = (brownian_noise(scheduler, latents, seeds)
+                if uses_variance_noise(scheduler) and seeds is not None else None)
+
+    done = start_step
+    for i, t in enumerate(timesteps):
+        call = first_call + i
+        if i and getattr(scheduler, "state_in_first_order", True):
+            done += 1
+            latents = _finish_step(done, steps, latents, on_step, on_latents)
+        cond = conditioning(call)
+        guided = not (cfg_scale == 1.0 and cond.plain) and timestep_cond is None
+        latents_in = scheduler.scale_model_input(latents, t)
+        out = _unet(unet, latents_in, t, cond, guided, timestep_cond)
+        if guided:
+            out = guide(out, cond, cfg_scale)
+        if variance is not None:
+            kwargs["variance_noise"] = variance(call)
+        latents = scheduler.step(out, t, latents, **kwargs, return_dict=False)[0]
+    return _finish_step(done + 1, steps, latents, on_step, on_latents)
+
+
+def _finish_step(done: int, steps: int, latents: torch.Tensor, on_step, on_latents
+                 ) -> torch.Tensor:
+    if on_latents is not None:
+        latents = on_latents(done, latents)
+    if on_step is not None:
+        on_step(done, steps)
+    return latents
+
+
+def _unet(unet, latents: torch.Tensor, t, cond: Conditioning, guided: bool,
+          timestep_cond: torch.Tensor | None) -> torch.Tensor:
+    """One model call. Guided: every row of the conditioning, each with its image's latents,
+    out in row order for guide(). Unguided: each image's only part, out in image order."""
+    batch = len(cond.parts)
+    parts = [(i, row) for i, image_parts in enumerate(cond.parts) for row, _ in image_parts]
+    pairs = [(i, i) for i in range(batch)] + parts if guided else parts
+    images = [i for i, _ in pairs]
+    rows = torch.tensor([row for _, row in pairs], device=cond.context.device)
+    added = None
+    if cond.pooled is not None:
+        added = {"text_embeds": cond.pooled[rows], "time_ids": cond.time_ids[rows]}
+    return unet(latents[images], t, encoder_hidden_states=cond.context[rows],
+                timestep_cond=timestep_cond, added_cond_kwargs=added, return_dict=False)[0]
