@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdbatch import samplers, schema
+from sdbatch import sampler_names, schema
 from sdbatch.models import names, tiny
 from sdbatch.prompts.dynamic import DynamicPrompts
 from sdbatch.prompts.parser import extract_extra_networks
@@ -160,7 +160,7 @@ def expand(job: Job, picked: dict[int, tuple[str, str]] | None = None) -> list[R
         if seed == -1 or subseed == -1:
             raise ValueError("expand() needs resolved seeds: call resolve_seeds() first")
         strength = values["params.subseed_strength"]
-        sampler, schedule_type = samplers.split(values["params.sampler"],
+        sampler, schedule_type = sampler_names.split(values["params.sampler"],
                                                 values["params.schedule_type"])
         for i in range(per_cell):
             # the WebUI: with a variation strength the seed stays and the subseed counts up
@@ -181,8 +181,10 @@ def expand(job: Job, picked: dict[int, tuple[str, str]] | None = None) -> list[R
                 cfg_scale=values["params.cfg_scale"], seed=image_seed,
                 width=values["params.width"], height=values["params.height"],
                 clip_skip=values["params.clip_skip"], subseed=image_subseed,
-                subseed_strength=strength, seed_resize_from_w=p.seed_resize_from_w,
-                seed_resize_from_h=p.seed_resize_from_h, eta=p.eta, ensd=p.ensd,
+                subseed_strength=strength,
+                seed_resize_from_w=values["params.seed_resize_from_w"],
+                seed_resize_from_h=values["params.seed_resize_from_h"],
+                eta=values["params.eta"], ensd=values["params.ensd"],
                 loras=loras, hypernetworks=hypernets, embeddings=embeddings,
             ))
     return renders
