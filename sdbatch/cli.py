@@ -1,17 +1,23 @@
 """The command line: `python -m sdbatch +job=NAME [overrides]` (Hydra) and the subcommands
-`sdbatch resume RUN_DIR` and `sdbatch reproduce IMAGE.png`."""
+`sdbatch resume RUN_DIR` and `sdbatch reproduce IMAGE.png`.
+
+A job is validated before torch or diffusers is imported (seconds on a small machine), so a
+mistake is reported at once. Mistakes Hydra would report in its own words (a job file that is
+not YAML, an override it cannot parse, a key it does not know) are caught here first and read
+like the schema's.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sdbatch import schema
-from sdbatch.models.stack import StackLoadError
-from sdbatch.schema import JobError
+from sdbatch.schema import Job, JobError, Origin
 
 USAGE = """usage:
   sdbatch +job=NAME [key=value ...]     run jobs/NAME.yaml (Hydra overrides after it)
@@ -30,9 +36,83 @@ def store_schema_defaults() -> None:
                                  node=OmegaConf.create(schema.to_dict(schema.Job())))
 
 
-def fail(error: Exception, code: int = 2) -> None:
+def fail(error: Exception | str, code: int = 2) -> None:
     print(f"sdbatch: {error}", file=sys.stderr)
     sys.exit(code)
+
+
+def run_job(job: Job, origin: Origin, overrides: list[str]) -> int:
+    """Run a validated job; the model code (torch, diffusers) is imported only now."""
+    from sdbatch.models.stack import StackLoadError
+    from sdbatch.run import run
+
+    try:
+        return run(job, origin, overrides, sys.argv)
+    except (JobError, StackLoadError) as e:
+        fail(e)
+    return 2
+
+
+# overrides of keys the schema does not know, as the user wrote them, by the `++` form given
+# to Hydra: Hydra composes them (instead of stopping at the first) and the schema reports them
+_TYPED: dict[str, str] = {}
+
+
+def check_command_line(args: list[str]) -> list[str]:
+    """The overrides of ``args`` checked before Hydra sees them: exits 2 with one line for an
+    override Hydra cannot parse or a job file that is not YAML; returns ``args`` with each
+    override of an unknown key turned into a force-add, for the schema to report."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    out = list(args)
+    for text in get_args_parser().parse_args(args).overrides:
+        try:
+            [override] = parser.parse_overrides([text])
+        except OverrideParseException as e:
+            reason = str(e).splitlines()[0]
+            fail(f"command line '{text}': not a valid override ({reason}); write a list as "
+                 "'params.seed=[1,2]' and quote a value with spaces: 'prompt=\"a cat\"'")
+        key = override.key_or_group
+        if key == "job":
+            check_job_file(override.value())
+        elif (override.type == OverrideType.CHANGE and override.package is None
+              and not key.startswith("hydra") and not schema.knows(key)):
+            typed = f"++{text}"
+            _TYPED[typed] = text
+            out[out.index(text)] = typed
+    return out
+
+
+def check_job_file(name: str) -> None:
+    """`+job=NAME` names a file in a job folder that YAML can read, or exit 2 saying why."""
+    import yaml
+
+    from sdbatch.job_folders import job_dirs
+    from sdbatch.provenance import shown
+
+    folders = job_dirs()
+    file = next((f / f"{name}.yaml" for f in folders if (f / f"{name}.yaml").is_file()), None)
+    if file is None:
+        known = sorted({p.stem for f in folders if f.is_dir() for p in f.glob("*.yaml")})
+        listing = f"; jobs there: {', '.join(known)}" if known else ""
+        fail(f"+job={name}: no {name}.yaml in {', '.join(shown(f) for f in folders)} (add "
+             f"folders with SDBATCH_JOBS){listing}")
+    try:
+        yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{shown(file)}:{mark.line + 1}:{mark.column + 1}" if mark else shown(file)
+        context = ""
+        if e.context and e.context_mark:
+            context = (f" ({e.context} at line {e.context_mark.line + 1}, column "
+                       f"{e.context_mark.column + 1})")
+        fail(f"{where}: not valid YAML: {e.problem}{context}")
+    except yaml.YAMLError as e:
+        fail(f"{shown(file)}: not valid YAML: {e}")
 
 
 @hydra.main(config_path="pkg://sdbatch.conf", config_name="config", version_base=None)
@@ -40,25 +120,21 @@ def hydra_entry(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from sdbatch.provenance import Origins
-    from sdbatch.run import run
 
     hc = HydraConfig.get()
-    overrides = list(hc.overrides.task)
+    overrides = [_TYPED.get(o, o) for o in hc.overrides.task]
     origin = Origins(overrides, dict(hc.runtime.choices))
     try:
         job = schema.validate(OmegaConf.to_container(cfg, resolve=True), origin)
-        code = run(job, origin, overrides, sys.argv)
-    except (JobError, StackLoadError) as e:
+    except JobError as e:
         fail(e)
+    code = run_job(job, origin, overrides)
     if code:
         sys.exit(code)
 
 
 def resume(args: list[str]) -> None:
-    from pathlib import Path
-
     from sdbatch.output.run_folder import RunFolder
-    from sdbatch.run import run
 
     parser = argparse.ArgumentParser(prog="sdbatch resume")
     parser.add_argument("run_dir", type=Path)
@@ -73,15 +149,12 @@ def resume(args: list[str]) -> None:
     label = f"{ns.run_dir / 'config.yaml'}"
     try:
         job = schema.validate(stored, lambda key: label)
-        code = run(job, lambda key: label, [], sys.argv)
-    except (JobError, StackLoadError) as e:
+    except JobError as e:
         fail(e)
-    sys.exit(code)
+    sys.exit(run_job(job, lambda key: label, []))
 
 
 def reproduce(args: list[str]) -> None:
-    from pathlib import Path
-
     from sdbatch.reproduce import reproduce as check
 
     parser = argparse.ArgumentParser(prog="sdbatch reproduce")
@@ -107,6 +180,7 @@ def main() -> None:
 
         if args and args[0] == "run":
             del sys.argv[1]
+        sys.argv[1:] = check_command_line(sys.argv[1:])
         register()
         store_schema_defaults()
         hydra_entry()

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdbatch import samplers, schema
+from sdbatch import sampler_names, schema
+from sdbatch.models import names, tiny
 from sdbatch.prompts.dynamic import DynamicPrompts
 from sdbatch.prompts.parser import extract_extra_networks
+from sdbatch.prompts.triggers import triggered
 from sdbatch.schema import Job
 
 
@@ -46,6 +48,7 @@ class Render:
     ensd: int = 0
     loras: tuple[tuple[str, float], ...] = ()  # (name, weight): the stack's, then the prompt's
     hypernetworks: tuple[tuple[str, float], ...] = ()
+    embeddings: tuple[str, ...] = ()  # triggers in the prompt, then the negative prompt
     init_image: str | None = None  # the chain starts from this picture, not from txt2img
     post: tuple[Step, ...] = ()
 
@@ -79,7 +82,7 @@ def post_step(kind: str, given: dict[str, Any], base: Render, position: int) -> 
     if v.get("sampler") is None and v.get("schedule_type") is None:
         v["sampler"], v["schedule_type"] = base.sampler, base.schedule_type
     else:
-        v["sampler"], v["schedule_type"] = samplers.split(v.get("sampler") or base.sampler,
+        v["sampler"], v["schedule_type"] = sampler_names.split(v.get("sampler") or base.sampler,
                                                           v.get("schedule_type") or "Automatic")
     for name in ("prompt", "negative_prompt", "cfg_scale"):
         if v.get(name) is None:
@@ -140,13 +143,29 @@ def _axes(job: Job) -> list[tuple[tuple[str, ...], list[tuple]]]:
 
 
 def networks(job: Job, prompt: str) -> tuple[tuple[tuple[str, float], ...], ...]:
-    """(loras, hypernetworks) of one image: the stack's, then the prompt's <lora:...> tags."""
-    found = {"lora": [(n.name, n.weight) for n in job.model.loras],
-             "hypernet": [(n.name, n.weight) for n in job.model.hypernetworks]}
+    """(loras, hypernetworks) of one image: the stack's, then the prompt's <lora:...> tags.
+
+    Each network is applied once: a tag naming a network of the stack (same name, with or
+    without extension) replaces the stack's weight, in the stack's place, as the prompt is
+    the more specific and is what the WebUI reads; of two tags of one name the last wins.
+    """
+    found: dict[str, dict[str, tuple[str, float]]] = {
+        "lora": {names.stem(n.name): (n.name, n.weight) for n in job.model.loras},
+        "hypernet": {names.stem(n.name): (n.name, n.weight) for n in job.model.hypernetworks}}
     for tag in extract_extra_networks(prompt)[1]:
         if tag.kind in found:
-            found[tag.kind].append((tag.name, tag.multipliers()[0]))
-    return tuple(found["lora"]), tuple(found["hypernet"])
+            found[tag.kind][names.stem(tag.name)] = (tag.name, tag.multipliers()[0])
+    return tuple(found["lora"].values()), tuple(found["hypernet"].values())
+
+
+def embedding_triggers(job: Job) -> list[str]:
+    """Every embedding a prompt of the job may trigger: each file under embeddings/ of
+    paths.models (and of the tiny family on `tiny`) and each of model.embeddings."""
+    roots = [Path(job.paths.models).expanduser() if job.paths.models else None]
+    if "tiny" in values(job.model.checkpoint):
+        roots.append(tiny.family_models())
+    found = names.embeddings_in([r for r in roots if r is None or r.is_dir()])
+    return [*found, *(names.stem(Path(e).name) for e in job.model.embeddings)]
 
 
 def cells(job: Job) -> int:
@@ -161,14 +180,18 @@ def count(job: Job) -> int:
     return cells(job) * job.params.batch_count * job.params.batch_size
 
 
-def expand(job: Job) -> list[Render]:
-    """Every image of a job whose seeds are resolved, in matrix order."""
+def expand(job: Job, picked: dict[int, tuple[str, str]] | None = None) -> list[Render]:
+    """Every image of a job whose seeds are resolved, in matrix order.
+
+    ``picked`` gives images their (prompt, negative prompt) as recorded, instead of picking
+    them again in random dynamic-prompt mode (reproduce: the wildcard files may be gone)."""
     axes = _axes(job)
     p = job.params
     per_cell = p.batch_count * p.batch_size
     dynamic = (DynamicPrompts("random", Path(job.paths.wildcards), 1)
                if job.dynamic_prompts.mode == "random" else None)
-    renders = []
+    triggers = embedding_triggers(job)
+    renders: list[Render] = []
     for cell, combo in enumerate(itertools.product(*(rows for _, rows in axes))):
         values = {k: v for (keys, _), row in zip(axes, combo, strict=True)
                   for k, v in zip(keys, row, strict=True)}
@@ -176,17 +199,20 @@ def expand(job: Job) -> list[Render]:
         if seed == -1 or subseed == -1:
             raise ValueError("expand() needs resolved seeds: call resolve_seeds() first")
         strength = values["params.subseed_strength"]
-        sampler, schedule_type = samplers.split(values["params.sampler"],
+        sampler, schedule_type = sampler_names.split(values["params.sampler"],
                                                 values["params.schedule_type"])
         for i in range(per_cell):
             # the WebUI: with a variation strength the seed stays and the subseed counts up
             image_seed, image_subseed = (seed, subseed + i) if strength > 0 else (seed + i,
                                                                                    subseed)
             prompt, negative = values["prompt"], values["negative_prompt"]
-            if dynamic:
+            if picked and len(renders) in picked:
+                prompt, negative = picked[len(renders)]
+            elif dynamic:
                 prompt = dynamic.pick(prompt, image_seed)
                 negative = dynamic.pick(negative, image_seed)
             loras, hypernets = networks(job, prompt)
+            embeddings = triggered([extract_extra_networks(prompt)[0], negative], triggers)
             base = Render(
                 index=len(renders), cell=cell, checkpoint=values["model.checkpoint"],
                 prompt=prompt, negative_prompt=negative, sampler=sampler,
@@ -194,9 +220,12 @@ def expand(job: Job) -> list[Render]:
                 cfg_scale=values["params.cfg_scale"], seed=image_seed,
                 width=values["params.width"], height=values["params.height"],
                 clip_skip=values["params.clip_skip"], subseed=image_subseed,
-                subseed_strength=strength, seed_resize_from_w=p.seed_resize_from_w,
-                seed_resize_from_h=p.seed_resize_from_h, eta=p.eta, ensd=p.ensd,
-                loras=loras, hypernetworks=hypernets, init_image=values["init_image"],
+                subseed_strength=strength,
+                seed_resize_from_w=values["params.seed_resize_from_w"],
+                seed_resize_from_h=values["params.seed_resize_from_h"],
+                eta=values["params.eta"], ensd=values["params.ensd"],
+                loras=loras, hypernetworks=hypernets, embeddings=embeddings,
+                init_image=values["init_image"],
             )
             post = tuple(post_step(step.kind, {k.rsplit(".", 1)[1]: v for k, v in values.items()
                                                if k.startswith(f"post.{n}.")}, base, i)

@@ -22,7 +22,7 @@ def _has(raw: Any, parts: list[str]) -> bool:
     return True
 
 
-def _shown(path: Path) -> str:
+def shown(path: Path) -> str:
     try:
         return os.path.relpath(path)
     except ValueError:
@@ -37,14 +37,15 @@ class Origins:
     """origin(key) -> 'command line: params.seed=[1,2]' or the file that set the key."""
 
     def __init__(self, overrides: list[str], choices: dict[str, str | None]):
-        self.overrides = overrides
+        # a group choice (+job=NAME, model=sd15) sets no key itself: the file it picks does
+        self.overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in choices]
         self.sources: list[tuple[str, str, dict]] = []  # (label, key prefix, raw yaml)
         job = choices.get("job")
         if job:
             for folder in job_dirs():
                 file = folder / f"{job}.yaml"
                 if file.is_file():
-                    self.sources.append((_shown(file), "", _load(file)))
+                    self.sources.append((shown(file), "", _load(file)))
                     break
         conf = resources.files("sdbatch.conf")
         for group, choice in choices.items():
@@ -52,8 +53,8 @@ class Origins:
                 continue
             file = Path(str(conf.joinpath(group, f"{choice}.yaml")))
             if file.is_file():
-                self.sources.append((_shown(file), f"{group}.", _load(file)))
-        self.sources.append((_shown(Path(str(conf.joinpath("config.yaml")))), "",
+                self.sources.append((shown(file), f"{group}.", _load(file)))
+        self.sources.append((shown(Path(str(conf.joinpath("config.yaml")))), "",
                              _load(Path(str(conf.joinpath("config.yaml"))))))
 
     def __call__(self, key: str) -> str:

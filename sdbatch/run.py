@@ -6,6 +6,7 @@ by another job) is checked before the run folder is made or any model is loaded.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -17,9 +18,16 @@ from sdbatch import matrix, schema
 from sdbatch.executors.local import execute
 from sdbatch.models import stack as stacks
 from sdbatch.models.stack import StackCache, StackLoadError
-from sdbatch.output import png, records
+from sdbatch.output import png, records, run_folder
 from sdbatch.output.filenames import file_name
-from sdbatch.output.run_folder import RunFolder, default_dir
+from sdbatch.output.lock import LOCK, NOTE, RunFolderBusy, RunLock
+from sdbatch.output.run_folder import (
+    RunFolder,
+    default_dir,
+    differences,
+    made_of,
+    resume_changes,
+)
 from sdbatch.plan import Plan, make_plan
 from sdbatch.progress import Progress
 from sdbatch.prompts import sources
@@ -87,6 +95,8 @@ class Prepared:
     plan: Plan
     names: dict[int, str]
     networks: dict[tuple[str, str], stacks.NetworkFile]
+    made_of: dict  # what a resume must not change (run.json)
+    keys: dict[int, set[str]]  # index -> content keys an image already there may have
 
 
 def prepare(job: Job, origin: Origin) -> Prepared:
@@ -104,22 +114,23 @@ def prepare(job: Job, origin: Origin) -> Prepared:
                                 origin("run.max_images")))
     specs = {}
     for checkpoint in dict.fromkeys(matrix.values(job.model.checkpoint)):
-        spec, stack_problems = stacks.resolve(job.model, job.paths, checkpoint, origin)
+        spec, stack_problems = stacks.resolve(job.model, job.paths, checkpoint, origin,
+                                              job.executor.device)
         problems += stack_problems
         specs[checkpoint] = spec
     path = Path(job.run.dir) if job.run.dir else default_dir(job.job.name)
     fresh = not (path / "run.json").exists()
-    if not fresh:
+    stored = None if fresh else RunFolder.stored_info(path)
+    if stored is not None and "made_of" not in stored:  # made before run.json said it
         if diff := RunFolder.mismatch(path, schema.to_dict(job)):
-            problems.append(Problem("run.dir", f"{path} was made by a different job (it differs "
-                                    f"in {', '.join(diff)}); resume it with `sdbatch resume "
-                                    f"{path}` or give a new run.dir", origin("run.dir")))
-    elif path.exists() and any(path.iterdir()):
+            problems.append(_refusal(path, f"it was made by a different job (it differs in "
+                                     f"{', '.join(diff)})", origin))
+    elif fresh and path.exists() and any(f.name not in (LOCK, NOTE) for f in path.iterdir()):
         problems.append(Problem("run.dir", f"{path} exists and is not an sdbatch run folder; "
                                 "give a new or empty folder", origin("run.dir")))
     if total > job.run.max_images:
         raise JobError(problems)  # not worth expanding a matrix that will not run
-    nonce = RunFolder.new_nonce() if fresh else RunFolder.stored_nonce(path)
+    nonce = RunFolder.new_nonce() if fresh else stored["seed_nonce"]
     resolved = matrix.resolve_seeds(normal, nonce)
     renders = matrix.expand(resolved)
     model_names = {c: s.name if s else c for c, s in specs.items()}
@@ -128,6 +139,7 @@ def prepare(job: Job, origin: Origin) -> Prepared:
              for r in renders}
     networks, network_problems = stacks.resolve_networks(normal, renders, origin)
     problems += network_problems
+    specs = stacks.with_embeddings(specs, renders, normal)
     repeated = [n for n, c in Counter(names.values()).items() if c > 1]
     if repeated:
         problems.append(Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "
@@ -135,18 +147,96 @@ def prepare(job: Job, origin: Origin) -> Prepared:
                                 origin("run.filename")))
     if problems:
         raise JobError(problems)
+    network_hashes = {k: f.hash for k, f in networks.items()}
     plan = make_plan(renders, {c: s.identity for c, s in specs.items()}, job.params.batch_size,
-                     {k: f.hash for k, f in networks.items()})
-    return Prepared(path, fresh, nonce, specs, resolved, renders, plan, names, networks)
+                     network_hashes)
+    made = made_of(portable(normal), job.run.filename, {c: s.record for c, s in specs.items()},
+                   {f"{kind}:{name}": digest for (kind, name), digest in network_hashes.items()})
+    keys = {r.index: {plan.key(r.index)} for r in renders}
+    if stored is not None and "made_of" in stored:
+        problems += _resume_problems(job, path, stored, made, renders, plan, keys,
+                                     network_hashes, origin)
+    if problems:
+        raise JobError(problems)
+    return Prepared(path, fresh, nonce, specs, resolved, renders, plan, names, networks, made,
+                    keys)
+
+
+def _refusal(path: Path, why: str, origin: Origin) -> Problem:
+    return Problem("run.dir", f"{path} cannot be resumed by this job: {why}; nothing there "
+                   "was touched. Resume it with `sdbatch resume "
+                   f"{path}` (its own job), or give a new run.dir", origin("run.dir"))
+
+
+def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
+                     renders: list[matrix.Render], plan: Plan, keys: dict[int, set[str]],
+                     network_hashes: dict, origin: Origin) -> list[Problem]:
+    """Refuse a resume that would render over the images there with other pixels: a changed
+    expanded job, file name pattern or model file, or (unless allowed) another device or
+    dtype. When that is allowed, adds to ``keys`` the content keys images have from earlier
+    sessions on another device, so they are kept."""
+    changed, device = resume_changes(stored["made_of"], made)
+    problems = []
+    if changed:
+        problems.append(_refusal(path, f"it changed in {', '.join(changed)}", origin))
+    if device and not job.run.allow_device_change:
+        checkpoint = device[0].split(".")[1]
+        was, now = stored["made_of"]["models"][checkpoint], made["models"][checkpoint]
+        problems.append(_refusal(
+            path, f"its images were rendered on {was['device']} in {was['dtype']}, this "
+            f"session would render on {now['device']} in {now['dtype']}, and the pixels would "
+            "differ; set run.allow_device_change=true to go on anyway", origin))
+    if problems:
+        return problems
+    checkpoints = {r.checkpoint for r in renders}
+    if job.run.allow_device_change:
+        for session in stored.get("sessions", []):
+            if checkpoints <= set(session.get("stacks", {})):
+                other = make_plan(renders, session["stacks"], job.params.batch_size,
+                                  network_hashes)
+                for index in keys:
+                    keys[index].add(other.key(index))
+    entries = RunFolder.stored_entries(path)
+    by_index = {r.index: r for r in renders}
+    stale = sorted(i for i, e in entries.items()
+                   if e.get("status") == "ok" and e.get("key") not in keys.get(i, ()))
+    if stale:
+        i = stale[0]
+        what = (differences(entries[i].get("recipe", {}).get("params", {}),
+                            json.loads(json.dumps(by_index[i].params())))
+                if i in by_index else ["not in this job"])
+        problems.append(_refusal(path, f"{len(stale)} image(s) there would come out "
+                                 f"differently (image {i:05d}: "
+                                 f"{', '.join(what) or 'its model stack'})", origin))
+    return problems
 
 
 def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
     p = prepare(job, origin)
+    lock = RunLock(p.path, run_folder.now())
+    try:
+        lock.acquire()
+    except RunFolderBusy as e:
+        raise JobError([Problem("run.dir", str(e), origin("run.dir"))]) from None
+    try:
+        if p.fresh and (p.path / "run.json").exists():
+            raise JobError([Problem("run.dir", f"another process made {p.path} a moment ago; "
+                                    "give another run.dir", origin("run.dir"))])
+        if lock.took_over:
+            print(f"note: {lock.took_over} stopped without releasing {p.path}; taking it over")
+        return _render(job, p, overrides, argv)
+    finally:
+        lock.release()
+
+
+def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int:
+    """The run itself, with the run folder locked."""
     path, renders, plan = p.path, p.renders, p.plan
-    folder = (RunFolder.create(path, schema.to_dict(job), overrides, p.nonce, len(renders))
+    folder = (RunFolder.create(path, schema.to_dict(job), overrides, p.nonce, len(renders),
+                               p.made_of)
               if p.fresh else RunFolder(path))
 
-    done = {r.index for r in renders if folder.is_done(r.index, plan.key(r.index))}
+    done = {r.index for r in renders if folder.is_done(r.index, p.keys[r.index])}
     batches = [b for b in plan.batches if any(r.index not in done for r in b.renders)]
     say = (lambda *a: None) if job.run.progress == "quiet" else print
     count = f"{len(renders)} image{'s' if len(renders) != 1 else ''}"
@@ -154,7 +244,9 @@ def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
     if done:
         print(f"  resuming: {len(done)} already there, {len(renders) - len(done)} to render")
     device = stacks.pick_device(job.executor.device)
-    folder.start_session(str(device), argv)
+    first = next(iter(p.specs.values()))
+    folder.start_session({**stacks.machine(device), "dtype": first.record["dtype"]},
+                         {c: s.identity for c, s in p.specs.items()}, argv)
     embedded_job = portable(p.resolved)
     progress = Progress(job.run.progress, len(renders), len(done))
     counts = Counter(rendered=0, skipped=len(done), failed=0)

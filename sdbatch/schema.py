@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union
 
-from sdbatch import samplers
-from sdbatch.output.filenames import check_pattern
+from sdbatch import sampler_names
+from sdbatch.output.filenames import RESERVED, check_pattern
 
 T = TypeVar("T")
 Axis = Union[T, tuple[T, ...]]  # noqa: UP007 - a value, or a list of values: a grid axis
@@ -67,17 +67,35 @@ def spec(default: Any = dataclasses.MISSING, check: Callable | None = None, **kw
     return field(metadata={"check": check}, **kw)
 
 
+def _folder_name(v: str) -> str | None:
+    """A job name is one plain folder under outputs/ on every system: no path, nothing
+    Windows refuses (trailing dots or spaces, CON, NUL...)."""
+    bad = sorted({c for c in v if not (c.isalnum() or c in "-_. ")})
+    fix = "use letters, digits, '-', '_', '.' and spaces"
+    if bad:
+        return f"must be a plain folder name, got {v!r} (it has {' '.join(bad)}): {fix}"
+    if not v.strip(" ."):
+        return f"must be a plain folder name, got {v!r}: {fix}"
+    if v != v.strip(" ."):
+        return f"must not begin or end with a space or a dot, got {v!r}"
+    if v.split(".")[0].upper() in RESERVED:
+        return f"{v!r} is a name Windows reserves for a device; choose another"
+    if len(v) > 100:
+        return f"must be at most 100 characters, got {len(v)}"
+    return None
+
+
 @dataclass(frozen=True)
 class JobInfo:
-    name: str = spec("sdbatch")
+    name: str = spec("sdbatch", _folder_name)  # outputs/<name>/: one folder, never a path
 
 
 @dataclass(frozen=True)
 class Params:
     """Generation parameters, in the WebUI's words and with its UI defaults."""
 
-    sampler: Axis[str] = spec("DPM++ 2M", samplers.check_sampler)
-    schedule_type: Axis[str] = spec("Automatic", samplers.check_schedule_type)
+    sampler: Axis[str] = spec("DPM++ 2M", sampler_names.check_sampler)
+    schedule_type: Axis[str] = spec("Automatic", sampler_names.check_schedule_type)
     steps: Axis[int] = spec(20, _range(1, 1000))
     cfg_scale: Axis[float] = spec(7.0, _range(0, 100))
     seed: Axis[int] = spec(-1, _seed)
@@ -86,10 +104,10 @@ class Params:
     clip_skip: Axis[int] = spec(1, _range(1, 12))
     subseed: Axis[int] = spec(-1, _seed)  # the variation seed
     subseed_strength: Axis[float] = spec(0.0, _range(0, 1))
-    seed_resize_from_w: int = spec(0, _range(0))  # 0 = off; noise as if drawn at this size
-    seed_resize_from_h: int = spec(0, _range(0))
-    eta: float | None = spec(None, _range(0, 1))  # DDIM's eta (diffusers' other samplers have none)
-    ensd: int = spec(0, _range(0))  # eta noise seed delta: later noise from seed + ensd
+    seed_resize_from_w: Axis[int] = spec(0, _range(0))  # 0 = off; noise as if drawn at this size
+    seed_resize_from_h: Axis[int] = spec(0, _range(0))
+    eta: Axis[float] | None = spec(None, _range(0, 1))  # DDIM's (diffusers' others take none)
+    ensd: Axis[int] = spec(0, _range(0))  # eta noise seed delta: later noise from seed + ensd
     batch_size: int = spec(1, _range(1, 64))
     batch_count: int = spec(1, _range(1, 100000))
 
@@ -155,6 +173,7 @@ class Run:
     max_images: int = spec(1000, _range(1))
     filename: str = spec("[index]-[seed]", check_pattern)
     progress: str = spec("bar", _one_of(("bar", "steps", "quiet")))
+    allow_device_change: bool = spec(False)  # resume on another device type or dtype
 
 
 UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)",
@@ -177,8 +196,8 @@ def _post_size(v: int) -> str | None:
 class Sampling:
     """The sampling keys every post-step may set; unset (null) takes the image's own."""
 
-    sampler: Axis[str] | None = spec(None, samplers.check_sampler)
-    schedule_type: Axis[str] | None = spec(None, samplers.check_schedule_type)
+    sampler: Axis[str] | None = spec(None, sampler_names.check_sampler)
+    schedule_type: Axis[str] | None = spec(None, sampler_names.check_schedule_type)
     cfg_scale: Axis[float] | None = spec(None, _range(0, 100))
     prompt: Axis[str] | None = spec(None)
     negative_prompt: Axis[str] | None = spec(None)
@@ -311,6 +330,20 @@ def all_axes(job: Job) -> dict[str, str]:
     return axes() | {key: key for key in post_axes(job)}
 
 
+def knows(key: str) -> bool:
+    """Whether a dotted key is one of the schema's (or lies inside a list or mapping value of
+    one), so that a command-line override of anything else is reported like a file's key."""
+    cls: Any = Job
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return True
+        hints = _hints(cls)
+        if part not in hints:
+            return False
+        cls = hints[part]
+    return True
+
+
 def get(job: Job, key: str) -> Any:
     """The value at a dotted key."""
     obj: Any = job
@@ -397,10 +430,22 @@ def _check_zip(job: Job, origin: Origin) -> list[Problem]:
 
 
 def _check_sampler_pairs(job: Job, origin: Origin) -> list[Problem]:
-    """Each sampler with each schedule type of the grid (zipped pairs are a subset)."""
+    """Each sampler with each schedule type of the grid (zipped pairs are a subset), the
+    post-steps' too."""
     problems = []
-    if job.params.eta is not None:
-        others = [s for s in _values(job.params.sampler) if samplers.split(s)[0] != "DDIM"]
+    for i, step in enumerate(job.post):
+        s = step.step
+        if s.sampler is None and s.schedule_type is None:
+            continue
+        key = f"post[{i}].{step.kind}.sampler"
+        for name in dict.fromkeys(_values(s.sampler or job.params.sampler)):
+            for schedule in dict.fromkeys(_values(s.schedule_type or "Automatic")):
+                try:
+                    sampler_names.split(name, schedule)
+                except sampler_names.SamplerError as e:
+                    problems.append(Problem(key, str(e), origin(key)))
+    if any(e is not None for e in _values(job.params.eta)):
+        others = [s for s in _values(job.params.sampler) if sampler_names.split(s)[0] != "DDIM"]
         if others:
             problems.append(Problem("params.eta", f"eta applies to DDIM only (diffusers' other "
                                     f"samplers take none), not to {', '.join(others)}",
@@ -408,8 +453,8 @@ def _check_sampler_pairs(job: Job, origin: Origin) -> list[Problem]:
     for name in dict.fromkeys(_values(job.params.sampler)):
         for schedule in dict.fromkeys(_values(job.params.schedule_type)):
             try:
-                samplers.split(name, schedule)
-            except samplers.SamplerError as e:
+                sampler_names.split(name, schedule)
+            except sampler_names.SamplerError as e:
                 problems.append(Problem("params.sampler", str(e), origin("params.sampler")))
     return problems
 
@@ -423,7 +468,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _axis_type(tp: Any) -> Any:
-    """The element type if ``tp`` is Axis[X], else None."""
+    """The element type if ``tp`` is Axis[X] (or Axis[X] | None), else None."""
     if typing.get_origin(tp) in (Union, types.UnionType):
         args = tuple(a for a in typing.get_args(tp) if a is not type(None))
         if len(args) == 2 and typing.get_origin(args[1]) is tuple and \
@@ -481,6 +526,8 @@ def _coerce(v: Any, tp: Any, key: str, problems: list[Problem], origin: Origin) 
     if dataclasses.is_dataclass(tp):
         return _build(tp, v, f"{key}.", problems, origin)
     element = _axis_type(tp)
+    if element is not None and v is None and type(None) in typing.get_args(tp):
+        return None
     if element is not None:
         if v is None and type(None) in typing.get_args(tp):
             return None

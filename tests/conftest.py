@@ -51,8 +51,9 @@ def write_job(folder: Path, name: str, text: str) -> Path:
 
 def sdbatch(cwd: Path, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run the CLI as a user would, in ``cwd``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's sdbatch, not another
     proc = subprocess.run([sys.executable, "-m", "sdbatch", *args], cwd=cwd,
-                          capture_output=True, text=True, env={**os.environ}, **kw)
+                          capture_output=True, text=True, env=env, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"sdbatch {' '.join(args)} exited {proc.returncode}:\n"
                              f"{proc.stdout}\n{proc.stderr}")

@@ -45,3 +45,22 @@ def test_count_is_known_before_seeds():
 def test_sampler_names_are_canonical_in_renders():
     [r] = renders({"params": {"sampler": "DPM++ 2M Karras", "seed": 1}})
     assert (r.sampler, r.schedule_type) == ("DPM++ 2M", "Karras")
+
+
+def test_seed_resize_eta_and_ensd_are_axes_too():
+    rs = renders({"params": {"sampler": "DDIM", "seed": 1, "eta": [0, 0.5], "ensd": [0, 31337],
+                             "seed_resize_from_w": [0, 128], "seed_resize_from_h": [0, 96]},
+                  "zip": [["seed_resize_from_w", "seed_resize_from_h"]]})
+    assert [(r.seed_resize_from_w, r.seed_resize_from_h, r.eta, r.ensd) for r in rs] == [
+        (w, h, eta, ensd) for w, h in ((0, 0), (128, 96)) for eta in (0.0, 0.5)
+        for ensd in (0, 31337)]
+
+
+def test_images_that_differ_in_eta_never_share_a_forward_pass():
+    """eta is the scheduler's, one per pass; seed resize and ENSD are per image."""
+    from sdbatch.plan import make_plan
+
+    rs = renders({"params": {"sampler": "DDIM", "seed": 1, "eta": [0, 0.5], "ensd": [0, 7]}})
+    plan = make_plan(rs, {"tiny": "stack"}, batch_size=4)
+    assert [[r.eta for r in b.renders] for b in plan.batches] == [[0.0, 0.0], [0.5, 0.5]]
+    assert [[r.ensd for r in b.renders] for b in plan.batches] == [[0, 7], [0, 7]]

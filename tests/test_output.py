@@ -71,3 +71,20 @@ def test_manifest_drops_a_torn_line_and_cuts_it_before_appending(tmp_path: Path)
     m.compact()
     lines = path.read_text().splitlines()
     assert [json.loads(x)["index"] for x in lines] == [0, 2]
+
+
+def test_manifest_line_torn_inside_a_multibyte_character(tmp_path: Path):
+    """A kill can cut a line between the bytes of one character: reading must not crash,
+    and the next line starts on a fresh line."""
+    path = tmp_path / "manifest.jsonl"
+    whole = json.dumps({"index": 0, "prompt": "maison rouge é"}, ensure_ascii=False) + "\n"
+    torn = json.dumps({"index": 1, "prompt": "tour bleue 東京"}, ensure_ascii=False).encode()
+    cut = torn[:torn.index("東".encode()) + 1]  # one byte of a three-byte character
+    path.write_bytes(whole.encode() + cut)
+    assert list(manifest.read(path)) == [0]
+    m = manifest.Manifest(path)
+    m.append({"index": 2, "prompt": "x"})
+    m.close()
+    lines = path.read_bytes().split(b"\n")
+    assert [json.loads(x)["index"] for x in lines if x] == [0, 2]
+    assert manifest.read(path)[0]["prompt"] == "maison rouge é"

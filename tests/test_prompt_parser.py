@@ -213,3 +213,13 @@ def test_adjacent_tags_and_tags_inside_syntax():
     text, nets = extract_extra_networks("<lora:a:1><lora:b:2>[x:<lora:c:1>y:3]")
     assert text == "[x:y:3]"
     assert [n.name for n in nets] == ["a", "b", "c"]
+
+
+def test_split_and_reads_parts_and_weights_as_the_webui():
+    from sdbatch.prompts.parser import split_and
+
+    assert split_and("a cat") == [("a cat", 1.0)]
+    assert split_and("a cat AND a dog :1.2") == [("a cat", 1.0), (" a dog", 1.2)]
+    assert split_and("a cat:0.5 AND b:-1") == [("a cat", 0.5), (" b", -1.0)]
+    assert split_and("ANDROID and x") == [("ANDROID and x", 1.0)]  # the word, upper case
+    assert split_and("(x:1.2)") == [("(x:1.2)", 1.0)]  # an emphasis weight is not a part's

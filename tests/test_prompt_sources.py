@@ -129,3 +129,16 @@ def test_parse_line_plain_and_options():
     assert prompt_file.parse_line("a house") == {"prompt": "a house"}
     assert prompt_file.parse_line('--prompt "a" --cfg_scale 7') == {"prompt": "a",
                                                                     "params.cfg_scale": 7.0}
+
+
+def test_more_combinatorial_variants_than_max_variants_is_refused(tmp_path, wildcards):
+    raw = {"prompt": ["a tower", "a {big|small} __colour__ {house|hut}"],
+           "dynamic_prompts": {"max_variants": 7}}
+    with pytest.raises(JobError) as e:
+        norm(raw, tmp_path)
+    [p] = [str(p) for p in e.value.problems]
+    assert p.startswith("prompt (jobs/x.yaml): 'a {big|small} __colour__ {house|hut}' has more "
+                        "than 7 combinatorial variants")
+    assert "dynamic_prompts.max_variants = 7" in p
+    raw["dynamic_prompts"]["max_variants"] = 8
+    assert len(norm(raw, tmp_path).prompt) == 9

@@ -7,16 +7,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from sdbatch import run as runner
 from sdbatch.executors import local
+from sdbatch.models.stack import pick_device
 from sdbatch.output import png
 from sdbatch.output.infotext import parse_infotext
 from sdbatch.schema import validate
@@ -43,17 +44,24 @@ def test_run_folder_layout_and_metadata(tmp_path: Path):
     assert run_job(SMALL, tmp_path / "r") == 0
     r = tmp_path / "r"
     assert {p.name for p in r.iterdir()} == {"config.yaml", "overrides.yaml", "manifest.jsonl",
-                                             "run.json", "images"}
+                                             "run.json", "images", "run.lock"}
     info = json.loads((r / "run.json").read_text())
     assert info["status"] == "complete" and info["counts"]["rendered"] == 4
     assert set(info["versions"]) >= {"python", "torch", "diffusers", "transformers"}
-    assert info["device"] == "cpu" and info["started"] and info["ended"]
+    device = pick_device("auto")  # where this machine renders: cpu, or cuda where there is one
+    assert info["device"] == device.type and info["started"] and info["ended"]
+    assert info["dtype"] == ("float16" if device.type == "cuda" else "float32")
+    assert info["threads"] == torch.get_num_threads()
+    assert info["made_of"]["models"]["tiny"]["device"] == device.type
     entries = [json.loads(x) for x in (r / "manifest.jsonl").read_text().splitlines()]
     assert [e["index"] for e in entries] == [0, 1, 2, 3]
     first = entries[0]
     assert first["file"] == "images/00000-11.png" and first["seed"] == 11
     assert first["recipe"]["params"]["sampler"] == "Euler a" and first["status"] == "ok"
     assert first["recipe"]["model"]["name"] == "tiny" and first["stack"]
+    assert first["recipe"]["device"] == {"device": device.type, "threads": info["threads"],
+                                         "device_name": info["device_name"]}
+    assert first["recipe"]["model"]["dtype"] == info["dtype"]
     assert first["timings"]["render_s"] > 0
     config = yaml.safe_load((r / "config.yaml").read_text())
     assert config["params"]["cfg_scale"] == [5.0, 7.0]
@@ -118,31 +126,56 @@ def test_a_failing_batch_never_loses_the_others(tmp_path: Path, monkeypatch):
 
 def test_a_run_folder_of_another_job_is_refused(tmp_path: Path):
     run_job(SMALL, tmp_path / "r")
-    with pytest.raises(runner.JobError, match="different job.*params.steps"):
+    with pytest.raises(runner.JobError, match="changed in params.steps"):
         run_job({**SMALL, "params": {**SMALL["params"], "steps": 5}}, tmp_path / "r")
 
 
-MANY_JOB = SMALL_JOB.replace("seed: 11", "seed: [1, 2, 3, 4, 5, 6]").replace(
-    "steps: 4", "steps: 12")
+MANY_JOB = SMALL_JOB.replace("seed: 11", "seed: [1, 2, 3]")  # 12 images, one per batch
+
+# Runs the CLI with a hook at a chosen image: the moment a test stops a run is exact.
+STOP_AT = """import os, signal, sys
+sys.path.insert(0, {repo!r})
+from sdbatch.executors import local
+from sdbatch.output.run_folder import RunFolder
+n, how = int(sys.argv.pop(1)), sys.argv.pop(1)
+if how == "kill":  # kill -9 as image n (0-based) is about to be written
+    write, count = RunFolder.write_image, []
+    def write_image(self, *a):
+        count.append(1)
+        if len(count) == n + 1:
+            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+        return write(self, *a)
+    RunFolder.write_image = write_image
+else:  # Ctrl-C while batch n (1-based) is rendered
+    stage, count = local.STAGES["txt2img"], []
+    def txt2img(*a, **k):
+        count.append(1)
+        if len(count) == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return stage(*a, **k)
+    local.STAGES["txt2img"] = txt2img
+from sdbatch.cli import main
+main()
+"""
+
+
+def stop_at(tmp_path: Path, n: int, how: str, *args: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "stop_at.py"
+    script.write_text(STOP_AT.format(repo=str(Path(__file__).resolve().parents[1])))
+    return subprocess.run([sys.executable, str(script), str(n), how, *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_killed_run_resumes_to_the_same_bytes(tmp_path: Path):
     write_job(tmp_path, "small", MANY_JOB)
     sdbatch(tmp_path, "+job=small", "run.dir=full")
-    proc = subprocess.Popen([sys.executable, "-m", "sdbatch", "+job=small", "run.dir=killed"],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = stop_at(tmp_path, 5, "kill", "+job=small", "run.dir=killed")
+    assert proc.returncode == -getattr(signal, "SIGKILL", signal.SIGTERM), proc.stderr
     manifest = tmp_path / "killed" / "manifest.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if manifest.exists() and len(manifest.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    written = len(manifest.read_text().splitlines())
-    assert 3 <= written < 24, "kill the run part-way"
+    assert len(manifest.read_text().splitlines()) == 5
     out = sdbatch(tmp_path, "resume", "killed").stdout
-    assert f"{written} already there" in out or "already there" in out
+    assert "resuming: 5 already there, 7 to render" in out
+    assert "complete: 7 rendered, 5 already there" in out
     assert shas(tmp_path / "killed") == shas(tmp_path / "full")
     files = sorted(p.name for p in (tmp_path / "killed/images").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "full/images").iterdir())
@@ -150,20 +183,16 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path: Path):
 
 def test_ctrl_c_stops_after_the_batch_and_says_how_to_resume(tmp_path: Path):
     write_job(tmp_path, "small", MANY_JOB)
-    proc = subprocess.Popen([sys.executable, "-m", "sdbatch", "+job=small", "run.dir=r"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    manifest = tmp_path / "r" / "manifest.jsonl"
-    while not manifest.exists() or not manifest.read_text():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == runner.EXIT_INTERRUPTED, err
-    assert "sdbatch resume r" in out
+    proc = stop_at(tmp_path, 3, "sigint", "+job=small", "run.dir=r")
+    assert proc.returncode == runner.EXIT_INTERRUPTED, proc.stderr
+    assert "stopping after the current batch" in proc.stderr
+    assert "interrupted: 3 rendered" in proc.stdout and "sdbatch resume r" in proc.stdout
     info = json.loads((tmp_path / "r/run.json").read_text())
-    assert info["status"] == "interrupted"
-    sdbatch(tmp_path, "+job=small", "run.dir=r")  # re-running the job resumes too
-    assert len(shas(tmp_path / "r")) == 24
+    assert info["status"] == "interrupted" and info["counts"]["rendered"] == 3
+    assert len(shas(tmp_path / "r")) == 3
+    out = sdbatch(tmp_path, "+job=small", "run.dir=r").stdout  # re-running the job resumes
+    assert "complete: 9 rendered, 3 already there" in out
+    assert len(shas(tmp_path / "r")) == 12
 
 
 def test_reproduce_matches_bytes(tmp_path: Path):
@@ -174,6 +203,26 @@ def test_reproduce_matches_bytes(tmp_path: Path):
     assert "matches byte for byte" in proc.stdout
     image.write_bytes(png.encode(Image.new("RGB", (64, 64)), "x",
                                  png.read_recipe(image)))
+    proc = sdbatch(tmp_path, "reproduce", str(image), check=False)
+    assert proc.returncode == 1 and "does not match" in proc.stdout
+
+
+def test_reproduce_on_another_device_compares_within_tolerance(tmp_path: Path):
+    """An image said to be made elsewhere: reproduce says so, and accepts pixels within the
+    stated tolerance (not bytes); a different picture still fails."""
+    run_job({**SMALL, "prompt": "a red house", "params": {**SMALL["params"], "cfg_scale": 7}},
+            tmp_path / "r")
+    [image] = (tmp_path / "r/images").glob("*.png")
+    recipe = png.read_recipe(image)
+    recipe["recipe"]["device"]["device_name"] = "another-chip"
+    text = png.read_text(image)["parameters"]
+    pixels = np.asarray(Image.open(image)).copy()
+    pixels[::2] = np.clip(pixels[::2].astype(int) + 3, 0, 255)  # mean 1.5 levels off
+    image.write_bytes(png.encode(Image.fromarray(pixels), text, recipe))
+    proc = sdbatch(tmp_path, "reproduce", str(image))
+    assert "was made on cpu (another-chip)" in proc.stdout
+    assert "reproduced within tolerance on another device" in proc.stdout
+    image.write_bytes(png.encode(Image.new("RGB", (64, 64)), text, recipe))
     proc = sdbatch(tmp_path, "reproduce", str(image), check=False)
     assert proc.returncode == 1 and "does not match" in proc.stdout
 
@@ -201,5 +250,30 @@ def test_quiet_mode_prints_no_bars(tmp_path: Path):
     assert "complete: 4 rendered" in proc.stdout
 
 
-def test_env_stays_offline():
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
+NO_NETWORK = """import socket, sys
+sys.path.insert(0, {repo!r})
+def refuse(*a, **k):
+    sys.stderr.write("NETWORK ATTEMPT %r\\n" % (a,))
+    raise OSError("network is off in this test")
+socket.socket.connect = socket.socket.connect_ex = refuse
+socket.create_connection = socket.getaddrinfo = refuse
+from sdbatch.cli import main
+main()
+"""
+
+
+def test_a_job_runs_with_no_network_and_no_offline_setting(tmp_path: Path):
+    """Nothing is downloaded: with the Hugging Face offline switches unset and every socket
+    refused, the job runs and nothing even tries to connect."""
+    write_job(tmp_path, "small", SMALL_JOB.replace('["a red house", "a blue tower"]',
+                                                   '"a red house"').replace("[5, 7]", "5"))
+    script = tmp_path / "no_network.py"
+    script.write_text(NO_NETWORK.format(repo=str(Path(__file__).resolve().parents[1])))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE",
+                                                             "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache: nothing to fall back on
+    proc = subprocess.run([sys.executable, str(script), "+job=small", "run.dir=r"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "NETWORK ATTEMPT" not in proc.stderr
+    assert len(shas(tmp_path / "r")) == 1

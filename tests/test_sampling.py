@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdbatch import samplers
+from sdbatch import noise, samplers
 from sdbatch.matrix import Render
 from sdbatch.stages import txt2img
 
@@ -29,12 +29,16 @@ def test_every_sampler_is_reproducible_run_to_run(tiny_stack, name):
     assert np.array_equal(a, b)
 
 
-def test_stochastic_samplers_draw_from_the_image_seed(tiny_stack):
-    for name in ("Euler a", "DPM++ SDE", "DPM++ 2M SDE", "DPM2 a"):
+def test_stochastic_samplers_draw_from_the_image_seed(tiny_stack, monkeypatch):
+    """Same starting latents, another seed: only a sampler that draws later noise changes."""
+    fixed = noise.randn(0, (4, 8, 8))
+    monkeypatch.setattr(noise, "initial_noise", lambda *args: fixed)
+    for name in ["Euler", "DPM++ 2M", "Heun", *(n for n, s in samplers.SAMPLERS.items()
+                                                if s.stochastic)]:
         sampler, schedule = samplers.split(name)
         a, b = pixels(tiny_stack, render(sampler=sampler, schedule_type=schedule, seed=1),
                       render(sampler=sampler, schedule_type=schedule, seed=2))
-        assert not np.array_equal(a, b), name
+        assert np.array_equal(a, b) != samplers.is_stochastic(sampler), name
 
 
 def test_variation_seed_moves_the_image_toward_the_subseed(tiny_stack):
@@ -90,3 +94,91 @@ def test_prompt_editing_on_sdxl(tmp_path):
     [plain] = pixels(stack, render(prompt="a red house", **r))
     [edited] = pixels(stack, render(prompt="[a red house:a long blue tower by night:2]", **r))
     assert plain.shape == edited.shape and not np.array_equal(plain, edited)
+
+
+def conditioned_calls(stack, monkeypatch, prompt: str, **kw) -> tuple[str, list]:
+    """Which of "a red house" (a) and "a blue tower" (b) each model call was conditioned
+    on, and the progress reports."""
+    pipe, seen, steps = stack.pipe, [], []
+    real = pipe.unet.forward
+
+    def spy(sample, t, encoder_hidden_states=None, **kwargs):
+        seen.append(encoder_hidden_states[1:].clone())  # row 0 is the negative prompt
+        return real(sample, t, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+    monkeypatch.setattr(pipe.unet, "forward", spy)
+    txt2img.run(stack, (render(prompt=prompt, **kw),), lambda done, total: steps.append(done))
+    a, b = (txt2img.encode_text(pipe, t, 1, stack.device, stack.dtype)[0]
+            for t in ("a red house", "a blue tower"))
+    return "".join("a" if torch.equal(s, a) else "b" if torch.equal(s, b) else "?"
+                   for s in seen), steps
+
+
+@pytest.mark.parametrize("sampler", ["Heun", "DPM2"])
+def test_second_order_samplers_switch_prompts_as_the_webui_counts(tiny_stack, monkeypatch,
+                                                                  sampler):
+    """The WebUI builds the schedule over steps x 2 model calls and counts calls: 4 steps are
+    7 calls (the last step is one Euler call), [a:b:0.5] switches after call 4 (half way),
+    [a|b] alternates per call; the progress bar counts the 4 steps."""
+    edit, steps = conditioned_calls(tiny_stack, monkeypatch, "[a red house:a blue tower:0.5]",
+                                    sampler=sampler, steps=4)
+    assert edit == "aaaaabb"
+    assert steps == [1, 2, 3, 4]
+    alternate, _ = conditioned_calls(tiny_stack, monkeypatch, "[a red house|a blue tower]",
+                                     sampler=sampler, steps=4)
+    assert alternate == "aababab"
+
+
+def test_first_order_samplers_switch_per_step(tiny_stack, monkeypatch):
+    edit, steps = conditioned_calls(tiny_stack, monkeypatch, "[a red house:a blue tower:0.5]",
+                                    sampler="Euler", steps=4)
+    assert edit == "aaab" and steps == [1, 2, 3, 4]
+
+
+def test_and_of_one_prompt_split_in_halves_is_the_prompt(tiny_stack):
+    plain, halves, one = pixels(tiny_stack, render(), render(
+        prompt="a red house :0.5 AND a red house :0.5"), render(prompt="a red house :1"))
+    assert np.abs(plain - one).max() <= 1  # ":1" is the default weight; rows may batch apart
+    assert np.abs(plain - halves).max() <= 1  # uncond + 2 * 0.5 * cfg * (cond - uncond)
+
+
+def test_and_weights_matter_and_parts_are_not_words(tiny_stack):
+    plain, weak, composed, words = pixels(
+        tiny_stack, render(), render(prompt="a red house :0.3"),
+        render(prompt="a red house AND a blue tower"), render(prompt="a red house a blue tower"))
+    assert np.abs(plain - weak).max() > 3
+    assert np.abs(composed - words).max() > 3
+
+
+def test_and_parts_get_their_own_rows(tiny_stack, monkeypatch):
+    pipe, batches = tiny_stack.pipe, []
+    real = pipe.unet.forward
+
+    def spy(sample, t, encoder_hidden_states=None, **kwargs):
+        batches.append(encoder_hidden_states.shape[0])
+        return real(sample, t, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+    monkeypatch.setattr(pipe.unet, "forward", spy)
+    txt2img.run(tiny_stack, (render(prompt="a AND b AND c", negative_prompt="x AND y"),))
+    assert set(batches) == {4}  # one negative (AND is a word there, as in the WebUI) + 3 parts
+
+
+def test_sampling_can_start_part_way_from_init_latents(tiny_stack):
+    """The img2img hook: start_step skips steps (Heun: 2 calls for each later step) and
+    noises init_latents to where sampling starts; progress counts on from there."""
+    from sdbatch import sampling
+
+    scheduler = samplers.make_scheduler(tiny_stack.scheduler_config, "Heun", "Automatic")
+    timeline = txt2img.Timeline(tiny_stack.pipe, render(), 2, tiny_stack.device,
+                                tiny_stack.dtype)
+    calls, steps = [], []
+
+    def conditioning(call):
+        calls.append(call)
+        return txt2img.batch_conditioning([timeline], call, None)
+
+    init = torch.zeros(1, 4, 8, 8)
+    sampling.sample(tiny_stack.pipe.unet, scheduler, noise.randn(1, (1, 4, 8, 8)), 4,
+                    conditioning, 5.0, start_step=2, init_latents=init,
+                    on_step=lambda done, total: steps.append(done))
+    assert calls == [3, 4, 5, 6] and steps == [3, 4]

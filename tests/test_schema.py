@@ -118,3 +118,31 @@ def test_job_folders_from_sdbatch_jobs(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("SDBATCH_JOBS", str(other))
     proc = sdbatch(tmp_path, "+job=far", check=False)
     assert proc.returncode == 2 and "far.yaml" in proc.stderr and "params.width" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "a\\b", "..", ".", "", " ", "x.",
+                                  " x", ".hidden", "CON", "nul.txt", "Com1", "a:b", "x" * 101])
+def test_a_job_name_is_one_plain_folder_name(name):
+    [p] = problems({"job": {"name": name}})
+    assert p.startswith("job.name (jobs/x.yaml): ")
+
+
+@pytest.mark.parametrize("name", ["lego_building", "v1.5 test-2", "Ünïcode ok", "CONFIG"])
+def test_plain_job_names_pass(name):
+    assert validate({"job": {"name": name}}).job.name == name
+
+
+def test_cli_refuses_a_job_name_that_leaves_outputs(tmp_path: Path):
+    inner = tmp_path / "a" / "b"
+    write_job(inner, "esc", "# @package _global_\nprompt: hi\njob:\n  name: ../../escape\n")
+    proc = sdbatch(inner, "+job=esc", check=False)
+    assert proc.returncode == 2 and "job.name (jobs/esc.yaml)" in proc.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "esc.yaml", "jobs"]
+
+
+def test_eta_as_a_list_still_applies_to_ddim_only():
+    assert validate({"params": {"sampler": "DDIM", "eta": [0, 1]}}).params.eta == (0.0, 1.0)
+    [p] = problems({"params": {"sampler": ["DDIM", "Euler"], "eta": [0, 0.5]}})
+    assert "params.eta" in p and "DDIM only" in p and "Euler" in p
+    [p] = problems({"params": {"sampler": "DDIM", "eta": [0.5, 2]}})
+    assert "params.eta" in p and "at most 1" in p

@@ -98,12 +98,17 @@ def test_single_file_checkpoint_by_name_under_paths_models(tmp_path, tiny_stack,
     assert info["Model"] == "tinyfile" and len(info["Model hash"]) == 10
 
 
-def test_checkpoint_axis_loads_each_stack_once(tmp_path, tiny_stack, tiny_spec):
+def test_checkpoint_axis_loads_each_stack_once(tmp_path, tiny_stack, tiny_spec, monkeypatch):
+    loads = []
+    real = stacks.load
+    monkeypatch.setattr(stacks, "load", lambda spec, device: loads.append(spec.name) or
+                        real(spec, device))
     models = tmp_path / "models"
     (models / "Stable-diffusion").mkdir(parents=True)
     save_single_file(tiny_stack.pipe, models / "Stable-diffusion" / "copy.safetensors")
     entries = run_job({"prompt": "a house", "paths": {"models": str(models)},
-                       "params": {**BASE["params"], "seed": [1, 2]},
+                       "params": {**BASE["params"], "seed": [1, 2], "batch_size": 1},
                        "model": {"checkpoint": ["tiny", "copy"], "config": str(tiny_spec.path)}},
                       tmp_path / "r")
     assert [e["recipe"]["model"]["name"] for e in entries] == ["tiny", "tiny", "copy", "copy"]
+    assert loads == ["tiny", "copy"]  # two batches each, one load each

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import random
-import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -216,20 +216,24 @@ def test_a_part_replays_bit_for_bit():
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
-def test_time_budget_fixes_the_step_count_up_front():
-    settings = train.Settings(minutes=1.0 / 60, reserve_s=0.0)  # 1 s, all of it for "vae"
+def test_time_budget_fixes_the_step_count_up_front(monkeypatch):
+    """On a clock that only the steps move (0.25 s each), a 10 s budget is 40 steps, fixed
+    after the calibration steps and never changed."""
+    now = [1000.0]
+    monkeypatch.setattr(train, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    settings = train.Settings(minutes=10 / 60, reserve_s=0.0)  # all of it for "vae"
     settings.shares = {"vae": 1.0, "unet": 0.0, "lora": 0.0, "ti": 0.0}
-    clock, report, totals = train.Clock(settings), {}, set()
+    clock, report, totals = train.Clock(settings), {}, []
 
     def step(i, total):
-        totals.add(total) if i >= train.CALIBRATION_STEPS else None
-        time.sleep(0.01)
+        totals.append(total)
+        now[0] += 0.25
         return 1.0
 
     train.train_loop("vae", step, settings, clock, report, clock.start_part("vae"))
-    assert len(totals) == 1 and report["vae"]["steps"] == totals.pop()
-    assert 20 <= report["vae"]["steps"] <= 100
-    assert report["vae"]["budget_s"] == pytest.approx(1.0, abs=0.1)
+    assert totals[train.CALIBRATION_STEPS:] == [40] * (40 - train.CALIBRATION_STEPS)
+    assert report["vae"]["steps"] == report["vae"]["steps_done"] == 40
+    assert report["vae"]["budget_s"] == pytest.approx(10.0)
 
 
 def test_kohya_names():

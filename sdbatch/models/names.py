@@ -87,3 +87,14 @@ def stem(name: str) -> str:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+def embeddings_in(roots: list[Path | None]) -> dict[str, Path]:
+    """Every embedding under the roots' embeddings/ folders (subfolders too) by its trigger,
+    the file stem, as the WebUI loads them all at start; the first root that has a stem wins."""
+    found: dict[str, Path] = {}
+    for root in roots:
+        for path in candidates("embedding", root):
+            if path.is_file():
+                found.setdefault(stem(path.name), path)
+    return found

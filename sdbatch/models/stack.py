@@ -7,6 +7,7 @@ key. Loading happens later, once per stack, through a least-recently-used cache.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -36,6 +37,7 @@ class StackSpec:
     embeddings: tuple[Path, ...] = field(default=())
     allow_pickle: bool = False
     config: Path | None = None
+    device: str = "auto"  # executor.device: where it will run, which picks the dtype too
 
     @cached_property
     def model_hash(self) -> str:
@@ -45,20 +47,38 @@ class StackSpec:
     def vae_hash(self) -> str | None:
         return hashing.model_hash(self.vae) if self.vae else None
 
+    @property
+    def torch_device(self) -> torch.device:
+        return pick_device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return pick_dtype(self.dtype, self.torch_device)
+
+    @cached_property
+    def record(self) -> dict[str, Any]:
+        """What makes the stack's pixels: its files' hashes, and the device type and dtype
+        it computes in (kernels differ between devices and precisions)."""
+        return {"model": self.model_hash, "vae": self.vae_hash, "family": self.family,
+                "embeddings": {e.name: hashing.sha256(e)[:12] for e in self.embeddings},
+                "device": self.torch_device.type,
+                "dtype": str(self.torch_dtype).removeprefix("torch.")}
+
     @cached_property
     def identity(self) -> str:
-        parts = [self.model_hash, self.vae_hash or "-", self.dtype, self.family,
-                 *(hashing.sha256(e)[:12] for e in self.embeddings)]
-        return ":".join(parts)
+        r = self.record
+        return ":".join([r["model"], r["vae"] or "-", r["family"], *r["embeddings"].values(),
+                         r["device"], r["dtype"]])
 
 
 def _models_dir(paths: Paths) -> Path | None:
     return Path(paths.models).expanduser() if paths.models else None
 
 
-def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the job"
-            ) -> tuple[StackSpec | None, list[Problem]]:
-    """The spec for one checkpoint of a job's model section, or the problems that stop it."""
+def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the job",
+            device: str = "auto") -> tuple[StackSpec | None, list[Problem]]:
+    """The spec for one checkpoint of a job's model section, to run on ``device`` (the
+    executor's), or the problems that stop it."""
     problems: list[Problem] = []
     models = _models_dir(paths)
     if models is not None and not models.is_dir():
@@ -107,7 +127,7 @@ def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the
     name = (checkpoint if checkpoint in EMBEDDED or hub.is_hub_id(checkpoint)
             else names.stem(path.name))
     return StackSpec(name, path, model.dtype, family, vae, embeddings, model.allow_pickle,
-                     config), []
+                     config, device), []
 
 
 @dataclass(frozen=True)
@@ -149,6 +169,25 @@ def resolve_networks(job: Job, renders, origin=lambda key: "the job"
     return files, problems
 
 
+def with_embeddings(specs: dict[str, StackSpec | None], renders, job: Job
+                    ) -> dict[str, StackSpec | None]:
+    """Each checkpoint's spec holding exactly the embeddings its renders trigger (as the
+    WebUI, every file under embeddings/ may; model.embeddings adds files from elsewhere):
+    only those are loaded and hashed, and their hashes are part of the stack's identity, so
+    the content keys of a resumed run follow them."""
+    found = names.embeddings_in(_roots(job))
+    out: dict[str, StackSpec | None] = {}
+    for checkpoint, spec in specs.items():
+        if spec is None:
+            out[checkpoint] = None
+            continue
+        files = {**found, **{names.stem(p.name): p for p in spec.embeddings}}
+        used = dict.fromkeys(n for r in renders if r.checkpoint == checkpoint
+                             for n in r.embeddings)
+        out[checkpoint] = dataclasses.replace(spec, embeddings=tuple(files[n] for n in used))
+    return out
+
+
 def _roots(job: Job) -> list[Path | None]:
     """Where names are looked up: paths.models, then the embedded family's own folder."""
     roots: list[Path | None] = [_models_dir(job.paths)]
@@ -182,6 +221,17 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """Where pixels are computed, as run.json and each recipe record it: the device type,
+    its name (the GPU's, or the CPU architecture) and torch's thread count (CPU kernels sum
+    in another order on another count)."""
+    import platform
+
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.machine() or "unknown")
+    return {"device": device.type, "device_name": name, "threads": torch.get_num_threads()}
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -24,7 +24,7 @@ TAGS: dict[str, Callable[[Any, dict[str, str]], str]] = {
 }
 _TAG = re.compile(r"\[([a-z_]+)\]")
 _UNSAFE = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
-_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
              *(f"LPT{i}" for i in range(1, 10))}
 MAX_BYTES = 150
 
@@ -43,7 +43,7 @@ def safe(name: str) -> str:
     name = _UNSAFE.sub("_", name).strip().rstrip(". ")
     while len(name.encode()) > MAX_BYTES:
         name = name[:-1]
-    if not name or name.split(".")[0].upper() in _RESERVED:
+    if not name or name.split(".")[0].upper() in RESERVED:
         name = f"_{name}"
     return name
 

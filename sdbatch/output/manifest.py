@@ -1,7 +1,8 @@
 """manifest.jsonl: one line per image attempt, appended and flushed as each image lands.
 
-The last line for an image wins. A line torn by a kill is dropped on reading and cut off
-before the next append, so the file is always valid JSON lines.
+The last line for an image wins. A line torn by a kill (cut anywhere, inside a multi-byte
+character too) is dropped on reading and cut off before the next append, so the next line
+starts on a fresh line and the file is valid JSON lines again.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ def read(path: Path) -> dict[int, dict[str, Any]]:
     entries: dict[int, dict[str, Any]] = {}
     if not path.exists():
         return entries
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().split(b"\n"):
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # torn by a kill
-        entries[entry["index"]] = entry
+            entry = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue  # torn by a kill (the last line), or empty
+        if isinstance(entry, dict) and isinstance(entry.get("index"), int):
+            entries[entry["index"]] = entry
     return entries
 
 

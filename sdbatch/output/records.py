@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from sdbatch import __version__
@@ -11,22 +10,61 @@ from sdbatch.models import names
 from sdbatch.models.stack import StackSpec
 from sdbatch.output.infotext import format_infotext, number
 from sdbatch.plan import StageCall
+from sdbatch.prompts.parser import extract_extra_networks
+
+# The sampler names whose WebUI config says "uses_ensd" (modules/sd_samplers_kdiffusion.py,
+# v1.10): only their infotext carries ENSD (with their default eta of 1; sdbatch takes an
+# eta for DDIM only).
+USES_ENSD = {"Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast", "DPM adaptive"}
 
 
-def _used_embeddings(render: Render, spec: StackSpec) -> dict[str, str]:
-    """Embeddings whose trigger word appears in the prompt or negative prompt -> TI hash."""
+def _tag_names(prompt: str) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {"lora": set(), "hypernet": set()}
+    for tag in extract_extra_networks(prompt)[1]:
+        if tag.kind in found:
+            found[tag.kind].add(names.stem(tag.name))
+    return found
+
+
+def infotext_prompt(render: Render) -> str:
+    """The prompt as the WebUI must read it: the stack's LoRAs and hypernetworks that no tag
+    names are appended as tags, with no separator (the WebUI appends its own "add network
+    to prompt" setting the same way): the text left once the tags are removed, which is
+    what gets encoded, stays the same."""
+    tagged = _tag_names(render.prompt)
+    extra = [f"<{kind}:{name}:{number(weight)}>"
+             for kind, entries in (("lora", render.loras), ("hypernet", render.hypernetworks))
+             for name, weight in entries if names.stem(name) not in tagged[kind]]
+    return render.prompt + "".join(extra)
+
+
+def _hash_list(entries) -> str | None:
+    """'name: hash, ...' with ':' and ',' taken out of names, as the WebUI writes them."""
+    return ", ".join(f"{n.replace(':', '').replace(',', '')}: {h}" for n, h in entries) or None
+
+
+def _embedding_hashes(render: Render, spec: StackSpec) -> list[tuple[str, str]]:
+    """(trigger, TI hash) of each embedding the image triggers."""
     from sdbatch.models.embeddings import ti_hash
 
-    text = f"{render.prompt}\n{render.negative_prompt}"
-    return {path.stem: ti_hash(path) for path in spec.embeddings
-            if re.search(rf"(?<![\w]){re.escape(path.stem)}(?![\w])", text, re.IGNORECASE)}
+    files = {names.stem(path.name): path for path in spec.embeddings}
+    return [(n, ti_hash(files[n])) for n in render.embeddings if n in files]
 
 
 def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> str:
+    """The WebUI's infotext, key by key in the order of its create_infotext
+    (modules/processing.py, v1.10), extra generation parameters in the order the WebUI adds
+    them during a render (Lora hashes when networks activate, TI hashes when the prompts
+    are encoded, Eta DDIM when sampling starts). Hypernetworks are named only by their
+    tags: the WebUI writes no Hypernet keys, and on paste it turns a "Hypernet" key into a
+    second tag."""
     stage = calls[0].params
-    loras = {name: digest for name, _, digest in stage["loras"]}
-    hypernets = stage["hypernetworks"]
-    embeddings = _used_embeddings(render, spec)
+    prompt = infotext_prompt(render)
+    lora_hash = {names.stem(name): digest for name, _, digest in stage["loras"]}
+    loras = {tag.name: lora_hash[names.stem(tag.name)]
+             for tag in extract_extra_networks(prompt)[1]
+             if tag.kind == "lora" and names.stem(tag.name) in lora_hash}
+    embeddings = _embedding_hashes(render, spec)
     params = {
         "Steps": render.steps,
         "Sampler": render.sampler,
@@ -45,24 +83,29 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
                              if render.seed_resize_from_w > 0 and render.seed_resize_from_h > 0
                              else None),
         "Clip skip": render.clip_skip if render.clip_skip > 1 else None,
-        "ENSD": render.ensd or None,
-        "Eta DDIM": number(render.eta) if render.eta is not None else None,
-        "Hypernet": ", ".join(name for name, _, _ in hypernets) or None,
-        "Hypernet hash": ", ".join(digest for _, _, digest in hypernets) or None,
-        "Hypernet strength": ", ".join(number(w) for _, w, _ in hypernets) or None,
-        "Lora hashes": ", ".join(f"{n}: {h}" for n, h in loras.items()) or None,
-        "TI hashes": ", ".join(f"{n}: {h}" for n, h in embeddings.items()) or None,
+        "ENSD": render.ensd if render.ensd and render.sampler in USES_ENSD else None,
+        "RNG": "CPU",  # sdbatch draws all noise on the CPU; the WebUI's default is GPU
+        "Lora hashes": _hash_list(loras.items()),
+        "TI hashes": _hash_list(embeddings),
+        "Eta DDIM": (number(render.eta) if render.sampler == "DDIM" and render.eta
+                     else None),
         "Version": f"sdbatch {__version__}",
     }
-    return format_infotext(render.prompt, render.negative_prompt, params)
+    return format_infotext(prompt, render.negative_prompt, params)
 
 
 def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> dict[str, Any]:
-    """Everything that made this image, as data."""
+    """Everything that made this image, as data; `device` says where (device, its name,
+    torch's thread count), which `sdbatch reproduce` needs to match bytes."""
+    from sdbatch.models.stack import machine
+
     return {
         "params": render.params(),
-        "model": {"name": spec.name, "hash": spec.model_hash, "dtype": spec.dtype,
-                  "vae": spec.vae_hash},
+        "model": {"name": spec.name, "hash": spec.model_hash, "dtype": spec.record["dtype"],
+                  "vae": spec.vae_hash, "loras": calls[0].params["loras"],
+                  "hypernetworks": calls[0].params["hypernetworks"],
+                  "embeddings": dict(_embedding_hashes(render, spec))},
+        "device": machine(spec.torch_device),
         "stages": [{"kind": c.kind, "key": c.key} for c in calls],
     }
 

@@ -2,7 +2,9 @@
 
 Each image is written atomically and only then gets its manifest line, so at any moment
 (kill -9 included) the folder holds whole images and a manifest that vouches only for them.
-Re-opening the folder skips every image whose file still has the manifest's sha256.
+Re-opening the folder skips every image whose file still has the manifest's sha256; what a
+resume must not change (the expanded job, the model files, the device) is in run.json's
+`made_of`, compared before any work. One process at a time holds the folder (lock.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sdbatch import __version__
 from sdbatch.output import atomic, manifest
 
 RESUME_IGNORES = ("run", "executor")  # may change between sessions of one run
+DEVICE_KEYS = ("device", "dtype")  # of a stack record: changed only with run.allow_device_change
 
 
 def now() -> str:
@@ -64,6 +67,32 @@ def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def made_of(job: dict[str, Any], filename: str, stacks: dict[str, dict[str, Any]],
+            networks: dict[str, str]) -> dict[str, Any]:
+    """What a run's images are made of, as a resume compares it: the expanded job (prompt
+    file, styles and combinatorial wildcards written in; without run and executor, and
+    without model.dtype, whose effect is the stacks' dtype), the file name pattern, each
+    checkpoint's stack record (file hashes, device, dtype), each LoRA's or hypernetwork's
+    hash."""
+    job = {k: v for k, v in job.items() if k not in RESUME_IGNORES}
+    job["model"] = {k: v for k, v in job["model"].items() if k != "dtype"}
+    return {"job": job, "filename": filename, "models": stacks, "networks": networks}
+
+
+def resume_changes(stored: dict[str, Any], current: dict[str, Any]
+                   ) -> tuple[list[str], list[str]]:
+    """(what changed in the job or its files, what changed in device or dtype), as dotted
+    keys: `params.steps`, `run.filename`, `models.tiny.model`, `models.tiny.device`."""
+    changed = [f"job.{k}" for k in differences(stored["job"], current["job"])]
+    if stored["filename"] != current["filename"]:
+        changed.append("run.filename")
+    device = []
+    for key in differences(stored["models"], current["models"], "models."):
+        (device if key.rsplit(".", 1)[-1] in DEVICE_KEYS else changed).append(key)
+    changed += differences(stored["networks"], current["networks"], "networks.")
+    return [c.removeprefix("job.") for c in changed], device
+
+
 class RunFolder:
     def __init__(self, path: Path):
         self.path = path
@@ -74,8 +103,12 @@ class RunFolder:
         self.manifest = manifest.Manifest(path / "manifest.jsonl")
 
     @staticmethod
-    def stored_nonce(path: Path) -> int:
-        return json.loads((path / "run.json").read_text())["seed_nonce"]
+    def stored_info(path: Path) -> dict[str, Any]:
+        return json.loads((path / "run.json").read_text())
+
+    @staticmethod
+    def stored_entries(path: Path) -> dict[int, dict[str, Any]]:
+        return manifest.read(path / "manifest.jsonl")
 
     @staticmethod
     def stored_job(path: Path) -> dict[str, Any] | None:
@@ -91,12 +124,13 @@ class RunFolder:
 
     @classmethod
     def create(cls, path: Path, job: dict[str, Any], overrides: list[str], nonce: int,
-               total: int) -> RunFolder:
+               total: int, made: dict[str, Any]) -> RunFolder:
         (path / "images").mkdir(parents=True, exist_ok=True)
         atomic.write_text(path / "config.yaml", yaml.safe_dump(job, sort_keys=False,
                                                                allow_unicode=True))
         atomic.write_text(path / "overrides.yaml", yaml.safe_dump(overrides))
-        info = {"seed_nonce": nonce, "images": total, "created": now(), "sessions": []}
+        info = {"seed_nonce": nonce, "images": total, "created": now(), "made_of": made,
+                "sessions": []}
         atomic.write_text(path / "run.json", json.dumps(info, indent=2))
         return cls(path)
 
@@ -104,9 +138,10 @@ class RunFolder:
     def new_nonce() -> int:
         return secrets.randbits(62)
 
-    def is_done(self, index: int, key: str) -> bool:
+    def is_done(self, index: int, keys: set[str]) -> bool:
+        """Whether image ``index`` is there, whole, made with one of ``keys``."""
         entry = self.done.get(index)
-        if not entry or entry.get("status") != "ok" or entry.get("key") != key:
+        if not entry or entry.get("status") != "ok" or entry.get("key") not in keys:
             return False
         file = self.path / entry["file"]
         return file.exists() and sha256_file(file) == entry["sha256"]
@@ -123,11 +158,14 @@ class RunFolder:
         self.manifest.append(entry)
         self.done[entry["index"]] = entry
 
-    def start_session(self, device: str, argv: list[str]) -> None:
-        session = {"started": now(), "device": device, "argv": argv, "versions": versions(),
-                   "status": "running"}
+    def start_session(self, machine: dict[str, Any], stacks: dict[str, str],
+                      argv: list[str]) -> None:
+        """``machine``: device, device_name, dtype, threads; ``stacks``: checkpoint ->
+        stack identity, so a later session allowed on another device keeps these images."""
+        session = {"started": now(), **machine, "stacks": stacks, "argv": argv,
+                   "versions": versions(), "status": "running"}
         self.info["sessions"].append(session)
-        self.info.update({k: session[k] for k in ("started", "device", "versions", "status")})
+        self.info.update({k: session[k] for k in ("started", *machine, "versions", "status")})
         atomic.write_text(self.path / "run.json", json.dumps(self.info, indent=2))
 
     def finish_session(self, status: str, counts: dict[str, int]) -> None:

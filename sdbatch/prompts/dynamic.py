@@ -1,7 +1,8 @@
 """Dynamic prompts with the dynamicprompts library: {a|b} variants, {0.7::a|0.3::b} weights,
 {2$$a|b|c}, and __wildcard__ files.
 
-combinatorial: every variant of a prompt is a value of the prompt axis.
+combinatorial: every variant of a prompt is a value of the prompt axis; a prompt with more than
+max_variants variants is refused (the library would drop the rest silently).
 random: each image picks its variant with a generator seeded by the image's seed, so a seed
 reproduces its prompt. An unknown wildcard is an error before any work (the library would
 otherwise write it literally, or loop in combinatorial mode).
@@ -40,7 +41,8 @@ class DynamicPrompts:
         self.folder = wildcards
 
     def problems(self, template: str) -> list[str]:
-        """Unknown wildcards in a template (and in the wildcard files it reaches)."""
+        """Unknown wildcards in a template (and in the wildcard files it reaches), or more
+        combinatorial variants than max_variants (the library would drop the rest silently)."""
         if self.mode == "off":
             return []
         missing, seen, todo = [], set(), [template]
@@ -59,11 +61,22 @@ class DynamicPrompts:
                     missing.append(name)
                 todo += [str(v) for v in values]
         if not missing:
-            return []
+            return self._too_many(template)
         known = sorted(self.manager.get_collection_names()) if self.folder.is_dir() else []
         where = f"in {self.folder}" if self.folder.is_dir() else f"({self.folder} does not exist)"
         listing = f"; wildcards there: {', '.join(known[:12])}" if known else ""
         return [f"unknown wildcard(s) {', '.join(f'__{m}__' for m in missing)} {where}{listing}"]
+
+    def _too_many(self, template: str) -> list[str]:
+        if self.mode != "combinatorial" or not _dynamic(template):
+            return []
+        found = CombinatorialPromptGenerator(self.manager).generate(
+            template, max_prompts=self.max_variants + 1)
+        if len(found) <= self.max_variants:
+            return []
+        return [f"'{template}' has more than {self.max_variants} combinatorial variants, over "
+                f"dynamic_prompts.max_variants = {self.max_variants}: raise it, shorten the "
+                "prompt's {a|b} choices, or pick one per image with dynamic_prompts.mode=random"]
 
     def variants(self, template: str) -> list[str]:
         """The values a template gives the prompt axis."""

@@ -1,0 +1,75 @@
+"""Mistakes outside the schema (YAML, Hydra overrides, job names) read like the schema's own:
+one clear message, exit code 2, no traceback, no run folder, and no torch imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, sdbatch, write_job
+
+OK = "# @package _global_\nprompt: hi\n"
+
+
+def refused(tmp_path: Path, *args: str) -> str:
+    proc = sdbatch(tmp_path, *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+    return proc.stderr
+
+
+def test_unknown_key_on_the_command_line_reads_like_one_in_a_file(tmp_path: Path):
+    write_job(tmp_path, "typo", OK + "params:\n  widht: 64\n")
+    err = refused(tmp_path, "+job=typo", "params.stepz=5")
+    assert "params.stepz (command line 'params.stepz=5'): unknown key; did you mean 'steps'?" \
+        in err
+    assert "params.widht (jobs/typo.yaml): unknown key; did you mean 'width'?" in err
+    assert "not in struct" not in err
+
+
+def test_an_unknown_top_level_key_on_the_command_line(tmp_path: Path):
+    write_job(tmp_path, "ok", OK)
+    err = refused(tmp_path, "+job=ok", "parmas.steps=5")
+    assert "parmas (command line 'parmas.steps=5'): unknown key; did you mean 'params'?" in err
+
+
+def test_a_malformed_override_is_one_line(tmp_path: Path):
+    write_job(tmp_path, "ok", OK)
+    err = refused(tmp_path, "+job=ok", "params.steps=[1,")
+    assert err.count("\n") == 1
+    assert err.startswith("sdbatch: command line 'params.steps=[1,': not a valid override")
+
+
+@pytest.mark.parametrize("text,where,expected", [
+    ("params:\n  steps: [1,\n  seed: 2\n", ":6:1:", "expected ',' or ']'"),
+    ("params:\n  steps: 3\n   seed: 2\n", ":5:8:", "mapping values are not allowed here"),
+])
+def test_a_yaml_typo_names_file_line_and_column(tmp_path: Path, text, where, expected):
+    write_job(tmp_path, "bad", OK + text)
+    err = refused(tmp_path, "+job=bad")
+    assert err.count("\n") == 1
+    assert f"jobs/bad.yaml{where} not valid YAML: {expected}" in err.replace("\\", "/")
+
+
+def test_a_missing_job_lists_the_jobs_there(tmp_path: Path):
+    write_job(tmp_path, "portrait", OK)
+    err = refused(tmp_path, "+job=portrat")
+    assert "no portrat.yaml" in err and "jobs there: portrait" in err
+
+
+@pytest.mark.parametrize("override", ["params.stepz=5", "params.sampler=Eulr",
+                                      "params.width=100", "job.name=../x"])
+def test_checking_a_bad_job_imports_neither_torch_nor_diffusers(tmp_path: Path, override):
+    write_job(tmp_path, "ok", OK)
+    probe = (f"import sys\nsys.argv = ['sdbatch', '+job=ok', {override!r}]\n"
+             "from sdbatch.cli import main\n"
+             "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+             "print(code, 'torch' in sys.modules, 'diffusers' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stderr
