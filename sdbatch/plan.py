@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,7 +120,7 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
         params["output_size"] = list(size)
         if step.kind == "inpaint":
             params["mask_sha256"] = inputs[params["mask"]].sha256
-        checkpoint = params.pop("checkpoint", None) or render.checkpoint
+        checkpoint = params.get("checkpoint") or render.checkpoint
         calls.append(StageCall(step.kind, params, calls[-1].key, stacks[checkpoint]))
     return tuple(calls)
 
@@ -193,3 +194,26 @@ def size_problems(plan: Plan, inputs: dict[str, InputImage]) -> list[tuple[str, 
                                               f"it masks is {iw}x{ih}: a mask must have its "
                                               "picture's aspect ratio (it is resized to fit)")
     return list(found.items())
+
+
+def finals(plan: Plan) -> dict[str, list[int]]:
+    """Each final call's key -> the images it finishes (equal chains finish several)."""
+    out: dict[str, list[int]] = {}
+    for index, chain in plan.chains.items():
+        out.setdefault(chain[-1].key, []).append(index)
+    return out
+
+
+def needed(plan: Plan, done: set[int], kept: Callable[[str], bool]) -> list[Batch]:
+    """The batches a run still has to compute: those making a call that an unfinished image
+    needs, walking each chain back from its end until an output is already kept."""
+    want: set[str] = set()
+    for index, chain in plan.chains.items():
+        if index in done:
+            continue
+        for depth in range(len(chain) - 1, -1, -1):
+            call = chain[depth]
+            if depth < len(chain) - 1 and kept(call.key):
+                break
+            want.add(call.key)
+    return [b for b in plan.batches if any(c.key in want for c in b.calls)]
