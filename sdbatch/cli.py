@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdbatch import schema
 from sdbatch.models.stack import StackLoadError
+from sdbatch.output.writer import WriteError
 from sdbatch.schema import JobError
 
 USAGE = """usage:
@@ -48,7 +49,7 @@ def hydra_entry(cfg: DictConfig) -> None:
     try:
         job = schema.validate(OmegaConf.to_container(cfg, resolve=True), origin)
         code = run(job, origin, overrides, sys.argv)
-    except (JobError, StackLoadError) as e:
+    except (JobError, StackLoadError, WriteError) as e:
         fail(e)
     if code:
         sys.exit(code)
@@ -74,7 +75,7 @@ def resume(args: list[str]) -> None:
     try:
         job = schema.validate(stored, lambda key: label)
         code = run(job, lambda key: label, [], sys.argv)
-    except (JobError, StackLoadError) as e:
+    except (JobError, StackLoadError, WriteError) as e:
         fail(e)
     sys.exit(code)
 
