@@ -36,11 +36,14 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
     """
     networks = networks or {}
     checked: set[str] = set()
+    stack = None
     for batch in batches:
         if should_stop():
             return
         spec = specs[batch.renders[0].checkpoint]
-        stack = cache.get(spec)
+        if stack is None or stack.spec.identity != spec.identity:
+            stack = None  # let the cache release it before the next stack loads
+            stack = cache.get(spec)
         if spec.identity not in checked:
             try:
                 stack.check_loras([f.path for (kind, _), f in networks.items() if kind == "lora"])
