@@ -18,7 +18,7 @@ from sdbatch import matrix, schema
 from sdbatch.executors.local import execute
 from sdbatch.models import stack as stacks
 from sdbatch.models.stack import StackCache, StackLoadError
-from sdbatch.output import png, records, run_folder
+from sdbatch.output import records, run_folder
 from sdbatch.output.filenames import file_name
 from sdbatch.output.lock import LOCK, NOTE, RunFolderBusy, RunLock
 from sdbatch.output.run_folder import (
@@ -28,6 +28,7 @@ from sdbatch.output.run_folder import (
     made_of,
     resume_changes,
 )
+from sdbatch.output.writer import WriteError, Writer
 from sdbatch.plan import Plan, make_plan
 from sdbatch.progress import Progress
 from sdbatch.prompts import sources
@@ -252,34 +253,39 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
     counts = Counter(rendered=0, skipped=len(done), failed=0)
     start = time.perf_counter()
     with StopFlag() as stop:
+        writer = Writer(folder)
         try:
-            cache = StackCache(device, job.executor.stack_cache_gb)
-            for result in execute(batches, p.specs, cache, p.networks, progress.step,
-                                  lambda: stop.requested):
-                per_image = result.seconds / len(result.batch.renders)
-                for i, r in enumerate(result.batch.renders):
-                    if r.index in done:
-                        continue
-                    calls = plan.chains[r.index]
-                    spec = p.specs[r.checkpoint]
-                    entry = {"index": r.index, "id": f"{r.index:05d}", "key": plan.key(r.index),
-                             "seed": r.seed, "recipe": records.recipe(r, spec, calls),
-                             "stack": spec.identity,
-                             "timings": {"render_s": round(per_image, 4),
-                                         "batch_s": round(result.seconds, 4)}}
-                    if result.error:
-                        folder.write_failure(entry, result.error)
-                        counts["failed"] += 1
-                        say(f"  image {r.index:05d} failed: {result.error.splitlines()[0]}")
-                    else:
-                        data = png.encode(result.images[i], records.infotext(r, spec, calls),
-                                          records.png_recipe(r, spec, calls, embedded_job))
-                        folder.write_image(p.names[r.index], data, entry)
-                        counts["rendered"] += 1
-                    progress.advance()
+            try:
+                cache = StackCache(device, job.executor.stack_cache_gb)
+                for result in execute(batches, p.specs, cache, p.networks, progress.step,
+                                      lambda: stop.requested):
+                    per_image = result.seconds / len(result.batch.renders)
+                    for i, r in enumerate(result.batch.renders):
+                        if r.index in done:
+                            continue
+                        calls = plan.chains[r.index]
+                        spec = p.specs[r.checkpoint]
+                        entry = {"index": r.index, "id": f"{r.index:05d}",
+                                 "key": plan.key(r.index), "seed": r.seed,
+                                 "recipe": records.recipe(r, spec, calls),
+                                 "stack": spec.identity,
+                                 "timings": {"render_s": round(per_image, 4),
+                                             "batch_s": round(result.seconds, 4)}}
+                        if result.error:
+                            writer.failure(entry, result.error)
+                            counts["failed"] += 1
+                            say(f"  image {r.index:05d} failed: {result.error.splitlines()[0]}")
+                        else:
+                            writer.image(p.names[r.index], result.images[i],
+                                         records.infotext(r, spec, calls),
+                                         records.png_recipe(r, spec, calls, embedded_job), entry)
+                            counts["rendered"] += 1
+                        progress.advance()
+            finally:
+                writer.close()  # every image queued is written, after a Ctrl-C too
         except KeyboardInterrupt:
             stop.requested = True
-        except StackLoadError:
+        except (StackLoadError, WriteError):
             progress.close()
             folder.finish_session("failed", dict(counts))
             raise

@@ -1,8 +1,9 @@
 """Single-file checkpoints (.safetensors, .ckpt) -> a diffusers pipeline, with no network.
 
-The file is read once, safely (a pickle is only unpickled on explicit opt-in), the family
-is told from its keys, and each model is built by diffusers' single-file conversion from
-the family's shipped config folder: diffusers would otherwise download those configs.
+The file is read safely (a pickle is only unpickled on explicit opt-in), the family is told
+from its keys, and each model is built by diffusers' single-file conversion from the
+family's shipped config folder (diffusers would otherwise download those configs), from
+its own tensors only, read just before it is built.
 """
 
 from __future__ import annotations
@@ -115,6 +116,86 @@ def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         raise _corrupt(path, f"safetensors: {e}") from None
 
 
+# LDM key prefixes of each model a pipeline is built from; others take the whole file
+PREFIXES = {"unet": ("model.diffusion_model.",), "vae": ("first_stage_model.", "vae."),
+            "text_encoder": ("cond_stage_model.", "conditioner.embedders.0."),
+            "text_encoder_2": ("conditioner.embedders.1.",)}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class Checkpoint:
+    """A checkpoint's tensors, handed out one model at a time and cast to the load dtype as
+    they are read, so loading costs the loaded weights, not the weights plus the file.
+
+    A .safetensors file is read tensor by tensor with plain reads: mapping it (safe_open)
+    would count the whole file in the process's memory until it is closed. A pickle is
+    unpickled whole (a zip checkpoint is mapped); each model's tensors leave it as taken.
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype,
+                 allow_pickle: bool = False):
+        self.path, self.dtype = Path(path), dtype
+        _check_file(self.path)
+        self._tensors: dict[str, torch.Tensor] | None = None
+        if self.path.suffix.lower() == ".safetensors":
+            self._layout = _safetensors_layout(self.path)
+            self.shapes = {k: tuple(v["shape"]) for k, v in self._layout.items()}
+        else:
+            self._tensors = _load_pickle(self.path, allow_pickle)
+            self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+
+    def take(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of model ``name`` (by its LDM prefixes), read now and not kept here."""
+        keys = [k for k in self.shapes if k.startswith(PREFIXES.get(name, ("",)))]
+        if name in PREFIXES:
+            self.shapes = {k: v for k, v in self.shapes.items() if k not in set(keys)}
+        if self._tensors is not None:
+            take = self._tensors.pop if name in PREFIXES else self._tensors.__getitem__
+            return {k: self._cast(take(k)) for k in keys}
+        out = {}
+        with open(self.path, "rb") as f:
+            for k in keys:
+                out[k] = self._cast(self._read(f, k))
+        return out
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def _read(self, f, key: str) -> torch.Tensor:
+        entry = self._layout[key]
+        if entry["dtype"] not in SAFETENSORS_DTYPES:  # rare types: safetensors' own reader
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as st:
+                return st.get_tensor(key)
+        start, end = entry["offsets"]
+        t = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+        f.seek(start)
+        if f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != end - start:
+            raise _corrupt(self.path, f"tensor {key} is cut short")
+        return t
+
+
+def _safetensors_layout(path: Path) -> dict[str, dict[str, Any]]:
+    """Key -> dtype, shape and absolute byte offsets, from a header that safetensors checked."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):  # validates the header against the file
+            pass
+    except SafetensorError as e:
+        raise _corrupt(path, f"safetensors: {e}") from None
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return {k: {"dtype": v["dtype"], "shape": v["shape"],
+                "offsets": (8 + size + v["data_offsets"][0], 8 + size + v["data_offsets"][1])}
+            for k, v in header.items()}
+
+
 def _check_loaded(model, name: str, path: Path, family: str) -> None:
     """Weights missing from the file would stay empty (meta) and fail later, obscurely."""
     empty = [n for n, p in model.named_parameters() if p.is_meta]
@@ -124,8 +205,8 @@ def _check_loaded(model, name: str, path: Path, family: str) -> None:
                              "and is model.family right?")
 
 
-def _component(name: str, library: str, class_name: str, sd: dict, config: Path, family: str,
-               dtype: torch.dtype, path: Path):
+def _component(name: str, library: str, class_name: str, checkpoint: Checkpoint, config: Path,
+               family: str, dtype: torch.dtype, path: Path):
     import diffusers
     import transformers
 
@@ -137,6 +218,7 @@ def _component(name: str, library: str, class_name: str, sd: dict, config: Path,
     if name == "scheduler":
         return getattr(diffusers, class_name).from_pretrained(config, subfolder=name,
                                                               local_files_only=True)
+    sd = checkpoint.take(name)  # only this model's tensors, freed when it is built
     try:
         if library == "transformers":
             from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
@@ -151,6 +233,8 @@ def _component(name: str, library: str, class_name: str, sd: dict, config: Path,
         raise ModelFileError(f"{path}: its {name} weights do not fit the {family} config "
                              f"({str(e).splitlines()[0]}); set model.family to the model's "
                              "family") from e
+    finally:
+        del sd
     _check_loaded(model, name, path, family)
     return model
 
@@ -170,8 +254,8 @@ def load_single_file(path: str | os.PathLike, family: str = "auto",
 
     quiet_libraries()
     path = Path(path)
-    sd = read_state_dict(path, allow_pickle=allow_pickle)
-    detected = families.detect_family(sd)
+    checkpoint = Checkpoint(path, dtype, allow_pickle)
+    detected = families.detect_family(checkpoint.shapes)
     if family == "auto":
         family = detected
     else:
@@ -191,12 +275,11 @@ def load_single_file(path: str | os.PathLike, family: str = "auto",
         if isinstance(value, list) and len(value) == 2:
             library, class_name = value
             kwargs[name] = None if library is None else _component(
-                name, library, class_name, sd, folder, family, dtype, path)
+                name, library, class_name, checkpoint, folder, family, dtype, path)
         else:
             kwargs[name] = value
     if "add_watermarker" in accepted:
         kwargs["add_watermarker"] = False  # the WebUI does not watermark
-    del sd
     pipe = pipeline_class(**kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe

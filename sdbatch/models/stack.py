@@ -8,6 +8,7 @@ key. Loading happens later, once per stack, through a least-recently-used cache.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -314,9 +315,11 @@ class StackLoadError(RuntimeError):
 
 
 class StackCache:
-    """Loaded stacks of a run (of a worker), least recently used evicted past the budget.
+    """Loaded stacks of a run (of a worker): the one in use, and up to budget_gb of others
+    kept for later (least recently used evicted first).
 
-    A budget of 0 keeps only the stack in use; the newest stack always stays, however big.
+    A stack no longer kept is released before the next one loads, so a checkpoint axis peaks
+    at one stack plus the budget, not two stacks. loads and evictions are counted.
     """
 
     def __init__(self, device: torch.device, budget_gb: float = 0.0, loader=None):
@@ -325,21 +328,26 @@ class StackCache:
         self.loader = loader
         self.stacks: OrderedDict[str, Stack] = OrderedDict()
         self.loads = 0
+        self.evictions = 0
 
     def get(self, spec: StackSpec) -> Stack:
+        """The spec's stack, loaded if needed; the caller drops its previous stack first."""
         if spec.identity in self.stacks:
             self.stacks.move_to_end(spec.identity)
             return self.stacks[spec.identity]
+        # every stack held now will be one "beyond the one in use": fit them to the budget
+        evicted = self.evictions
+        while self.stacks and sum(s.nbytes() for s in self.stacks.values()) > self.budget:
+            self.stacks.popitem(last=False)
+            self.evictions += 1
+        if self.evictions > evicted:
+            gc.collect()  # pipelines hold reference cycles: free the evicted weights now
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         try:
             stack = (self.loader or load)(spec, self.device)
         except Exception as e:
             raise StackLoadError(f"cannot load {spec.path}: {e}") from e
         self.loads += 1
         self.stacks[spec.identity] = stack
-        while len(self.stacks) > 1 and sum(s.nbytes() for s in self.stacks.values()) > \
-                self.budget:
-            _, old = self.stacks.popitem(last=False)
-            del old
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
         return stack
