@@ -95,6 +95,15 @@ def post_step(kind: str, given: dict[str, Any], base: Render, position: int) -> 
     return Step(kind, tuple(sorted(v.items())))
 
 
+def checkpoints(job: Job) -> list[str]:
+    """Every checkpoint the job names: the model's (an axis), then the post-steps' own."""
+    found = list(values(job.model.checkpoint))
+    for step in job.post:
+        if step.kind == "hires_fix" and step.hires_fix.checkpoint is not None:
+            found += values(step.hires_fix.checkpoint)
+    return list(dict.fromkeys(found))
+
+
 def values(x: Any) -> tuple:
     """An axis's values: a list's items, or the one value."""
     return x if isinstance(x, tuple) else (x,)

@@ -165,6 +165,7 @@ class Executor:
     name: str = spec("local", _one_of(("local",)))
     device: str = spec("auto")
     stack_cache_gb: float = spec(0.0, _range(0))  # loaded stacks kept beyond the one in use
+    intermediate_cache_gb: float = spec(1.0, _range(0))  # post-step inputs kept in memory
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ class Run:
     filename: str = spec("[index]-[seed]", check_pattern)
     progress: str = spec("bar", _one_of(("bar", "steps", "quiet")))
     allow_device_change: bool = spec(False)  # resume on another device type or dtype
+    keep_intermediates: bool = spec(False)  # keep intermediates/ when the run completes
 
 
 UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)",
