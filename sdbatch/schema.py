@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -385,6 +386,14 @@ def _check_post(job: Job, origin: Origin) -> list[Problem]:
                                     f"{', '.join(given) or 'none'}: write one per list item",
                                     origin(key)))
             continue
+        for name in ("prompt", "negative_prompt"):
+            for text in _values(getattr(step.step, name)):
+                if text and re.search(r"<(lora|lyco|hypernet):", text):
+                    problems.append(Problem(
+                        f"{key}.{step.kind}.{name}", "a post-step's prompt cannot switch "
+                        "networks (its image's LoRAs and hypernetworks apply): move the tag "
+                        "to the image's prompt or model.loras",
+                        origin(f"{key}.{step.kind}.{name}")))
         if step.kind == "inpaint" and step.inpaint.mask is None:
             problems.append(Problem(f"{key}.inpaint.mask", "is required: the mask image "
                                     "(white repaints)", origin(f"{key}.inpaint.mask")))
