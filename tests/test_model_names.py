@@ -105,7 +105,7 @@ def test_stack_cache_loads_once_and_evicts_least_recently_used():
         def nbytes(self):
             return 2**30
 
-    cache = StackCache(torch.device("cpu"), budget_gb=2,
+    cache = StackCache(torch.device("cpu"), budget_gb=1,
                        loader=lambda spec, device: loaded.append(spec.name) or Fake(spec))
     specs = {n: StackSpec(n, Path(n)) for n in "abc"}
     for n in "aab":

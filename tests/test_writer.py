@@ -18,7 +18,7 @@ from sdbatch.schema import validate
 
 
 def folder_in(tmp_path: Path) -> RunFolder:
-    return RunFolder.create(tmp_path / "run", {"job": {}}, [], 1, 4)
+    return RunFolder.create(tmp_path / "run", {"job": {}}, [], 1, 4, {})
 
 
 def entry(i: int) -> dict:
