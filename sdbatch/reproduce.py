@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdbatch import schema
+from sdbatch import atomic, schema
 from sdbatch.models import stack as stacks
-from sdbatch.output import atomic, png, records
+from sdbatch.output import png, records
 from sdbatch.output.run_folder import sha256_file
 from sdbatch.run import render_one
 

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdbatch import inputs, matrix, schema
+from sdbatch import inputs, matrix, model_specs, schema
 from sdbatch.executors.intermediates import Intermediates
 from sdbatch.executors.local import execute
 from sdbatch.models import stack as stacks
@@ -126,7 +126,7 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
                                 origin("run.max_images")))
     specs = {}
     for checkpoint in dict.fromkeys(matrix.checkpoints(job)):
-        spec, stack_problems = stacks.resolve(job.model, job.paths, checkpoint, origin,
+        spec, stack_problems = model_specs.resolve(job.model, job.paths, checkpoint, origin,
                                               job.executor.device)
         problems += stack_problems
         specs[checkpoint] = spec
@@ -149,9 +149,9 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     names = {r.index: file_name(job.run.filename, r, {"job": job.job.name,
                                                        "model_name": model_names[r.checkpoint]})
              for r in renders}
-    networks, network_problems = stacks.resolve_networks(normal, renders, origin)
+    networks, network_problems = model_specs.resolve_networks(normal, renders, origin)
     problems += network_problems
-    specs = stacks.with_embeddings(specs, renders, normal)
+    specs = model_specs.with_embeddings(specs, renders, normal)
     repeated = [n for n, c in Counter(names.values()).items() if c > 1]
     if repeated:
         problems.append(Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "

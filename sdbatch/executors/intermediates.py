@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 from safetensors.torch import load, save
 
-from sdbatch.output import atomic
+from sdbatch import atomic
 from sdbatch.stages.picture import Picture
 
 FOLDER = "intermediates"

@@ -45,10 +45,8 @@ def _hash_list(entries) -> str | None:
 
 def _embedding_hashes(render: Render, spec: StackSpec) -> list[tuple[str, str]]:
     """(trigger, TI hash) of each embedding the image triggers."""
-    from sdbatch.models.embeddings import ti_hash
-
-    files = {names.stem(path.name): path for path in spec.embeddings}
-    return [(n, ti_hash(files[n])) for n in render.embeddings if n in files]
+    return [(n, spec.embedding_hashes[n]) for n in render.embeddings
+            if n in spec.embedding_hashes]
 
 
 def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]

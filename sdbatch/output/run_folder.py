@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from sdbatch import __version__
-from sdbatch.output import atomic, manifest
+from sdbatch import __version__, atomic
+from sdbatch.output import manifest
 
 RESUME_IGNORES = ("run", "executor")  # may change between sessions of one run
 DEVICE_KEYS = ("device", "dtype")  # of a stack record: changed only with run.allow_device_change
