@@ -30,6 +30,9 @@ INHERITED = ("subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_f
              "ensd", "eta", "clip_skip", "loras", "hypernetworks")
 
 
+SHARE_PREFIXES = True  # benchmarks/hires_sharing.py turns it off to measure what sharing saves
+
+
 def content_key(kind: str, params: dict[str, Any], input_key: str | None, stack: str) -> str:
     blob = json.dumps([kind, params, input_key, stack], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -142,6 +145,8 @@ def make_plan(renders: list[Render], stacks: dict[str, str], batch_size: int,
     each (kind, name) of a LoRA or hypernetwork to its file hash, ``inputs`` each input
     image path to its hash and size: keys follow the files."""
     chains = {r.index: chain(r, stacks, networks or {}, inputs) for r in renders}
+    if not SHARE_PREFIXES:  # every image computes its own chain
+        chains = {i: _unshared(c, i) for i, c in chains.items()}
     first_user: dict[str, tuple[StageCall, Render, int]] = {}
     for r in renders:
         for depth, call in enumerate(chains[r.index]):
@@ -156,6 +161,14 @@ def make_plan(renders: list[Render], stacks: dict[str, str], batch_size: int,
             batches.append(Batch(part[0][0].kind, tuple(r for _, r, _ in part),
                                  tuple(c for c, _, _ in part), part[0][2]))
     return Plan(chains, schedule(batches))
+
+
+def _unshared(calls: tuple[StageCall, ...], index: int) -> tuple[StageCall, ...]:
+    out: list[StageCall] = []
+    for call in calls:
+        out.append(StageCall(call.kind, {**call.params, "unshared": index},
+                             out[-1].key if out else None, call.stack))
+    return tuple(out)
 
 
 def schedule(batches: list[Batch]) -> tuple[Batch, ...]:
