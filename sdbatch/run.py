@@ -46,11 +46,11 @@ def describe(job: Job) -> str:
     """'2 zip(prompt, seed) x 3 cfg_scale' - what the image count is made of."""
     parts = []
     zipped = {k for group in job.zip for k in group}
-    short = {dotted: name for name, dotted in schema.axes().items()}
+    short = {dotted: name for name, dotted in schema.all_axes(job).items()}
     for group in job.zip:
         names = ", ".join(short[k] for k in group)
         parts.append(f"{len(schema.get(job, group[0]))} zip({names})")
-    for key in schema.axes().values():
+    for key in schema.all_axes(job).values():
         value = schema.get(job, key)
         if key not in zipped and isinstance(value, tuple) and len(value) > 1:
             parts.append(f"{len(value)} {short[key]}")
