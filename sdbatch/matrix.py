@@ -49,11 +49,59 @@ class Render:
     loras: tuple[tuple[str, float], ...] = ()  # (name, weight): the stack's, then the prompt's
     hypernetworks: tuple[tuple[str, float], ...] = ()
     embeddings: tuple[str, ...] = ()  # triggers in the prompt, then the negative prompt
+    init_image: str | None = None  # the chain starts from this picture, not from txt2img
+    post: tuple[Step, ...] = ()
 
     def params(self) -> dict[str, Any]:
+        """The txt2img call's parameters."""
         d = dataclasses.asdict(self)
-        del d["index"], d["cell"], d["checkpoint"]  # the stack's identity stands for it
+        for name in ("index", "cell", "checkpoint", "init_image", "post"):
+            del d[name]  # the stack's identity stands for the checkpoint; the rest are stages
         return d
+
+
+@dataclass(frozen=True)
+class Step:
+    """One post-step of one image, every key a single value, the image's own filled in
+    where the job left a sampling key unset."""
+
+    kind: str
+    values: tuple[tuple[str, Any], ...]
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    def __getitem__(self, key: str) -> Any:
+        return dict(self.values)[key]
+
+
+def post_step(kind: str, given: dict[str, Any], base: Render, position: int) -> Step:
+    """A post-step's values for one image: unset sampling keys take the image's; a seed the
+    step sets counts up within the cell as the image's seeds do."""
+    v = dict(given)
+    if v.get("sampler") is None and v.get("schedule_type") is None:
+        v["sampler"], v["schedule_type"] = base.sampler, base.schedule_type
+    else:
+        v["sampler"], v["schedule_type"] = sampler_names.split(v.get("sampler") or base.sampler,
+                                                          v.get("schedule_type") or "Automatic")
+    for name in ("prompt", "negative_prompt", "cfg_scale"):
+        if v.get(name) is None:
+            v[name] = getattr(base, name)
+    v["seed"] = base.seed if v.get("seed") is None else v["seed"] + position
+    if not v.get("steps"):
+        v["steps"] = base.steps
+    if kind == "hires_fix" and v.get("checkpoint") is None:
+        v["checkpoint"] = base.checkpoint
+    return Step(kind, tuple(sorted(v.items())))
+
+
+def checkpoints(job: Job) -> list[str]:
+    """Every checkpoint the job names: the model's (an axis), then the post-steps' own."""
+    found = list(values(job.model.checkpoint))
+    for step in job.post:
+        if step.kind == "hires_fix" and step.hires_fix.checkpoint is not None:
+            found += values(step.hires_fix.checkpoint)
+    return list(dict.fromkeys(found))
 
 
 def values(x: Any) -> tuple:
@@ -89,7 +137,7 @@ def _axes(job: Job) -> list[tuple[tuple[str, ...], list[tuple]]]:
     zipped = {name: g for g, group in enumerate(job.zip) for name in group}
     axes: list[tuple[tuple[str, ...], list[tuple]]] = []
     done: set[int] = set()
-    for key in schema.axes().values():
+    for key in schema.all_axes(job).values():
         if key in zipped:
             g = zipped[key]
             if g in done:
@@ -174,7 +222,7 @@ def expand(job: Job, picked: dict[int, tuple[str, str]] | None = None) -> list[R
                 negative = dynamic.pick(negative, image_seed)
             loras, hypernets = networks(job, prompt)
             embeddings = triggered([extract_extra_networks(prompt)[0], negative], triggers)
-            renders.append(Render(
+            base = Render(
                 index=len(renders), cell=cell, checkpoint=values["model.checkpoint"],
                 prompt=prompt, negative_prompt=negative, sampler=sampler,
                 schedule_type=schedule_type, steps=values["params.steps"],
@@ -186,5 +234,10 @@ def expand(job: Job, picked: dict[int, tuple[str, str]] | None = None) -> list[R
                 seed_resize_from_h=values["params.seed_resize_from_h"],
                 eta=values["params.eta"], ensd=values["params.ensd"],
                 loras=loras, hypernetworks=hypernets, embeddings=embeddings,
-            ))
+                init_image=values["init_image"],
+            )
+            post = tuple(post_step(step.kind, {k.rsplit(".", 1)[1]: v for k, v in values.items()
+                                               if k.startswith(f"post.{n}.")}, base, i)
+                         for n, step in enumerate(job.post))
+            renders.append(dataclasses.replace(base, post=post))
     return renders

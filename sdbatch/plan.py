@@ -1,16 +1,22 @@
-"""Renders -> keyed stage calls -> batches of forward passes.
+"""Renders -> a graph of keyed stage calls -> batches of forward passes.
 
-Each image is a chain of stage calls. A call's content key hashes its kind, its parameters,
-its input's key and the model stack's identity, so equal work has an equal key (a resumed
-run recognises what is done, later stages share prefixes). Calls that differ only in seed
-or prompt are grouped into forward passes of batch_size images; the grouping depends on the
-job alone, never on how many workers run it, so bytes reproduce.
+Each image is a chain of stage calls: txt2img (or its init image), then its post-steps in
+order. A call's content key hashes its kind, its parameters, its input's key and the model
+stack's identity, so equal work has an equal key: calls with one key are computed once per
+run (one base image under three hires variants is drawn once), a resumed run recognises
+what is done, and an intermediate saved under its key is found again.
+
+Calls of one kind that differ only in seed or prompt (and in their input) are grouped into
+forward passes of batch_size; the grouping depends on the job alone, never on how many
+workers run it, so bytes reproduce. Batches are ordered so that every call comes after its
+input and each image is finished as early as the graph allows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +24,13 @@ from sdbatch.matrix import Render
 
 # what may differ inside one forward pass: it changes the noise or the text, not the pass
 PER_IMAGE = ("seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
-             "ensd", "prompt", "negative_prompt")
+             "ensd", "prompt", "negative_prompt", "mask_sha256", "mask", "path", "sha256")
+# what a post-step call takes over from its image (it changes the noise or the model)
+INHERITED = ("subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
+             "ensd", "eta", "clip_skip", "loras", "hypernetworks")
+
+
+SHARE_PREFIXES = True  # benchmarks/hires_sharing.py turns it off to measure what sharing saves
 
 
 def content_key(kind: str, params: dict[str, Any], input_key: str | None, stack: str) -> str:
@@ -45,8 +57,21 @@ class StageCall:
 
 @dataclass(frozen=True)
 class Batch:
+    """Calls of one kind run together; ``renders[i]`` is the first image that needs
+    ``calls[i]`` (its noise settings, networks and stack)."""
+
     kind: str
     renders: tuple[Render, ...]
+    calls: tuple[StageCall, ...] = ()
+    depth: int = 0
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """An image file the job reads (init image, mask), known before any work."""
+
+    sha256: str
+    size: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -58,27 +83,150 @@ class Plan:
         """The content key of an image: the key of its last stage call."""
         return self.chains[index][-1].key
 
+    def consumers(self) -> dict[str, int]:
+        """How many distinct calls take each call's output as their input."""
+        counts: dict[str, int] = {}
+        seen: set[str] = set()
+        for chain in self.chains.values():
+            for call in chain:
+                if call.input_key and call.key not in seen:
+                    counts[call.input_key] = counts.get(call.input_key, 0) + 1
+                seen.add(call.key)
+        return counts
 
-def chain(render: Render, stack: str, networks: dict[tuple[str, str], str]
-          ) -> tuple[StageCall, ...]:
-    params = render.params()
+
+def _networks(render: Render, networks: dict[tuple[str, str], str]) -> dict[str, Any]:
+    params = {}
     for kind, field in (("lora", "loras"), ("hypernet", "hypernetworks")):
         params[field] = [[name, weight, networks.get((kind, name), "")]
-                         for name, weight in params[field]]
-    return (StageCall("txt2img", params, None, stack),)
+                         for name, weight in getattr(render, field)]
+    return params
+
+
+def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str], str],
+          inputs: dict[str, InputImage] | None = None) -> tuple[StageCall, ...]:
+    """The image's stage calls, each keyed on its input's key."""
+    inputs = inputs or {}
+    base = render.params() | _networks(render, networks)
+    if render.init_image is None:
+        first = StageCall("txt2img", base, None, stacks[render.checkpoint])
+        size = (render.width, render.height)
+    else:
+        image = inputs[render.init_image]
+        first = StageCall("image", {"path": render.init_image, "sha256": image.sha256}, None, "")
+        size = image.size
+    calls = [first]
+    for step in render.post:
+        params = step.params() | {k: base[k] for k in INHERITED}
+        params["input_size"] = list(size)
+        size = output_size(step.kind, params, size, inputs)
+        params["output_size"] = list(size)
+        if step.kind == "inpaint":
+            params["mask_sha256"] = inputs[params["mask"]].sha256
+        checkpoint = params.get("checkpoint") or render.checkpoint
+        calls.append(StageCall(step.kind, params, calls[-1].key, stacks[checkpoint]))
+    return tuple(calls)
+
+
+def output_size(kind: str, params: dict[str, Any], size: tuple[int, int],
+                inputs: dict[str, InputImage]) -> tuple[int, int]:
+    """The size of a post-step's picture, known from the job alone."""
+    from sdbatch.images import hires_size
+
+    if kind == "hires_fix":
+        return hires_size(*size, params["scale"], params["resize_x"], params["resize_y"]).final
+    return (params["width"] or size[0], params["height"] or size[1])
 
 
 def make_plan(renders: list[Render], stacks: dict[str, str], batch_size: int,
-              networks: dict[tuple[str, str], str] | None = None) -> Plan:
+              networks: dict[tuple[str, str], str] | None = None,
+              inputs: dict[str, InputImage] | None = None) -> Plan:
     """``stacks`` maps each checkpoint name of the job to its stack identity, ``networks``
-    each (kind, name) of a LoRA or hypernetwork to its file hash: keys follow the files."""
-    chains = {r.index: chain(r, stacks[r.checkpoint], networks or {}) for r in renders}
-    groups: dict[str, list[Render]] = {}
+    each (kind, name) of a LoRA or hypernetwork to its file hash, ``inputs`` each input
+    image path to its hash and size: keys follow the files."""
+    chains = {r.index: chain(r, stacks, networks or {}, inputs) for r in renders}
+    if not SHARE_PREFIXES:  # every image computes its own chain
+        chains = {i: _unshared(c, i) for i, c in chains.items()}
+    first_user: dict[str, tuple[StageCall, Render, int]] = {}
     for r in renders:
-        groups.setdefault(chains[r.index][0].group(), []).append(r)
+        for depth, call in enumerate(chains[r.index]):
+            first_user.setdefault(call.key, (call, r, depth))
+    groups: dict[str, list[tuple[StageCall, Render, int]]] = {}
+    for call, r, depth in first_user.values():
+        groups.setdefault(call.group() + str(depth), []).append((call, r, depth))
     batches = []
     for members in groups.values():
         for i in range(0, len(members), batch_size):
-            batches.append(Batch("txt2img", tuple(members[i:i + batch_size])))
-    batches.sort(key=lambda b: b.renders[0].index)
-    return Plan(chains, tuple(batches))
+            part = members[i:i + batch_size]
+            batches.append(Batch(part[0][0].kind, tuple(r for _, r, _ in part),
+                                 tuple(c for c, _, _ in part), part[0][2]))
+    return Plan(chains, schedule(batches))
+
+
+def _unshared(calls: tuple[StageCall, ...], index: int) -> tuple[StageCall, ...]:
+    out: list[StageCall] = []
+    for call in calls:
+        out.append(StageCall(call.kind, {**call.params, "unshared": index},
+                             out[-1].key if out else None, call.stack))
+    return tuple(out)
+
+
+def schedule(batches: list[Batch]) -> tuple[Batch, ...]:
+    """Batches in the order of the first image each serves (then depth), each moved after
+    the batches that make its inputs: images are finished early and inputs come first."""
+    waiting = sorted(batches, key=lambda b: (b.renders[0].index, b.depth))
+    made: set[str | None] = {None}
+    out: list[Batch] = []
+    while waiting:
+        i = next(i for i, b in enumerate(waiting) if all(c.input_key in made for c in b.calls))
+        batch = waiting.pop(i)
+        made.update(c.key for c in batch.calls)
+        out.append(batch)
+    return tuple(out)
+
+
+def size_problems(plan: Plan, inputs: dict[str, InputImage]) -> list[tuple[str, str]]:
+    """(key, message) for each post-step whose size cannot work: a picture size that is
+    not a multiple of 8 (the VAE's cell), or a mask of another aspect than its picture."""
+    found: dict[str, str] = {}
+    for chain in plan.chains.values():
+        for depth, call in enumerate(chain[1:]):
+            where = f"post[{depth}].{call.kind}"
+            w, h = call.params["output_size"]
+            if (w % 8 or h % 8) and where not in found:
+                iw, ih = call.params["input_size"]
+                fix = ("a scale or resize_x / resize_y that gives multiples of 8"
+                       if call.kind == "hires_fix" else "width and height, multiples of 8")
+                found[where] = (f"makes a {w}x{h} picture from a {iw}x{ih} one; sizes must "
+                                f"be multiples of 8: give {fix}")
+            if call.kind == "inpaint":
+                mw, mh = inputs[call.params["mask"]].size
+                iw, ih = call.params["input_size"]
+                if abs(mw / mh - iw / ih) > 0.01 and f"{where}.mask" not in found:
+                    found[f"{where}.mask"] = (f"{call.params['mask']} is {mw}x{mh}, the picture "
+                                              f"it masks is {iw}x{ih}: a mask must have its "
+                                              "picture's aspect ratio (it is resized to fit)")
+    return list(found.items())
+
+
+def finals(plan: Plan) -> dict[str, list[int]]:
+    """Each final call's key -> the images it finishes (equal chains finish several)."""
+    out: dict[str, list[int]] = {}
+    for index, chain in plan.chains.items():
+        out.setdefault(chain[-1].key, []).append(index)
+    return out
+
+
+def needed(plan: Plan, done: set[int], kept: Callable[[str], bool]) -> list[Batch]:
+    """The batches a run still has to compute: those making a call that an unfinished image
+    needs, walking each chain back from its end until an output is already kept."""
+    want: set[str] = set()
+    for index, chain in plan.chains.items():
+        if index in done:
+            continue
+        for depth in range(len(chain) - 1, -1, -1):
+            call = chain[depth]
+            if depth < len(chain) - 1 and kept(call.key):
+                break
+            want.add(call.key)
+    return [b for b in plan.batches if any(c.key in want for c in b.calls)]

@@ -16,9 +16,12 @@ from sdbatch.job_folders import job_dirs
 
 def _has(raw: Any, parts: list[str]) -> bool:
     for part in parts:
-        if not isinstance(raw, dict) or part not in raw:
+        if isinstance(raw, list) and part.isdigit() and int(part) < len(raw):
+            raw = raw[int(part)]
+        elif isinstance(raw, dict) and part in raw:
+            raw = raw[part]
+        else:
             return False
-        raw = raw[part]
     return True
 
 
@@ -58,7 +61,9 @@ class Origins:
                              _load(Path(str(conf.joinpath("config.yaml"))))))
 
     def __call__(self, key: str) -> str:
-        key = re.sub(r"\[\d+\]", "", key)
+        # post[1].inpaint.mask -> post.1.inpaint.mask (a list of mappings); params.seed[1]
+        # -> params.seed (an item of an axis: the key's own place)
+        key = re.sub(r"\[\d+\]$", "", re.sub(r"\[(\d+)\]\.", r".\1.", key))
         for override in self.overrides:
             name = override.split("=", 1)[0].lstrip("+~")
             if name == key or key.startswith(f"{name}.") or name.startswith(f"{key}."):

@@ -16,13 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdbatch import matrix, schema
-from sdbatch.executors.local import execute
+from sdbatch import atomic, schema
 from sdbatch.models import stack as stacks
-from sdbatch.output import atomic, png, records
+from sdbatch.output import png, records
 from sdbatch.output.run_folder import sha256_file
-from sdbatch.plan import make_plan
-from sdbatch.schema import JobError
+from sdbatch.run import render_one
 
 # across devices: mean absolute difference, in levels of 255, that still counts as the image
 TOLERANCE = 2.0
@@ -48,36 +46,21 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
               f"bytes cannot match; comparing pixels (mean difference at most {TOLERANCE} "
               "levels of 255)")
     index = data["index"]
-    recorded_params = data["recipe"]["params"]
+    recorded = data["recipe"]["params"]
     # the prompts as rendered: a random dynamic prompt is not picked again (its wildcard
     # files need not exist any more)
-    renders = matrix.expand(job, {index: (recorded_params["prompt"],
-                                          recorded_params["negative_prompt"])})
-    checkpoint = renders[index].checkpoint
-    spec, problems = stacks.resolve(job.model, job.paths, checkpoint, lambda key: label)
-    if problems:
-        raise JobError(problems)
-    recorded = data["recipe"]["model"]["hash"]
-    if spec.model_hash != recorded:
+    if raw["dynamic_prompts"]["mode"] == "random":
+        raw["dynamic_prompts"]["mode"] = "off"
+    job = schema.validate(raw, lambda key: label)
+    p, render, picture = render_one(job, lambda key: label, index,
+                                    {index: (recorded["prompt"], recorded["negative_prompt"])})
+    spec = p.specs[render.checkpoint]
+    if spec.model_hash != data["recipe"]["model"]["hash"]:
         print(f"note: model {spec.name} now hashes to {spec.model_hash}, the image was made "
-              f"with {recorded}: expect different pixels")
-    mine = [r for r in renders if r.checkpoint == checkpoint]
-    networks, problems = stacks.resolve_networks(job, mine, lambda key: label)
-    if problems:
-        raise JobError(problems)
-    spec = stacks.with_embeddings({checkpoint: spec}, mine, job)[checkpoint]
-    specs = {checkpoint: spec}
-    plan = make_plan(mine, {checkpoint: spec.identity}, job.params.batch_size,
-                     {k: f.hash for k, f in networks.items()})
-    batch = next(b for b in plan.batches if any(r.index == index for r in b.renders))
-    cache = stacks.StackCache(stacks.pick_device(job.executor.device))
-    result = next(execute([batch], specs, cache, networks))
-    if result.error:
-        raise ValueError(f"the render failed: {result.error}")
-    position = [r.index for r in batch.renders].index(index)
-    render = batch.renders[position]
-    fresh = png.encode(result.images[position], records.infotext(render, spec, plan.chains[index]),
-                       records.png_recipe(render, spec, plan.chains[index], data["job"]))
+              f"with {data['recipe']['model']['hash']}: expect different pixels")
+    chain = p.plan.chains[index]
+    fresh = png.encode(picture.image, records.infotext(render, spec, chain),
+                       records.png_recipe(render, spec, chain, data["job"]))
     if out is not None:
         atomic.write_bytes(out, fresh)
     import hashlib
@@ -87,7 +70,7 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
         print(f"reproduced: {image} matches byte for byte")
         return True
     old = np.asarray(Image.open(image).convert("RGB"), dtype=np.int16)
-    new = np.asarray(result.images[position].convert("RGB"), dtype=np.int16)
+    new = np.asarray(picture.image.convert("RGB"), dtype=np.int16)
     if old.shape != new.shape:
         print(f"differs: {image} does not match (sizes differ: {old.shape} and {new.shape})")
         return False

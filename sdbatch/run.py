@@ -6,15 +6,19 @@ by another job) is checked before the run folder is made or any model is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdbatch import matrix, schema
+from sdbatch import inputs, matrix, model_specs, schema
+from sdbatch.executors.intermediates import Intermediates
 from sdbatch.executors.local import execute
 from sdbatch.models import stack as stacks
 from sdbatch.models.stack import StackCache, StackLoadError
@@ -29,10 +33,11 @@ from sdbatch.output.run_folder import (
     resume_changes,
 )
 from sdbatch.output.writer import WriteError, Writer
-from sdbatch.plan import Plan, make_plan
+from sdbatch.plan import Plan, finals, make_plan, needed, size_problems
 from sdbatch.progress import Progress
 from sdbatch.prompts import sources
 from sdbatch.schema import Job, JobError, Origin, Problem
+from sdbatch.stages.picture import Picture
 
 EXIT_OK, EXIT_FAILURES, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -41,11 +46,11 @@ def describe(job: Job) -> str:
     """'2 zip(prompt, seed) x 3 cfg_scale' - what the image count is made of."""
     parts = []
     zipped = {k for group in job.zip for k in group}
-    short = {dotted: name for name, dotted in schema.axes().items()}
+    short = {dotted: name for name, dotted in schema.all_axes(job).items()}
     for group in job.zip:
         names = ", ".join(short[k] for k in group)
         parts.append(f"{len(schema.get(job, group[0]))} zip({names})")
-    for key in schema.axes().values():
+    for key in schema.all_axes(job).values():
         value = schema.get(job, key)
         if key not in zipped and isinstance(value, tuple) and len(value) > 1:
             parts.append(f"{len(value)} {short[key]}")
@@ -100,13 +105,19 @@ class Prepared:
     keys: dict[int, set[str]]  # index -> content keys an image already there may have
 
 
-def prepare(job: Job, origin: Origin) -> Prepared:
-    """Every up-front check, then the matrix and plan; raises JobError listing all problems."""
+def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None = None
+            ) -> Prepared:
+    """Every up-front check, then the matrix and plan; raises JobError listing all problems.
+    ``picked`` gives images their recorded prompts (reproduce: see matrix.expand)."""
     problems: list[Problem] = []
     try:
         normal = sources.normalize(job, origin)
     except JobError as e:  # reported with everything else found below
         normal, problems = job, list(e.problems)
+    normal, image_problems = inputs.locate(normal, origin)
+    problems += image_problems
+    images, image_problems = inputs.read(normal, origin) if not image_problems else ({}, [])
+    problems += image_problems
     total = matrix.count(normal)
     if total > job.run.max_images:
         problems.append(Problem("run.max_images", f"the job makes {total} images, more than "
@@ -114,8 +125,8 @@ def prepare(job: Job, origin: Origin) -> Prepared:
                                 f"(run.max_images={total}) or shrink the grid",
                                 origin("run.max_images")))
     specs = {}
-    for checkpoint in dict.fromkeys(matrix.values(job.model.checkpoint)):
-        spec, stack_problems = stacks.resolve(job.model, job.paths, checkpoint, origin,
+    for checkpoint in dict.fromkeys(matrix.checkpoints(job)):
+        spec, stack_problems = model_specs.resolve(job.model, job.paths, checkpoint, origin,
                                               job.executor.device)
         problems += stack_problems
         specs[checkpoint] = spec
@@ -133,14 +144,14 @@ def prepare(job: Job, origin: Origin) -> Prepared:
         raise JobError(problems)  # not worth expanding a matrix that will not run
     nonce = RunFolder.new_nonce() if fresh else stored["seed_nonce"]
     resolved = matrix.resolve_seeds(normal, nonce)
-    renders = matrix.expand(resolved)
+    renders = matrix.expand(resolved, picked)
     model_names = {c: s.name if s else c for c, s in specs.items()}
     names = {r.index: file_name(job.run.filename, r, {"job": job.job.name,
                                                        "model_name": model_names[r.checkpoint]})
              for r in renders}
-    networks, network_problems = stacks.resolve_networks(normal, renders, origin)
+    networks, network_problems = model_specs.resolve_networks(normal, renders, origin)
     problems += network_problems
-    specs = stacks.with_embeddings(specs, renders, normal)
+    specs = model_specs.with_embeddings(specs, renders, normal)
     repeated = [n for n, c in Counter(names.values()).items() if c > 1]
     if repeated:
         problems.append(Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "
@@ -150,9 +161,14 @@ def prepare(job: Job, origin: Origin) -> Prepared:
         raise JobError(problems)
     network_hashes = {k: f.hash for k, f in networks.items()}
     plan = make_plan(renders, {c: s.identity for c, s in specs.items()}, job.params.batch_size,
-                     network_hashes)
+                     network_hashes, images)
+    problems += [Problem(key, message, origin(key))
+                 for key, message in size_problems(plan, images)]
+    if problems:
+        raise JobError(problems)
     made = made_of(portable(normal), job.run.filename, {c: s.record for c, s in specs.items()},
-                   {f"{kind}:{name}": digest for (kind, name), digest in network_hashes.items()})
+                   {f"{kind}:{name}": digest for (kind, name), digest in network_hashes.items()},
+                   {path: image.sha256 for path, image in images.items()})
     keys = {r.index: {plan.key(r.index)} for r in renders}
     if stored is not None and "made_of" in stored:
         problems += _resume_problems(job, path, stored, made, renders, plan, keys,
@@ -212,6 +228,31 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
     return problems
 
 
+def render_one(job: Job, origin: Origin, index: int,
+               picked: dict[int, tuple[str, str]] | None = None
+               ) -> tuple[Prepared, matrix.Render, Picture]:
+    """One image of a job, rendered in a scratch folder that is removed after: its whole
+    chain, in the batches the full run would use (so the bytes are the run's)."""
+    scratch = Path(tempfile.mkdtemp(prefix="sdbatch-one-"))
+    try:
+        job = dataclasses.replace(job, run=dataclasses.replace(job.run, dir=str(scratch / "run")))
+        p = prepare(job, origin, picked)
+        others = {r.index for r in p.renders} - {index}
+        store = Intermediates(scratch, int(job.executor.intermediate_cache_gb * 2**30))
+        cache = StackCache(stacks.pick_device(job.executor.device))
+        final = p.plan.key(index)
+        for result in execute(needed(p.plan, others, lambda key: False), p.specs, cache,
+                              p.networks, store=store, consumers=p.plan.consumers()):
+            for call, picture in zip(result.batch.calls, result.pictures or [], strict=False):
+                if call.key == final:
+                    return p, next(r for r in p.renders if r.index == index), picture
+            if result.error and final in [c.key for c in result.batch.calls]:
+                raise ValueError(f"the render failed: {result.error}")
+        raise ValueError(f"image {index} was not rendered")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
     p = prepare(job, origin)
     lock = RunLock(p.path, run_folder.now())
@@ -238,7 +279,10 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
               if p.fresh else RunFolder(path))
 
     done = {r.index for r in renders if folder.is_done(r.index, p.keys[r.index])}
-    batches = [b for b in plan.batches if any(r.index not in done for r in b.renders)]
+    store = Intermediates(path, int(job.executor.intermediate_cache_gb * 2**30))
+    batches = needed(plan, done, store.has)
+    finishes = finals(plan)
+    by_index = {r.index: r for r in renders}
     say = (lambda *a: None) if job.run.progress == "quiet" else print
     count = f"{len(renders)} image{'s' if len(renders) != 1 else ''}"
     print(f"{job.job.name}: {count} ({describe(p.resolved)}) -> {path}")
@@ -258,11 +302,11 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
             try:
                 cache = StackCache(device, job.executor.stack_cache_gb)
                 for result in execute(batches, p.specs, cache, p.networks, progress.step,
-                                      lambda: stop.requested):
-                    per_image = result.seconds / len(result.batch.renders)
-                    for i, r in enumerate(result.batch.renders):
-                        if r.index in done:
-                            continue
+                                      lambda: stop.requested, store, plan.consumers()):
+                    per_image = result.seconds / len(result.batch.calls)
+                    finished = [(i, by_index[index]) for i, call in enumerate(result.batch.calls)
+                                for index in finishes.get(call.key, ()) if index not in done]
+                    for i, r in finished:
                         calls = plan.chains[r.index]
                         spec = p.specs[r.checkpoint]
                         entry = {"index": r.index, "id": f"{r.index:05d}",
@@ -276,7 +320,7 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
                             counts["failed"] += 1
                             say(f"  image {r.index:05d} failed: {result.error.splitlines()[0]}")
                         else:
-                            writer.image(p.names[r.index], result.images[i],
+                            writer.image(p.names[r.index], result.pictures[i].image,
                                          records.infotext(r, spec, calls),
                                          records.png_recipe(r, spec, calls, embedded_job), entry)
                             counts["rendered"] += 1
@@ -296,6 +340,8 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
     status = ("interrupted" if finished < len(renders)
               else "failed" if counts["failed"] else "complete")
     folder.finish_session(status, dict(counts))
+    if status == "complete" and not job.run.keep_intermediates:
+        store.remove_all()
     print(f"{status}: {counts['rendered']} rendered, {counts['skipped']} already there, "
           f"{counts['failed']} failed, in {elapsed:.1f} s -> {path}")
     if status != "complete":

@@ -88,7 +88,8 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
            timestep_cond: torch.Tensor | None = None,
            start_step: int = 0, init_latents: torch.Tensor | None = None,
            on_step: Callable[[int, int], None] | None = None,
-           on_latents: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+           on_latents: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+           mask: torch.Tensor | None = None, image_conditioning: torch.Tensor | None = None
            ) -> torch.Tensor:
     """Denoise `noise` (B, C, H, W) over `steps` sampling steps; returns the final latents.
 
@@ -97,6 +98,11 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
     first steps are skipped and `init_latents` noised to where sampling starts (img2img).
     `on_step(done, steps)` reports each finished sampling step; `on_latents(step, x)`
     may replace the latents after it.
+
+    Inpainting: with `mask` (B, 1, h, w; 1 = repaint) the unmasked part is re-imposed after
+    every scheduler step, as `init_latents` noised to the next timestep with the same
+    noise (diffusers' scheme for 4-channel models); `image_conditioning` (B, 5, h, w: mask
+    and masked-image latents) is concatenated to the UNet's input (9-channel models).
     """
     device = noise.device
     scheduler.set_timesteps(steps, device=device)
@@ -125,12 +131,17 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
         cond = conditioning(call)
         guided = not (cfg_scale == 1.0 and cond.plain) and timestep_cond is None
         latents_in = scheduler.scale_model_input(latents, t)
+        if image_conditioning is not None:
+            latents_in = torch.cat([latents_in, image_conditioning.to(latents_in)], dim=1)
         out = _unet(unet, latents_in, t, cond, guided, timestep_cond)
         if guided:
             out = guide(out, cond, cfg_scale)
         if variance is not None:
             kwargs["variance_noise"] = variance(call)
         latents = scheduler.step(out, t, latents, **kwargs, return_dict=False)[0]
+        if mask is not None and i + 1 < len(timesteps):
+            known = scheduler.add_noise(init_latents, noise, timesteps[i + 1:i + 2])
+            latents = known * (1 - mask) + latents * mask
     return _finish_step(done + 1, steps, latents, on_step, on_latents)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -165,6 +166,7 @@ class Executor:
     name: str = spec("local", _one_of(("local",)))
     device: str = spec("auto")
     stack_cache_gb: float = spec(0.0, _range(0))  # loaded stacks kept beyond the one in use
+    intermediate_cache_gb: float = spec(1.0, _range(0))  # post-step inputs kept in memory
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,92 @@ class Run:
     filename: str = spec("[index]-[seed]", check_pattern)
     progress: str = spec("bar", _one_of(("bar", "steps", "quiet")))
     allow_device_change: bool = spec(False)  # resume on another device type or dtype
+    keep_intermediates: bool = spec(False)  # keep intermediates/ when the run completes
+
+
+UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)",
+             "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)",
+             "Lanczos", "Nearest")
+RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill", "latent_upscale")
+MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")
+INPAINT_AREAS = ("whole_picture", "only_masked")
+
+
+def _denoise(v: float) -> str | None:
+    return _range(0, 1)(v)
+
+
+def _post_size(v: int) -> str | None:
+    return None if v == 0 else _size(v)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling keys every post-step may set; unset (null) takes the image's own."""
+
+    sampler: Axis[str] | None = spec(None, sampler_names.check_sampler)
+    schedule_type: Axis[str] | None = spec(None, sampler_names.check_schedule_type)
+    cfg_scale: Axis[float] | None = spec(None, _range(0, 100))
+    prompt: Axis[str] | None = spec(None)
+    negative_prompt: Axis[str] | None = spec(None)
+    seed: Axis[int] | None = spec(None, _range(0, MAX_SEED))  # counts up like the image's
+
+
+@dataclass(frozen=True)
+class HiresFix(Sampling):
+    """The WebUI's hires fix: upscale the first pass, then img2img it at the new size."""
+
+    scale: Axis[float] = spec(2.0, _range(1, 16))
+    resize_x: Axis[int] = spec(0, _range(0))  # 0 = from scale
+    resize_y: Axis[int] = spec(0, _range(0))
+    upscaler: Axis[str] = spec("Latent", _one_of(UPSCALERS))
+    steps: Axis[int] = spec(0, _range(0, 1000))  # 0 = the first pass's steps
+    denoise: Axis[float] = spec(0.7, _denoise)
+    checkpoint: Axis[str] | None = spec(None)  # another model for the second pass
+
+
+@dataclass(frozen=True)
+class Img2Img(Sampling):
+    """img2img of the previous image (or init_image) at width x height."""
+
+    denoise: Axis[float] = spec(0.75, _denoise)
+    resize_mode: Axis[str] = spec("just_resize", _one_of(RESIZE_MODES))
+    width: Axis[int] = spec(0, _post_size)  # 0 = the input's size
+    height: Axis[int] = spec(0, _post_size)
+    steps: Axis[int] = spec(0, _range(0, 1000))  # 0 = the job's steps
+
+
+@dataclass(frozen=True)
+class Inpaint(Sampling):
+    """An inpaint pass: repaint where the mask is white, keep the rest byte for byte."""
+
+    mask: Axis[str] | None = spec(None)  # required: white repaints (RGBA: opaque)
+    invert_mask: Axis[bool] = spec(False)
+    mask_blur: Axis[int] = spec(4, _range(0, 64))
+    masked_content: Axis[str] = spec("original", _one_of(MASKED_CONTENT))
+    inpaint_area: Axis[str] = spec("whole_picture", _one_of(INPAINT_AREAS))
+    only_masked_padding: Axis[int] = spec(32, _range(0, 256))
+    denoise: Axis[float] = spec(0.75, _denoise)
+    width: Axis[int] = spec(0, _post_size)  # processing size; 0 = the input's size
+    height: Axis[int] = spec(0, _post_size)
+    steps: Axis[int] = spec(0, _range(0, 1000))  # 0 = the job's steps
+
+
+@dataclass(frozen=True)
+class PostStep:
+    """One step of ``post``: a mapping with exactly one of these keys."""
+
+    hires_fix: HiresFix | None = spec(None)
+    img2img: Img2Img | None = spec(None)
+    inpaint: Inpaint | None = spec(None)
+
+    @property
+    def kind(self) -> str:
+        return next(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
+
+    @property
+    def step(self) -> Sampling:
+        return getattr(self, self.kind)
 
 
 @dataclass(frozen=True)
@@ -182,6 +270,8 @@ class Job:
     prompt: Axis[str] = spec("")
     negative_prompt: Axis[str] = spec("")
     prompt_file: str | None = spec(None)  # a recipe per line, like the WebUI's script
+    init_image: Axis[str] | None = spec(None)  # start from this picture instead of txt2img
+    post: tuple[PostStep, ...] = spec(())  # steps run in order, each on the previous image
     styles: tuple[str, ...] = spec(())  # names from paths.styles, applied to every prompt
     dynamic_prompts: DynamicPrompts = spec(default_factory=DynamicPrompts)
     params: Params = spec(default_factory=Params)
@@ -226,6 +316,23 @@ def axes() -> dict[str, str]:
     return out
 
 
+def post_axes(job: Job) -> list[str]:
+    """The axis keys of the job's post-steps, ``post.N.kind.key``, in the order written
+    (innermost axes of the matrix, after the table's)."""
+    out = []
+    for i, step in enumerate(job.post):
+        kind = step.kind
+        hints = _hints(type(step.step))
+        out += [f"post.{i}.{kind}.{f.name}" for f in dataclasses.fields(step.step)
+                if _axis_type(hints[f.name])]
+    return out
+
+
+def all_axes(job: Job) -> dict[str, str]:
+    """Every axis of this job: the table's (short name -> dotted key) and its post-steps'."""
+    return axes() | {key: key for key in post_axes(job)}
+
+
 def knows(key: str) -> bool:
     """Whether a dotted key is one of the schema's (or lies inside a list or mapping value of
     one), so that a command-line override of anything else is reported like a file's key."""
@@ -244,7 +351,7 @@ def get(job: Job, key: str) -> Any:
     """The value at a dotted key."""
     obj: Any = job
     for part in key.split("."):
-        obj = getattr(obj, part)
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
     return obj
 
 
@@ -253,7 +360,9 @@ def validate(raw: Mapping[str, Any], origin: Origin = lambda key: "the job") -> 
     problems: list[Problem] = []
     job = _build(Job, raw, "", problems, origin)
     if not problems:
-        full = {v: v for v in axes().values()} | axes()
+        problems += _check_post(job, origin)
+    if not problems:
+        full = {v: v for v in all_axes(job).values()} | all_axes(job)
         job = dataclasses.replace(job, zip=tuple(tuple(full.get(n, n) for n in group)
                                                  for group in job.zip))
         problems += _check_zip(job, origin) + _check_sampler_pairs(job, origin)
@@ -262,9 +371,45 @@ def validate(raw: Mapping[str, Any], origin: Origin = lambda key: "the job") -> 
     return job
 
 
+def _check_post(job: Job, origin: Origin) -> list[Problem]:
+    problems = []
+    if job.init_image is not None and not job.post:
+        problems.append(Problem("init_image", "an init image needs a post-step to run on it "
+                                "(e.g. post: [{img2img: {denoise: 0.5}}]); without one there "
+                                "is nothing to do", origin("init_image")))
+    for i, step in enumerate(job.post):
+        key = f"post[{i}]"
+        given = [f.name for f in dataclasses.fields(step) if getattr(step, f.name) is not None]
+        if len(given) != 1:
+            names = ", ".join(f.name for f in dataclasses.fields(PostStep))
+            problems.append(Problem(key, f"a post-step is one of {names}, got "
+                                    f"{', '.join(given) or 'none'}: write one per list item",
+                                    origin(key)))
+            continue
+        for name in ("prompt", "negative_prompt"):
+            for text in _values(getattr(step.step, name)):
+                if text and re.search(r"<(lora|lyco|hypernet):", text):
+                    problems.append(Problem(
+                        f"{key}.{step.kind}.{name}", "a post-step's prompt cannot switch "
+                        "networks (its image's LoRAs and hypernetworks apply): move the tag "
+                        "to the image's prompt or model.loras",
+                        origin(f"{key}.{step.kind}.{name}")))
+        if step.kind == "inpaint" and step.inpaint.mask is None:
+            problems.append(Problem(f"{key}.inpaint.mask", "is required: the mask image "
+                                    "(white repaints)", origin(f"{key}.inpaint.mask")))
+        if step.kind == "hires_fix":
+            h = step.hires_fix
+            for name in ("resize_x", "resize_y"):
+                for v in _values(getattr(h, name)):
+                    if v and (msg := _size(v)):
+                        problems.append(Problem(f"{key}.hires_fix.{name}", msg,
+                                                origin(f"{key}.hires_fix.{name}")))
+    return problems
+
+
 def _check_zip(job: Job, origin: Origin) -> list[Problem]:
     problems = []
-    known = axes()
+    known = all_axes(job)
     dotted = {v: v for v in known.values()} | known
     seen: dict[str, int] = {}
     for g, group in enumerate(job.zip):
@@ -296,8 +441,20 @@ def _check_zip(job: Job, origin: Origin) -> list[Problem]:
 
 
 def _check_sampler_pairs(job: Job, origin: Origin) -> list[Problem]:
-    """Each sampler with each schedule type of the grid (zipped pairs are a subset)."""
+    """Each sampler with each schedule type of the grid (zipped pairs are a subset), the
+    post-steps' too."""
     problems = []
+    for i, step in enumerate(job.post):
+        s = step.step
+        if s.sampler is None and s.schedule_type is None:
+            continue
+        key = f"post[{i}].{step.kind}.sampler"
+        for name in dict.fromkeys(_values(s.sampler or job.params.sampler)):
+            for schedule in dict.fromkeys(_values(s.schedule_type or "Automatic")):
+                try:
+                    sampler_names.split(name, schedule)
+                except sampler_names.SamplerError as e:
+                    problems.append(Problem(key, str(e), origin(key)))
     if any(e is not None for e in _values(job.params.eta)):
         others = [s for s in _values(job.params.sampler) if sampler_names.split(s)[0] != "DDIM"]
         if others:
@@ -383,6 +540,8 @@ def _coerce(v: Any, tp: Any, key: str, problems: list[Problem], origin: Origin) 
     if element is not None and v is None and type(None) in typing.get_args(tp):
         return None
     if element is not None:
+        if v is None and type(None) in typing.get_args(tp):
+            return None
         if isinstance(v, list | tuple):
             if not v:
                 bad(f"{_TYPE_NAMES[element]} or a non-empty list of them")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdbatch import __version__, matrix
+from sdbatch import __version__, matrix, model_specs
 from sdbatch import run as runner
-from sdbatch.models import embeddings, hypernetwork, lora, stack, tiny
+from sdbatch.models import embeddings, hashing, hypernetwork, lora, stack, tiny
 from sdbatch.output import png, records
 from sdbatch.prompts.triggers import triggered, words
 from sdbatch.reproduce import reproduce
@@ -71,8 +71,8 @@ def test_golden_infotext_with_every_feature(models, tmp_path):
     assert run_job(every_feature(models), tmp_path / "r") == 0
     [image] = (tmp_path / "r/images").glob("*.png")
     family = tiny.family_models()
-    model_hash = stack.hashing.model_hash(tiny.model_folder())  # a folder: no WebUI hash
-    vae_hash = stack.hashing.model_hash(models / "VAE" / "tinyvae")
+    model_hash = hashing.model_hash(tiny.model_folder())  # a folder: no WebUI hash
+    vae_hash = hashing.model_hash(models / "VAE" / "tinyvae")
     # Written by hand from AUTOMATIC1111 stable-diffusion-webui v1.10, modules/processing.py
     # create_infotext: Steps, Sampler, Schedule type, CFG scale, Seed, Size, Model hash,
     # Model, VAE hash, VAE, Variation seed, Variation seed strength, Seed resize from, Clip
@@ -144,11 +144,11 @@ def test_every_embedding_in_the_folder_triggers_and_only_used_ones_load(models):
     job = matrix.resolve_seeds(validate(raw), 0)
     renders = matrix.expand(job)
     assert [r.embeddings for r in renders] == [("nightsky",), ("blurryface", "nightsky")]
-    spec, problems = stack.resolve(job.model, job.paths, "tiny")
+    spec, problems = model_specs.resolve(job.model, job.paths, "tiny")
     assert not problems and spec.embeddings == ()
-    used = stack.with_embeddings({"tiny": spec}, renders[:1], job)["tiny"]
+    used = model_specs.with_embeddings({"tiny": spec}, renders[:1], job)["tiny"]
     assert used.embeddings == (tiny.family_models() / "embeddings/nightsky.pt",)
-    both = stack.with_embeddings({"tiny": spec}, renders, job)["tiny"]
+    both = model_specs.with_embeddings({"tiny": spec}, renders, job)["tiny"]
     assert {p.name for p in both.embeddings} == {"nightsky.pt", "blurryface.pt"}
     assert used.identity != both.identity != spec.identity  # content keys follow them
 

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdbatch.model_specs import resolve
 from sdbatch.models import hashing, names
-from sdbatch.models.stack import StackCache, StackSpec, resolve
+from sdbatch.models.stack import StackCache, StackSpec
 from sdbatch.schema import validate
 
 

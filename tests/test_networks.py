@@ -17,15 +17,19 @@ import torch
 from sdbatch.matrix import Render
 from sdbatch.models import embeddings, hypernetwork, lora
 from sdbatch.models.networks_errors import NetworkError
+from sdbatch.stages import txt2img
 
 from .conftest import build_tiny_sdxl
 
 
-def render(stack, prompt="a red house", negative="blurry", seed=11):
-    from sdbatch.stages import txt2img
+def txt2img_images(stack, renders, on_step=None):
+    """The pictures of a txt2img batch (the stage hands on pictures with their latents)."""
+    return [p.image for p in txt2img.run(stack, renders, on_step)]
 
+
+def render(stack, prompt="a red house", negative="blurry", seed=11):
     r = Render(0, 0, "tiny", prompt, negative, "Euler", "Automatic", 3, 7.0, seed, 64, 64, 1)
-    return np.asarray(txt2img.run(stack, (r,))[0]).astype(np.int16)
+    return np.asarray(txt2img_images(stack, (r,))[0]).astype(np.int16)
 
 
 def diff(a, b) -> int:

@@ -16,7 +16,7 @@ from transformers import (  # noqa: E402
     CLIPTokenizer,
 )
 
-from sdbatch.prompts.clip_vocab import PAD_OPENCLIP, write_clip_tokenizer  # noqa: E402
+from sdbatch.models.clip_vocab import PAD_OPENCLIP, write_clip_tokenizer  # noqa: E402
 from sdbatch.prompts.conditioning import (  # noqa: E402
     Chunk,
     build_chunks,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -229,9 +230,7 @@ def test_reproduce_on_another_device_compares_within_tolerance(tmp_path: Path):
 
 def test_lego_building_end_to_end(tmp_path: Path):
     """The README's main command, on the shipped job, as a user runs it."""
-    (tmp_path / "jobs").mkdir()
-    repo_job = Path(__file__).resolve().parents[1] / "jobs" / "lego_building.yaml"
-    (tmp_path / "jobs/lego_building.yaml").write_text(repo_job.read_text())
+    shutil.copytree(Path(__file__).resolve().parents[1] / "jobs", tmp_path / "jobs")
     proc = sdbatch(tmp_path, "+job=lego_building", "run.progress=quiet")
     assert "lego_building: 6 images (2 zip(prompt, seed) x 3 cfg_scale)" in proc.stdout
     [run_dir] = list((tmp_path / "outputs/lego_building").iterdir())
@@ -241,6 +240,11 @@ def test_lego_building_end_to_end(tmp_path: Path):
     params = parse_infotext(png.read_text(run_dir / "images" / names[4])["parameters"])[2]
     assert params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras"
     assert params["CFG scale"] == "7" and params["Size"] == "64x64"
+    assert params["Hires upscale"] == "2" and params["Mask blur"] == "4"
+    assert Image.open(run_dir / "images" / names[4]).size == (128, 128)
+    entry = json.loads((run_dir / "manifest.jsonl").read_text().splitlines()[4])
+    assert [s["kind"] for s in entry["recipe"]["stages"]] == ["txt2img", "hires_fix", "inpaint"]
+    assert not (run_dir / "intermediates").exists()
 
 
 def test_quiet_mode_prints_no_bars(tmp_path: Path):

@@ -9,6 +9,11 @@ from sdbatch.matrix import Render
 from sdbatch.stages import txt2img
 
 
+def txt2img_images(stack, renders, on_step=None):
+    """The pictures of a txt2img batch (the stage hands on pictures with their latents)."""
+    return [p.image for p in txt2img.run(stack, renders, on_step)]
+
+
 def render(**kw) -> Render:
     base = dict(index=0, cell=0, checkpoint="tiny", prompt="a red house", negative_prompt="",
                 sampler="Euler", schedule_type="Automatic", steps=3, cfg_scale=5.0, seed=7,
@@ -17,7 +22,7 @@ def render(**kw) -> Render:
 
 
 def pixels(stack, *renders) -> list[np.ndarray]:
-    return [np.asarray(im, dtype=int) for im in txt2img.run(stack, tuple(renders))]
+    return [np.asarray(im, dtype=int) for im in txt2img_images(stack, tuple(renders))]
 
 
 @pytest.mark.parametrize("name", list(samplers.SAMPLERS))
@@ -107,7 +112,7 @@ def conditioned_calls(stack, monkeypatch, prompt: str, **kw) -> tuple[str, list]
         return real(sample, t, encoder_hidden_states=encoder_hidden_states, **kwargs)
 
     monkeypatch.setattr(pipe.unet, "forward", spy)
-    txt2img.run(stack, (render(prompt=prompt, **kw),), lambda done, total: steps.append(done))
+    txt2img_images(stack, (render(prompt=prompt, **kw),), lambda done, total: steps.append(done))
     a, b = (txt2img.encode_text(pipe, t, 1, stack.device, stack.dtype)[0]
             for t in ("a red house", "a blue tower"))
     return "".join("a" if torch.equal(s, a) else "b" if torch.equal(s, b) else "?"
@@ -159,7 +164,7 @@ def test_and_parts_get_their_own_rows(tiny_stack, monkeypatch):
         return real(sample, t, encoder_hidden_states=encoder_hidden_states, **kwargs)
 
     monkeypatch.setattr(pipe.unet, "forward", spy)
-    txt2img.run(tiny_stack, (render(prompt="a AND b AND c", negative_prompt="x AND y"),))
+    txt2img_images(tiny_stack, (render(prompt="a AND b AND c", negative_prompt="x AND y"),))
     assert set(batches) == {4}  # one negative (AND is a word there, as in the WebUI) + 3 parts
 
 

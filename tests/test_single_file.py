@@ -30,6 +30,11 @@ from sdbatch.stages import txt2img
 
 from .conftest import build_tiny_sdxl
 
+
+def txt2img_images(stack, renders, on_step=None):
+    """The pictures of a txt2img batch (the stage hands on pictures with their latents)."""
+    return [p.image for p in txt2img.run(stack, renders, on_step)]
+
 CPU = torch.device("cpu")
 
 # the real models' parameter counts: unet, vae, text_encoder, text_encoder_2
@@ -237,9 +242,9 @@ def test_tiny_sd_single_file_loads_offline_and_renders_like_its_folder(tiny_sd):
     for name in ("unet", "vae", "text_encoder"):
         assert same_weights(getattr(tiny_sd.pipe, name), getattr(pipe, name)) == [], name
     batch = (render(0, seed=7), render(1, seed=8, prompt="a blue tower"))
-    images = txt2img.run(stack_of(pipe), batch)
+    images = txt2img_images(stack_of(pipe), batch)
     assert [im.size for im in images] == [(64, 64), (64, 64)]
-    assert np.array_equal(pixels(images), pixels(txt2img.run(stack_of(tiny_sd.pipe), batch)))
+    assert np.array_equal(pixels(images), pixels(txt2img_images(stack_of(tiny_sd.pipe), batch)))
     assert not np.array_equal(pixels(images[:1]), pixels(images[1:]))
 
 
@@ -323,7 +328,7 @@ def test_txt2img_refuses_an_inpainting_unet(tiny_sd):
     unet = UNet2DConditionModel.from_config({**tiny_sd.pipe.unet.config, "in_channels": 9})
     pipe = type(tiny_sd.pipe)(**{**tiny_sd.pipe.components, "unet": unet})
     with pytest.raises(ValueError, match="9 input channels"):
-        txt2img.run(stack_of(pipe), (render(),))
+        txt2img_images(stack_of(pipe), (render(),))
 
 
 # --- VAE overrides ------------------------------------------------------------------------
@@ -340,9 +345,9 @@ def test_vae_override_from_a_single_file_changes_the_image(tiny_sd, tmp_path):
     vae = single_file.load_vae(path, "sd15", config=tiny_sd.config)
     assert same_weights(other, vae) == [] and vae.config.scaling_factor == 0.18215
     pipe = single_file.load_single_file(tiny_sd.file, config=tiny_sd.config)
-    before = pixels(txt2img.run(stack_of(pipe), (render(),)))
+    before = pixels(txt2img_images(stack_of(pipe), (render(),)))
     pipe.vae = vae
-    after = pixels(txt2img.run(stack_of(pipe), (render(),)))
+    after = pixels(txt2img_images(stack_of(pipe), (render(),)))
     assert not np.array_equal(before, after)
 
 
@@ -448,13 +453,13 @@ def conds(pipe, renders):
 def test_tiny_sdxl_renders_from_its_single_file_like_the_original(tiny_xl):
     pipe = single_file.load_single_file(tiny_xl.file, config=tiny_xl.config)
     batch = (render(0, seed=3), render(1, seed=4, negative=""))
-    images = txt2img.run(stack_of(pipe), batch)
+    images = txt2img_images(stack_of(pipe), batch)
     assert [im.size for im in images] == [(64, 64), (64, 64)]
     # identical weights and conditioning; a weight loaded from a converted state dict may sit
     # in memory differently from the built one, which moves a pixel by a level at most
-    original = pixels(txt2img.run(stack_of(tiny_xl.pipe), batch)).astype(int)
+    original = pixels(txt2img_images(stack_of(tiny_xl.pipe), batch)).astype(int)
     assert np.abs(pixels(images).astype(int) - original).max() <= 1
-    alone = txt2img.run(stack_of(pipe), batch[1:])  # per-image noise: batch does not matter
+    alone = txt2img_images(stack_of(pipe), batch[1:])  # per-image noise: batch does not matter
     assert np.abs(pixels(alone)[0].astype(int) - pixels(images)[1].astype(int)).max() <= 1
 
 
@@ -468,7 +473,7 @@ def test_sdxl_size_conditioning_reaches_the_unet(tiny_xl, monkeypatch):
 
     monkeypatch.setattr(tiny_xl.pipe.unet, "forward", spy)
     r = render(steps=1)
-    txt2img.run(stack_of(tiny_xl.pipe), (r,))
+    txt2img_images(stack_of(tiny_xl.pipe), (r,))
     assert seen["time_ids"][0].tolist() == [64, 64, 0, 0, 64, 64]
     assert seen["text_embeds"].shape == (2, 24)  # negative + positive pooled
 
@@ -513,7 +518,7 @@ def test_real_sd15_shapes_load_offline_from_the_shipped_config(tmp_path):
     assert pipe.unet.dtype == torch.float32 and pipe.vae.config.scaling_factor == 0.18215
     for (name, key), value in samples.items():
         assert torch.equal(getattr(pipe, name).state_dict()[key], value.float()), key
-    images = txt2img.run(stack_of(pipe), (render(steps=2),))
+    images = txt2img_images(stack_of(pipe), (render(steps=2),))
     assert images[0].size == (64, 64)
     print(f"\nreal SD1.5 shapes: built+saved {built - start:.1f}s, "
           f"loaded+rendered {time.perf_counter() - built:.1f}s")

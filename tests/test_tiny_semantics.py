@@ -22,6 +22,11 @@ from sdbatch.models.tiny import family_models, model_folder
 from sdbatch.stages import txt2img
 from sdbatch.tiny_train.scenes import COLOURS
 
+
+def txt2img_images(stack, renders, on_step=None):
+    """The pictures of a txt2img batch (the stage hands on pictures with their latents)."""
+    return [p.image for p in txt2img.run(stack, renders, on_step)]
+
 SEEDS = (1, 2, 3, 4)
 BAND = (slice(14, 52), slice(0, 64))  # rows where a building stands
 SKY = (slice(0, 9), slice(0, 64))  # above the tallest building
@@ -36,7 +41,7 @@ REFERENCE = np.array([*COLOURS.values(), *BACKGROUND.values()], dtype=float)
 def images(stack, prompt: str, negative: str = "", cfg: float = 5.0, seeds=SEEDS):
     renders = tuple(Render(i, 0, "tiny", prompt, negative, "DDIM", "Automatic", 20, cfg, s,
                            64, 64, 1) for i, s in enumerate(seeds))
-    return [np.asarray(im, dtype=float) for im in txt2img.run(stack, renders)]
+    return [np.asarray(im, dtype=float) for im in txt2img_images(stack, renders)]
 
 
 def wall_colours(img: np.ndarray) -> dict[str, int]:

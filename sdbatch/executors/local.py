@@ -1,4 +1,10 @@
-"""The local executor: every batch on one device, the stack loaded once."""
+"""The local executor: the plan's batches in order on one device, each stack loaded once.
+
+A batch's calls take their inputs from the intermediates (memory, or the run folder's
+disk copy after a resume); what a later call needs is kept there under its key. A batch
+whose input failed fails too, with the reason, so every image of a failed chain is
+reported once and the others go on.
+"""
 
 from __future__ import annotations
 
@@ -7,58 +13,98 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from PIL import Image
-
+from sdbatch.executors.intermediates import Intermediates
+from sdbatch.images import read_image
 from sdbatch.models import stack as stacks
-from sdbatch.plan import Batch
-from sdbatch.stages import txt2img
+from sdbatch.plan import Batch, StageCall
+from sdbatch.stages import hires_fix, img2img, inpaint, txt2img
+from sdbatch.stages.common import Item
+from sdbatch.stages.picture import Picture
 
-STAGES = {"txt2img": txt2img.run}
+STAGES = {"txt2img": txt2img.run, "img2img": img2img.run, "hires_fix": hires_fix.run,
+          "inpaint": inpaint.run}
 
 
 @dataclass
 class BatchResult:
     batch: Batch
-    images: list[Image.Image] | None
+    pictures: list[Picture] | None  # one per call of the batch
     error: str | None
     seconds: float
+
+
+def load_image(call: StageCall) -> Picture:
+    return Picture(read_image(call.params["path"]))
 
 
 def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             cache: stacks.StackCache,
             networks: dict[tuple[str, str], stacks.NetworkFile] | None = None,
             on_step: Callable[[int, int], None] | None = None,
-            should_stop: Callable[[], bool] = lambda: False) -> Iterator[BatchResult]:
+            should_stop: Callable[[], bool] = lambda: False,
+            store: Intermediates | None = None,
+            consumers: dict[str, int] | None = None) -> Iterator[BatchResult]:
     """Render batches in order; a failing batch is reported and the next one goes on.
 
     Each batch's stack comes from the cache (loaded on first use, its LoRAs checked against
     it); a stack that cannot load stops the run: that is a broken model, not a broken image.
+    ``consumers`` counts the calls that take each key's output: such outputs go to
+    ``store``, and leave its memory when their last consumer is done.
     """
     networks = networks or {}
+    consumers = dict(consumers or {})
+    by_identity = {s.identity: s for s in specs.values()}
+    failed: dict[str, str] = {}
     checked: set[str] = set()
     stack = None
     for batch in batches:
         if should_stop():
             return
-        spec = specs[batch.renders[0].checkpoint]
-        if stack is None or stack.spec.identity != spec.identity:
-            stack = None  # let the cache release it before the next stack loads
-            stack = cache.get(spec)
-        if spec.identity not in checked:
-            try:
-                stack.check_loras([f.path for (kind, _), f in networks.items() if kind == "lora"])
-            except ValueError as e:
-                raise stacks.StackLoadError(str(e)) from e
-            checked.add(spec.identity)
-        first = batch.renders[0]
         start = time.perf_counter()
-        try:
-            stack.use_networks([(networks[("lora", n)].path, w) for n, w in first.loras],
-                               [(networks[("hypernet", n)].path, w)
-                                for n, w in first.hypernetworks])
-            images = STAGES[batch.kind](stack, batch.renders, on_step)
-        except Exception as e:  # noqa: BLE001 - one batch's failure must not lose the others
-            yield BatchResult(batch, None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
-                              time.perf_counter() - start)
+        lost = [failed[c.input_key] for c in batch.calls if c.input_key in failed]
+        if lost:
+            error = f"its input failed: {lost[0].splitlines()[0]}"
+            failed.update({c.key: error for c in batch.calls})
+            yield BatchResult(batch, None, error, 0.0)
             continue
-        yield BatchResult(batch, images, None, time.perf_counter() - start)
+        try:
+            if batch.kind == "image":
+                pictures = [load_image(c) for c in batch.calls]
+            else:
+                spec = by_identity[batch.calls[0].stack] if batch.calls else \
+                    specs[batch.renders[0].checkpoint]
+                if stack is None or stack.spec.identity != spec.identity:
+                    stack = None  # let the cache release it before the next stack loads
+                    stack = cache.get(spec)
+                if spec.identity not in checked:
+                    try:
+                        stack.check_loras([f.path for (kind, _), f in networks.items()
+                                           if kind == "lora"])
+                    except ValueError as e:
+                        raise stacks.StackLoadError(str(e)) from e
+                    checked.add(spec.identity)
+                first = batch.renders[0]
+                stack.use_networks([(networks[("lora", n)].path, w) for n, w in first.loras],
+                                   [(networks[("hypernet", n)].path, w)
+                                    for n, w in first.hypernetworks])
+                if batch.kind == "txt2img":
+                    pictures = STAGES["txt2img"](stack, batch.renders, on_step)
+                else:
+                    items = [Item(r, c.params, store.get(c.input_key))
+                             for r, c in zip(batch.renders, batch.calls, strict=True)]
+                    pictures = STAGES[batch.kind](stack, items, on_step)
+        except stacks.StackLoadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one batch's failure must not lose the others
+            error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+            failed.update({c.key: error for c in batch.calls})
+            yield BatchResult(batch, None, error, time.perf_counter() - start)
+            continue
+        for call, picture in zip(batch.calls, pictures, strict=True):
+            if consumers.get(call.key) and store is not None:
+                store.put(call.key, picture)
+            if call.input_key is not None and store is not None:
+                consumers[call.input_key] -= 1
+                if consumers[call.input_key] <= 0:
+                    store.release(call.input_key)
+        yield BatchResult(batch, pictures, None, time.perf_counter() - start)

@@ -119,6 +119,6 @@ def tokenizer_folder(name: str, component: str = "tokenizer") -> Path:
 def _ensure_tokenizer(pad_token: str) -> Path:
     """The single seam for tokenizer files: the real CLIP BPE vocabulary, rebuilt offline
     from the file shipped in sdbatch.prompts and cached per pad token."""
-    from sdbatch.prompts.clip_vocab import ensure_clip_tokenizer
+    from sdbatch.models.clip_vocab import ensure_clip_tokenizer
 
     return ensure_clip_tokenizer(pad_token)

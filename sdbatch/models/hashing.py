@@ -10,8 +10,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from sdbatch import atomic
 from sdbatch.models.tiny import cache_root
-from sdbatch.output import atomic
 
 
 def _cache_file() -> Path:

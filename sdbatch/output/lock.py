@@ -19,7 +19,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from sdbatch.output import atomic
+from sdbatch import atomic
 
 LOCK, NOTE = "run.lock", "run.lock.json"
 

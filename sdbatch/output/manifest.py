@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sdbatch.output import atomic
+from sdbatch import atomic
 
 
 def read(path: Path) -> dict[int, dict[str, Any]]:

@@ -45,10 +45,44 @@ def _hash_list(entries) -> str | None:
 
 def _embedding_hashes(render: Render, spec: StackSpec) -> list[tuple[str, str]]:
     """(trigger, TI hash) of each embedding the image triggers."""
-    from sdbatch.models.embeddings import ti_hash
+    return [(n, spec.embedding_hashes[n]) for n in render.embeddings
+            if n in spec.embedding_hashes]
 
-    files = {names.stem(path.name): path for path in spec.embeddings}
-    return [(n, ti_hash(files[n])) for n in render.embeddings if n in files]
+
+def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]
+                ) -> dict[str, Any]:
+    """The post-steps in the WebUI's infotext words, in the order it adds them: the first
+    hires fix as its hires fix, an inpaint pass's mask settings, and the last pass's
+    "Denoising strength" (placed where create_infotext puts it). The whole chain, every
+    step and key, is in the sdbatch recipe."""
+    out: dict[str, Any] = {}
+    hires = next((c.params for c in calls if c.kind == "hires_fix"), None)
+    if hires is not None:
+        differs = {"Hires checkpoint": (hires["checkpoint"], render.checkpoint),
+                   "Hires sampler": (hires["sampler"], render.sampler),
+                   "Hires schedule type": (hires["schedule_type"], render.schedule_type),
+                   "Hires CFG Scale": (number(hires["cfg_scale"]), number(render.cfg_scale)),
+                   "Hires prompt": (hires["prompt"], render.prompt),
+                   "Hires negative prompt": (hires["negative_prompt"], render.negative_prompt)}
+        out |= {k: mine for k, (mine, base) in differs.items() if mine != base}
+        if hires["resize_x"] or hires["resize_y"]:
+            out["Hires resize"] = f"{hires['resize_x']}x{hires['resize_y']}"
+        else:
+            out["Hires upscale"] = number(hires["scale"])
+        if hires["steps"] != render.steps:
+            out["Hires steps"] = hires["steps"]
+        out["Hires upscaler"] = hires["upscaler"]
+    paint = next((c.params for c in reversed(calls) if c.kind == "inpaint"), None)
+    if paint is not None:
+        out["Mask blur"] = paint["mask_blur"]
+        if paint["inpaint_area"] == "only_masked":
+            out["Inpaint area"] = "Only masked"
+            out["Masked area padding"] = paint["only_masked_padding"]
+        out["Masked content"] = paint["masked_content"].replace("_", " ")
+    last = next((c.params for c in reversed(calls) if "denoise" in c.params), None)
+    if last is not None:
+        out["Denoising strength"] = number(last["denoise"])
+    return out
 
 
 def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> str:
@@ -58,20 +92,23 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
     are encoded, Eta DDIM when sampling starts). Hypernetworks are named only by their
     tags: the WebUI writes no Hypernet keys, and on paste it turns a "Hypernet" key into a
     second tag."""
-    stage = calls[0].params
+    stage = calls[-1].params
     prompt = infotext_prompt(render)
     lora_hash = {names.stem(name): digest for name, _, digest in stage["loras"]}
     loras = {tag.name: lora_hash[names.stem(tag.name)]
              for tag in extract_extra_networks(prompt)[1]
              if tag.kind == "lora" and names.stem(tag.name) in lora_hash}
     embeddings = _embedding_hashes(render, spec)
+    # the first pass's size; a chain from an init image starts at its first step's size
+    size = (render.width, render.height) if calls[0].kind == "txt2img" else \
+        calls[1].params["output_size"]
     params = {
         "Steps": render.steps,
         "Sampler": render.sampler,
         "Schedule type": render.schedule_type,
         "CFG scale": number(render.cfg_scale),
         "Seed": render.seed,
-        "Size": f"{render.width}x{render.height}",
+        "Size": "x".join(map(str, size)),
         "Model hash": spec.model_hash,
         "Model": spec.name,
         "VAE hash": spec.vae_hash,
@@ -82,9 +119,11 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
         "Seed resize from": (f"{render.seed_resize_from_w}x{render.seed_resize_from_h}"
                              if render.seed_resize_from_w > 0 and render.seed_resize_from_h > 0
                              else None),
+        "Denoising strength": None,
         "Clip skip": render.clip_skip if render.clip_skip > 1 else None,
         "ENSD": render.ensd if render.ensd and render.sampler in USES_ENSD else None,
         "RNG": "CPU",  # sdbatch draws all noise on the CPU; the WebUI's default is GPU
+        **post_params(render, spec, calls),
         "Lora hashes": _hash_list(loras.items()),
         "TI hashes": _hash_list(embeddings),
         "Eta DDIM": (number(render.eta) if render.sampler == "DDIM" and render.eta
@@ -102,11 +141,12 @@ def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> dic
     return {
         "params": render.params(),
         "model": {"name": spec.name, "hash": spec.model_hash, "dtype": spec.record["dtype"],
-                  "vae": spec.vae_hash, "loras": calls[0].params["loras"],
-                  "hypernetworks": calls[0].params["hypernetworks"],
+                  "vae": spec.vae_hash, "loras": calls[-1].params["loras"],
+                  "hypernetworks": calls[-1].params["hypernetworks"],
                   "embeddings": dict(_embedding_hashes(render, spec))},
         "device": machine(spec.torch_device),
-        "stages": [{"kind": c.kind, "key": c.key} for c in calls],
+        "stages": [{"kind": c.kind, "key": c.key, "input": c.input_key, "params": c.params}
+                   for c in calls],
     }
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from sdbatch import __version__
-from sdbatch.output import atomic, manifest
+from sdbatch import __version__, atomic
+from sdbatch.output import manifest
 
 RESUME_IGNORES = ("run", "executor")  # may change between sessions of one run
 DEVICE_KEYS = ("device", "dtype")  # of a stack record: changed only with run.allow_device_change
@@ -68,15 +68,16 @@ def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def made_of(job: dict[str, Any], filename: str, stacks: dict[str, dict[str, Any]],
-            networks: dict[str, str]) -> dict[str, Any]:
+            networks: dict[str, str], inputs: dict[str, str] | None = None) -> dict[str, Any]:
     """What a run's images are made of, as a resume compares it: the expanded job (prompt
     file, styles and combinatorial wildcards written in; without run and executor, and
     without model.dtype, whose effect is the stacks' dtype), the file name pattern, each
     checkpoint's stack record (file hashes, device, dtype), each LoRA's or hypernetwork's
-    hash."""
+    hash, each input image's (init images, masks) sha256."""
     job = {k: v for k, v in job.items() if k not in RESUME_IGNORES}
     job["model"] = {k: v for k, v in job["model"].items() if k != "dtype"}
-    return {"job": job, "filename": filename, "models": stacks, "networks": networks}
+    return {"job": job, "filename": filename, "models": stacks, "networks": networks,
+            "inputs": inputs or {}}
 
 
 def resume_changes(stored: dict[str, Any], current: dict[str, Any]
@@ -90,6 +91,8 @@ def resume_changes(stored: dict[str, Any], current: dict[str, Any]
     for key in differences(stored["models"], current["models"], "models."):
         (device if key.rsplit(".", 1)[-1] in DEVICE_KEYS else changed).append(key)
     changed += differences(stored["networks"], current["networks"], "networks.")
+    changed += [f"input {k.removeprefix('inputs.')} (its file changed)" for k in
+                differences(stored.get("inputs", {}), current["inputs"], "inputs.")]
     return [c.removeprefix("job.") for c in changed], device
 
 

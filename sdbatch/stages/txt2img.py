@@ -26,6 +26,7 @@ from sdbatch.prompts.conditioning import encode_prompts
 from sdbatch.prompts.encode import encode_sdxl
 from sdbatch.prompts.parser import extract_extra_networks, prompt_at_step, split_and
 from sdbatch.sampling import Conditioning
+from sdbatch.stages.picture import Picture
 
 StepCallback = Callable[[int, int], None]  # (step done, steps)
 
@@ -202,6 +203,12 @@ def _guidance_embedding(pipe, cfg_scale: float, batch: int, dtype: torch.dtype,
     return pipe.get_guidance_scale_embedding(scale, embedding_dim=dim).to(device, dtype)
 
 
+def pictures(pipe, latents: torch.Tensor) -> list[Picture]:
+    """Decoded pictures, each with its latents kept for a later latent-space step."""
+    return [Picture(image, lat.detach().float().cpu())
+            for image, lat in zip(decode(pipe, latents), latents, strict=True)]
+
+
 @torch.no_grad()
 def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
     """Latents -> PIL images as the diffusers pipelines decode them (SDXL's fp16 VAE upcast
@@ -226,7 +233,7 @@ def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
 
 
 def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None = None
-        ) -> list[Image.Image]:
+        ) -> list[Picture]:
     first = renders[0]
     pipe = stack.pipe
     channels = pipe.vae.config.latent_channels
@@ -242,7 +249,7 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
                          "compose prompts with AND; remove the AND")
     shape = (channels, first.height // 8, first.width // 8)
     time_ids = _time_ids(pipe, first, stack.dtype, stack.device)
-    images: list[Image.Image | None] = [None] * len(renders)
+    out: list[Picture | None] = [None] * len(renders)
 
     for group in _same_length_groups(timelines):
         members = [renders[i] for i in group]
@@ -265,6 +272,6 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
             seeds=seeds, on_step=on_step,
             timestep_cond=_guidance_embedding(pipe, first.cfg_scale, len(members),
                                               stack.dtype, stack.device))
-        for i, image in zip(group, decode(pipe, latents), strict=True):
-            images[i] = image
-    return images
+        for i, picture in zip(group, pictures(pipe, latents), strict=True):
+            out[i] = picture
+    return out

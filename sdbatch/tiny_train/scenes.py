@@ -324,3 +324,14 @@ def batch(seed: int, n: int, size: int = 64, style: str = "plain", lego: float =
     texts = ["" if rng.random() < empty else caption(s, rng, trigger, sky_words)
              for s in scenes]
     return images, texts, scenes
+
+
+LAWN_ONLY_FROM = 57 / 64  # below the lowest building base (horizon 45 + 10 at 64 px)
+
+
+def lawn_mask(size: int = 64) -> np.ndarray:
+    """A mask (uint8, 255 = repaint) of the band of lawn every scene has below its
+    building: what the lego_building job repaints with flowers."""
+    mask = np.zeros((size, size), np.uint8)
+    mask[round(LAWN_ONLY_FROM * size):] = 255
+    return mask

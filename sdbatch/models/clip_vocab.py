@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+from sdbatch import atomic
 from sdbatch.models.tokenizer import BOS, EOS, bytes_to_unicode, write_clip_files
-from sdbatch.output import atomic
 
 VERSION = "1"  # bump when the files written here change
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -27,7 +27,7 @@ PAD_OPENCLIP = "!"  # OpenCLIP (SD2.x, SDXL's second encoder) pads with "!" (id 
 @functools.cache
 def clip_merges() -> tuple[str, ...]:
     """The BPE merges, one "a b" pair a line, in priority order."""
-    raw = resources.files("sdbatch.prompts").joinpath(VOCAB_FILE).read_bytes()
+    raw = resources.files("sdbatch.models").joinpath(VOCAB_FILE).read_bytes()
     lines = gzip.decompress(raw).decode("utf-8").split("\n")
     return tuple(lines[1:N_MERGES + 1])  # line 0 is the file's header
 

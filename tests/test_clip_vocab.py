@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import CLIPTokenizer  # noqa: E402
 
-from sdbatch.prompts.clip_vocab import (  # noqa: E402
+from sdbatch.models.clip_vocab import (  # noqa: E402
     PAD_OPENCLIP,
     clip_vocab,
     ensure_clip_tokenizer,
@@ -70,8 +70,8 @@ def test_unknown_pad_token_is_refused(tmp_path):
 def test_vocabulary_file_is_declared_as_package_data():
     tomllib = pytest.importorskip("tomllib")
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["sdbatch.prompts"]
-    shipped = {p.name for p in (REPO / "sdbatch" / "prompts").iterdir()}
+    patterns = config["tool"]["setuptools"]["package-data"]["sdbatch.models"]
+    shipped = {p.name for p in (REPO / "sdbatch" / "models").iterdir()}
     assert "bpe_simple_vocab_16e6.txt.gz" in shipped
     assert any(Path("bpe_simple_vocab_16e6.txt.gz").match(p) for p in patterns)
     assert any(Path("LICENSE-bpe_simple_vocab_16e6.txt").match(p) for p in patterns)

@@ -1,0 +1,78 @@
+"""Stage outputs that later calls take as input, kept under their content key: in memory
+within a budget, and on disk in the run folder (written atomically), so a resumed run
+does not draw a finished base pass again and an image waits for no recomputation.
+
+``intermediates/<key>.png`` holds the picture (lossless), ``<key>.safetensors`` its latents
+where it has them. The folder goes when the run completes, unless the user keeps it.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+
+from PIL import Image
+from safetensors.torch import load, save
+
+from sdbatch import atomic
+from sdbatch.stages.picture import Picture
+
+FOLDER = "intermediates"
+
+
+def _size(picture: Picture) -> int:
+    w, h = picture.image.size
+    latents = 0 if picture.latents is None else picture.latents.numel() * 4
+    return w * h * 3 + latents
+
+
+class Intermediates:
+    def __init__(self, run_dir: Path, budget_bytes: int):
+        self.folder = run_dir / FOLDER
+        self.budget = budget_bytes
+        self._memory: OrderedDict[str, Picture] = OrderedDict()
+
+    def has(self, key: str) -> bool:
+        return key in self._memory or (self.folder / f"{key}.png").exists()
+
+    def put(self, key: str, picture: Picture) -> None:
+        """Keep ``picture`` under ``key``: on disk first (latents, then the picture, whose
+        file says the pair is complete), then in memory."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale_temps(self.folder)
+        if picture.latents is not None:
+            atomic.write_bytes(self.folder / f"{key}.safetensors",
+                               save({"latents": picture.latents.contiguous()}))
+        buf = io.BytesIO()
+        picture.image.save(buf, format="PNG")
+        atomic.write_bytes(self.folder / f"{key}.png", buf.getvalue())
+        self._remember(key, picture)
+
+    def get(self, key: str) -> Picture:
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return self._memory[key]
+        with Image.open(self.folder / f"{key}.png") as im:
+            image = im.convert("RGB")
+        tensors = self.folder / f"{key}.safetensors"
+        latents = load(tensors.read_bytes())["latents"] if tensors.exists() else None
+        picture = Picture(image, latents)
+        self._remember(key, picture)
+        return picture
+
+    def release(self, key: str) -> None:
+        """The last call that needed ``key`` is done: free its memory (the file stays until
+        the run completes)."""
+        self._memory.pop(key, None)
+
+    def remove_all(self) -> None:
+        self._memory.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _remember(self, key: str, picture: Picture) -> None:
+        self._memory[key] = picture
+        self._memory.move_to_end(key)
+        while len(self._memory) > 1 and sum(map(_size, self._memory.values())) > self.budget:
+            self._memory.popitem(last=False)

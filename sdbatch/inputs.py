@@ -1,0 +1,136 @@
+"""The image files a job reads (init images, inpaint masks): found, expanded, read and
+hashed before any work, so a missing or broken file stops the job with its key.
+
+A relative path is looked up in the folder sdbatch runs in, then beside the file that set
+the key (the job file); the job is rewritten with the path where it was found, so the
+plan, the manifest and `reproduce` all name one file. An ``init_image`` that is a folder
+or a glob becomes the list of its pictures (an axis), sorted by name.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from pathlib import Path
+
+from sdbatch import schema
+from sdbatch.images import ImageFileError, read_image
+from sdbatch.masks import read_mask
+from sdbatch.plan import InputImage
+from sdbatch.schema import Job, Origin, Problem
+
+PICTURES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _bases(origin: Origin, key: str) -> list[Path]:
+    bases = [Path.cwd()]
+    label = origin(key)
+    if label and Path(label).is_file():
+        bases.append(Path(label).resolve().parent)
+    return bases
+
+
+def _shown(path: Path) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+    return rel if not rel.startswith("..") else str(path)
+
+
+def find(text: str, bases: list[Path]) -> list[Path] | None:
+    """The pictures ``text`` names: a file, every picture of a folder, or a glob's matches;
+    None when nothing is there."""
+    candidates = [Path(text)] if Path(text).is_absolute() else [b / text for b in bases]
+    for path in candidates:
+        if any(ch in text for ch in "*?["):
+            found = sorted(Path(p) for p in glob.glob(str(path))
+                           if Path(p).suffix.lower() in PICTURES)
+            if found:
+                return found
+        elif path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in PICTURES)
+            if found:
+                return found
+        elif path.is_file():
+            return [path]
+    return None
+
+
+def _values(x) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def locate(job: Job, origin: Origin) -> tuple[Job, list[Problem]]:
+    """The job with every image path replaced by where it was found (folders and globs
+    expanded into lists), and a problem for each path that names nothing."""
+    problems: list[Problem] = []
+    raw = schema.to_dict(job)
+    if job.init_image is not None:
+        key = "init_image"
+        paths: list[str] = []
+        for text in _values(job.init_image):
+            found = find(text, _bases(origin, key))
+            if found is None:
+                problems.append(Problem(key, f"no picture at '{text}' (looked in "
+                                        f"{', '.join(str(b) for b in _bases(origin, key))})",
+                                        origin(key)))
+            else:
+                paths += [_shown(p) for p in found]
+        if paths and len(paths) != len(_values(job.init_image)) and \
+                any(key in group for group in job.zip):
+            problems.append(Problem(key, "a folder or glob in a zipped init_image gives "
+                                    f"{len(paths)} pictures: list them, or take init_image "
+                                    "out of the zip group", origin("zip")))
+        raw[key] = paths if isinstance(job.init_image, tuple) or len(paths) != 1 else paths[0]
+    for i, step in enumerate(job.post):
+        if step.kind != "inpaint":
+            continue
+        key = f"post[{i}].inpaint.mask"
+        masks = []
+        for text in _values(step.inpaint.mask):
+            found = find(text, _bases(origin, key))
+            if found is None or len(found) != 1:
+                problems.append(Problem(key, f"no mask picture at '{text}'" if found is None
+                                        else f"'{text}' names {len(found)} pictures; a mask is "
+                                        "one file", origin(key)))
+            else:
+                masks.append(_shown(found[0]))
+        if len(masks) == len(_values(step.inpaint.mask)):
+            raw["post"][i]["inpaint"]["mask"] = (masks if isinstance(step.inpaint.mask, tuple)
+                                                 else masks[0])
+    if problems:
+        return job, problems
+    return schema.validate(raw, origin), []
+
+
+def read(job: Job, origin: Origin) -> tuple[dict[str, InputImage], list[Problem]]:
+    """Each image file of a located job read (as a stage will read it) and hashed."""
+    problems: list[Problem] = []
+    out: dict[str, InputImage] = {}
+    wanted = [("init_image", p, read_image) for p in _values(job.init_image) if p is not None]
+    for i, step in enumerate(job.post):
+        if step.kind == "inpaint":
+            wanted += [(f"post[{i}].inpaint.mask", p, read_mask)
+                       for p in _values(step.inpaint.mask)]
+    for key, path, reader in wanted:
+        if path in out:
+            continue
+        try:
+            picture = reader(Path(path))
+        except ImageFileError as e:
+            problems.append(Problem(key, str(e), origin(key)))
+            continue
+        size = picture.size if hasattr(picture, "size") and not hasattr(picture, "shape") \
+            else (picture.shape[1], picture.shape[0])
+        out[path] = InputImage(sha256_of(Path(path)), tuple(size))
+    return out, problems
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

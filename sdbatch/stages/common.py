@@ -1,0 +1,133 @@
+"""What the image-to-image stages share: the picture a stage hands to the next, VAE
+encoding, and sampling the tail of a noise schedule from an init latent (the WebUI's
+img2img), per image seeded as the first pass is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdbatch import noise, samplers, sampling
+from sdbatch.denoise_steps import Tail
+from sdbatch.matrix import Render
+from sdbatch.models.stack import Stack
+from sdbatch.stages.picture import Picture
+from sdbatch.stages.txt2img import (
+    Timeline,
+    _guidance_embedding,
+    _same_length_groups,
+    batch_conditioning,
+    is_sdxl,
+)
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One call of a batch: its image's render (the step's prompt, sampler, seed and size
+    written in), the step's parameters, and the picture it starts from."""
+
+    render: Render
+    params: dict[str, Any]
+    source: Picture
+
+
+def stage_render(render: Render, params: dict[str, Any], steps: int,
+                 size: tuple[int, int]) -> Render:
+    """The image's render as this step samples it: its prompt, sampler, seed, CFG and size."""
+    return dataclasses.replace(
+        render, prompt=params["prompt"], negative_prompt=params["negative_prompt"],
+        sampler=params["sampler"], schedule_type=params["schedule_type"],
+        cfg_scale=params["cfg_scale"], seed=params["seed"], steps=steps,
+        width=size[0], height=size[1])
+
+
+@torch.no_grad()
+def encode(pipe, images: list[Image.Image], device: torch.device) -> torch.Tensor:
+    """Pictures -> scaled latents (B, C, h, w), the posterior's mode: an encode depends on
+    the picture alone, not on a seed, so equal inputs give equal keys' results."""
+    vae = pipe.vae
+    upcast = is_sdxl(pipe) and vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        vae.to(torch.float32)
+    x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32))
+                     .permute(2, 0, 1) / 127.5 - 1.0 for im in images]).to(device, vae.dtype)
+    latents = vae.encode(x).latent_dist.mode()
+    if upcast:
+        vae.to(torch.float16)
+    mean, std = (getattr(vae.config, "latents_mean", None),
+                 getattr(vae.config, "latents_std", None))
+    if mean is not None and std is not None:
+        view = (1, len(mean), 1, 1)
+        m, s = torch.tensor(mean).view(view).to(latents), torch.tensor(std).view(view).to(latents)
+        return (latents - m) * vae.config.scaling_factor / s
+    return latents * vae.config.scaling_factor
+
+
+def image_noise(render: Render, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The step's noise at its latent shape: the image's seed (and variation seed) drawn
+    again at the new size, as the WebUI's second passes do."""
+    return noise.initial_noise(shape, render.seed, render.subseed, render.subseed_strength,
+                               (render.seed_resize_from_w, render.seed_resize_from_h))
+
+
+def sample_tail(stack: Stack, renders: list[Render], init: torch.Tensor, tail: Tail,
+                on_step: StepCallback | None = None, *, mask: torch.Tensor | None = None,
+                image_conditioning: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the last ``tail.run`` steps of a ``tail.schedule``-step schedule from ``init``
+    (B, C, h, w) for images of one forward pass; returns the sampled latents.
+
+    Prompt schedules ([a:b:when], [a|b], AND) count from the first step run, over the
+    step's own steps, as the WebUI's second passes count them.
+    """
+    pipe = stack.pipe
+    first = renders[0]
+    init = init.to(stack.device, stack.dtype)
+    per_step = sampling.calls_per_step(
+        samplers.make_scheduler(stack.scheduler_config, first.sampler, first.schedule_type))
+    first_call = 0 if tail.start == 0 else tail.start * per_step - (per_step - 1)
+    timelines = [Timeline(pipe, r, per_step, stack.device, stack.dtype) for r in renders]
+    shape = tuple(init.shape[1:])
+    out = torch.empty_like(init)
+    for group in _same_length_groups(timelines):
+        members = [renders[i] for i in group]
+        mine = [timelines[i] for i in group]
+        time_ids = None
+        if is_sdxl(pipe):
+            size = (first.height, first.width)
+            time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=stack.dtype,
+                                    device=stack.device)
+        scheduler = samplers.make_scheduler(stack.scheduler_config, first.sampler,
+                                            first.schedule_type)
+        seeds = [r.seed for r in members]
+        if hasattr(scheduler, "noise_sampler_seed"):
+            scheduler.noise_sampler_seed = seeds
+        start_noise = torch.stack([image_noise(r, shape) for r in members]).to(
+            stack.device, stack.dtype)
+        generators = [noise.sampler_generator(r.seed, r.ensd, shape) for r in members]
+
+        def report(done: int, _steps: int) -> None:
+            if on_step:
+                on_step(done - tail.start, tail.run)
+
+        out[group] = sampling.sample(
+            pipe.unet, scheduler, start_noise, tail.schedule,
+            lambda call, mine=mine, t=time_ids: batch_conditioning(mine, call - first_call, t),
+            first.cfg_scale,
+            step_kwargs={"generator": generators,
+                         "eta": first.eta if first.eta is not None else 0.0},
+            seeds=seeds, start_step=tail.start, init_latents=init[group], on_step=report,
+            timestep_cond=_guidance_embedding(pipe, first.cfg_scale, len(members),
+                                              stack.dtype, stack.device),
+            mask=None if mask is None else mask[group].to(stack.device, stack.dtype),
+            image_conditioning=(None if image_conditioning is None
+                                else image_conditioning[group].to(stack.device, stack.dtype)))
+    return out

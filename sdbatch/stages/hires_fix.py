@@ -1,0 +1,69 @@
+"""Hires fix, as the WebUI's second pass: upscale the first pass, then sample exactly
+``steps`` steps of img2img at the new size with its own denoise, sampler and prompt.
+
+Latent upscalers stretch the first pass's latents (F.interpolate, with or without
+antialiasing); image upscalers (Lanczos, Nearest) decode, resize and encode again. With
+both resize_x and resize_y the picture covers the box and the overhang is cut off in
+latent cells, centred.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sdbatch import denoise_steps
+from sdbatch.images import hires_size
+from sdbatch.models.stack import Stack
+from sdbatch.stages.common import (
+    Item,
+    StepCallback,
+    encode,
+    sample_tail,
+    stage_render,
+)
+from sdbatch.stages.picture import Picture
+from sdbatch.stages.txt2img import pictures
+
+LATENT_MODES = {  # the WebUI's latent upscale modes: (interpolate mode, antialias)
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+IMAGE_MODES = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+
+
+def upscaled_latents(stack: Stack, items: list[Item], upscaler: str, width: int,
+                     height: int) -> torch.Tensor:
+    """The batch's first passes at width x height, in latent space."""
+    pipe = stack.pipe
+    if upscaler in LATENT_MODES:
+        mode, antialias = LATENT_MODES[upscaler]
+        sources = [item.source.latents if item.source.latents is not None else
+                   encode(pipe, [item.source.image], stack.device)[0].float().cpu()
+                   for item in items]
+        return F.interpolate(torch.stack(sources).float(), size=(height // 8, width // 8),
+                             mode=mode, antialias=antialias)
+    resample = IMAGE_MODES[upscaler]
+    return encode(pipe, [item.source.image.resize((width, height), resample)
+                         for item in items], stack.device).float()
+
+
+def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None
+        ) -> list[Picture]:
+    p = items[0].params
+    size = hires_size(*p["input_size"], p["scale"], p["resize_x"], p["resize_y"])
+    latents = upscaled_latents(stack, items, p["upscaler"], size.width, size.height)
+    tx, ty = size.truncate_x, size.truncate_y
+    latents = latents[:, :, ty // 2:latents.shape[2] - (ty + 1) // 2,
+                      tx // 2:latents.shape[3] - (tx + 1) // 2]
+    tail = denoise_steps.exact(p["steps"], p["denoise"])
+    if tail.run == 0 or p["denoise"] == 0:
+        return pictures(stack.pipe, latents.to(stack.device, stack.dtype))
+    renders = [stage_render(item.render, item.params, item.params["steps"], size.final)
+               for item in items]
+    return pictures(stack.pipe, sample_tail(stack, renders, latents, tail, on_step))

@@ -1,0 +1,243 @@
+"""Post-steps on the tiny model: hires fix, img2img and inpaint as stages of a keyed graph."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdbatch import masks, matrix
+from sdbatch import run as runner
+from sdbatch.executors import local
+from sdbatch.output import png
+from sdbatch.output.infotext import parse_infotext
+from sdbatch.plan import make_plan
+from sdbatch.schema import JobError, validate
+from sdbatch.stages import img2img, inpaint, txt2img
+from sdbatch.stages.common import Item
+
+BASE = {"prompt": "a red building, two storeys, lawn, blue sky", "negative_prompt": "",
+        "params": {"sampler": "Euler", "steps": 6, "cfg_scale": 5, "seed": 3,
+                   "width": 64, "height": 64}}
+
+
+def run_job(raw: dict, folder: Path) -> int:
+    raw = {**raw, "run": {**raw.get("run", {}), "dir": str(folder), "progress": "quiet"}}
+    return runner.run(validate(raw), lambda key: "test", [], ["test"])
+
+
+def entries(folder: Path) -> list[dict]:
+    return [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+def image(folder: Path, entry: dict) -> np.ndarray:
+    return np.asarray(Image.open(folder / entry["file"]).convert("RGB"), dtype=np.int16)
+
+
+def centre_mask(path: Path, size: int = 64) -> Path:
+    """Where tiny draws its building: the middle of the picture."""
+    m = np.zeros((size, size), np.uint8)
+    m[size // 8:size * 3 // 4, size // 4:size * 3 // 4] = 255
+    Image.fromarray(m).save(path)
+    return path
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """Counts the calls each stage computes."""
+    counts: dict[str, int] = {}
+    for kind, real in list(local.STAGES.items()):
+        def wrapped(stack, batch, on_step=None, real=real, kind=kind):
+            counts[kind] = counts.get(kind, 0) + len(batch)
+            return real(stack, batch, on_step)
+        monkeypatch.setitem(local.STAGES, kind, wrapped)
+    return counts
+
+
+def test_one_base_under_three_hires_variants_is_drawn_once(tmp_path, counting):
+    job = {**BASE, "post": [{"hires_fix": {"scale": 2, "steps": 3,
+                                           "denoise": [0.3, 0.45, 0.6]}}]}
+    assert run_job(job, tmp_path / "r") == 0
+    assert counting == {"txt2img": 1, "hires_fix": 3}
+    done = entries(tmp_path / "r")
+    assert [e["status"] for e in done] == ["ok"] * 3
+    pictures = [image(tmp_path / "r", e) for e in done]
+    assert all(p.shape == (128, 128, 3) for p in pictures)
+    assert not np.array_equal(pictures[0], pictures[2])
+    stages = [[s["kind"] for s in e["recipe"]["stages"]] for e in done]
+    assert stages == [["txt2img", "hires_fix"]] * 3
+    assert len({e["recipe"]["stages"][0]["key"] for e in done}) == 1  # one shared base
+    assert not (tmp_path / "r/intermediates").exists()  # removed when the run completes
+
+
+def test_a_run_stopped_after_its_base_pass_resumes_without_drawing_it_again(
+        tmp_path, monkeypatch, counting):
+    job = {**BASE, "post": [{"hires_fix": {"scale": 2, "steps": 3, "denoise": [0.3, 0.6]}}]}
+    real = local.STAGES["hires_fix"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(local.STAGES, "hires_fix", interrupted)
+    assert run_job(job, tmp_path / "r") == runner.EXIT_INTERRUPTED
+    assert counting["txt2img"] == 1
+    assert list((tmp_path / "r/intermediates").glob("*.png"))  # the base pass is on disk
+    monkeypatch.setitem(local.STAGES, "hires_fix", real)
+    counting.clear()
+    assert run_job(job, tmp_path / "r") == 0
+    assert "txt2img" not in counting and counting["hires_fix"] == 2
+    resumed = entries(tmp_path / "r")
+    counting.clear()
+    assert run_job(job, tmp_path / "fresh") == 0
+    fresh = entries(tmp_path / "fresh")
+    assert [e["sha256"] for e in resumed] == [e["sha256"] for e in fresh]
+
+
+def test_hires_infotext_and_denoise_zero(tmp_path):
+    job = {**BASE, "post": [{"hires_fix": {"scale": 1.5, "steps": 3, "denoise": 0.5,
+                                           "upscaler": "Lanczos", "sampler": "DDIM"}}]}
+    assert run_job(job, tmp_path / "r") == 0
+    [entry] = entries(tmp_path / "r")
+    _, _, params = parse_infotext(png.read_text(tmp_path / "r" / entry["file"])["parameters"])
+    assert params["Size"] == "64x64"  # the first pass's, as the WebUI writes it
+    assert (params["Hires upscale"], params["Hires steps"], params["Hires upscaler"],
+            params["Denoising strength"], params["Hires sampler"]) == \
+        ("1.5", "3", "Lanczos", "0.5", "DDIM")
+    keys = list(params)
+    assert keys.index("Denoising strength") < keys.index("RNG") < keys.index("Hires upscale")
+
+
+def test_pure_geometry_of_a_plan_refuses_sizes_off_the_latent_grid(tmp_path):
+    job = {**BASE, "post": [{"hires_fix": {"scale": 1.3}}], "run": {"dir": str(tmp_path / "r")}}
+    with pytest.raises(JobError, match=r"post\[0\].hires_fix.*83x83.*multiples of 8"):
+        runner.prepare(validate(job), lambda key: "test")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def base_picture(tiny_stack):
+    r = matrix.expand(matrix.resolve_seeds(validate(BASE), 0))[0]
+    return r, txt2img.run(tiny_stack, (r,))[0]
+
+
+def items_for(kind: str, raw_step: dict, base, tmp_path: Path) -> list[Item]:
+    job = validate({**BASE, "post": [{kind: raw_step}]})
+    renders = matrix.expand(matrix.resolve_seeds(job, 0))
+    from sdbatch.plan import InputImage
+    inputs = {}
+    if kind == "inpaint":
+        m = masks.read_mask(Path(raw_step["mask"]))
+        inputs[raw_step["mask"]] = InputImage("x", (m.shape[1], m.shape[0]))
+    plan = make_plan(renders, {"tiny": "t"}, 1, {}, inputs)
+    render, picture = base
+    return [Item(renders[i], plan.chains[i][1].params, picture) for i in range(len(renders))]
+
+
+def test_denoise_zero_returns_the_input(tiny_stack, base_picture, tmp_path):
+    [item] = items_for("img2img", {"denoise": 0}, base_picture, tmp_path)
+    [out] = img2img.run(tiny_stack, [item])
+    assert np.array_equal(np.asarray(out.image), np.asarray(base_picture[1].image))
+    mask = str(centre_mask(tmp_path / "m.png"))
+    [item] = items_for("inpaint", {"mask": mask, "denoise": 0}, base_picture, tmp_path)
+    [out] = inpaint.run(tiny_stack, [item])
+    assert np.array_equal(np.asarray(out.image), np.asarray(base_picture[1].image))
+
+
+@pytest.mark.parametrize("area", ["whole_picture", "only_masked"])
+def test_inpaint_keeps_every_pixel_outside_the_blurred_mask(tiny_stack, base_picture,
+                                                            tmp_path, area):
+    mask_path = centre_mask(tmp_path / "m.png")
+    step = {"mask": str(mask_path), "denoise": 0.9, "mask_blur": 2, "inpaint_area": area,
+            "only_masked_padding": 4, "prompt": "a blue building, night"}
+    [item] = items_for("inpaint", step, base_picture, tmp_path)
+    [out] = inpaint.run(tiny_stack, [item])
+    before = np.asarray(base_picture[1].image)
+    after = np.asarray(out.image)
+    outside = masks.blur(masks.read_mask(mask_path), 2) == 0
+    assert np.array_equal(after[outside], before[outside])
+    inside = masks.read_mask(mask_path) == 255
+    assert np.abs(after[inside].astype(int) - before[inside]).mean() > 20  # it repainted
+
+
+def test_each_masked_content_mode_starts_the_hole_differently(tiny_stack, base_picture,
+                                                               tmp_path):
+    mask = str(centre_mask(tmp_path / "m.png"))
+    outs = {}
+    for content in ("original", "fill", "latent_noise", "latent_nothing"):
+        [item] = items_for("inpaint", {"mask": mask, "denoise": 0.4, "mask_blur": 0,
+                                       "masked_content": content,
+                                       "prompt": "a blue building, night"},
+                           base_picture, tmp_path)
+        outs[content] = np.asarray(inpaint.run(tiny_stack, [item])[0].image, dtype=int)
+    inside = masks.read_mask(Path(mask)) == 255
+    holes = {k: v[inside] for k, v in outs.items()}
+    for a in holes:
+        for b in holes:
+            if a < b:
+                assert np.abs(holes[a] - holes[b]).mean() > 1, (a, b)
+    before = np.asarray(base_picture[1].image, dtype=int)[inside]
+    # half denoise from the picture itself stays nearest the picture
+    assert np.abs(holes["original"] - before).mean() < np.abs(holes["latent_nothing"]
+                                                              - before).mean()
+
+
+def test_inpaint_from_an_init_image_in_a_job(tmp_path):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.full((64, 64, 3), (40, 160, 60), np.uint8)).save(init)
+    mask = centre_mask(tmp_path / "mask.png", 32)  # half size: resized to fit
+    job = {**BASE, "init_image": str(init),
+           "post": [{"inpaint": {"mask": str(mask), "denoise": 0.8, "mask_blur": 1}}]}
+    assert run_job(job, tmp_path / "r") == 0
+    [entry] = entries(tmp_path / "r")
+    out = image(tmp_path / "r", entry)
+    assert (out[:, 56:] == (40, 160, 60)).all()  # far from the mask: the init image's bytes
+    assert [s["kind"] for s in entry["recipe"]["stages"]] == ["image", "inpaint"]
+    _, _, params = parse_infotext(png.read_text(tmp_path / "r" / entry["file"])["parameters"])
+    assert params["Mask blur"] == "1" and params["Denoising strength"] == "0.8"
+
+
+def test_bad_images_are_refused_up_front_with_their_key(tmp_path):
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(wide)
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    job = {**BASE, "init_image": str(tmp_path / "missing.png"),
+           "post": [{"img2img": {}}], "run": {"dir": str(tmp_path / "r")}}
+    with pytest.raises(JobError, match=r"init_image.*no picture at"):
+        runner.prepare(validate(job), lambda key: "test")
+    job = {**BASE, "post": [{"inpaint": {"mask": str(tmp_path / "broken.png")}}],
+           "run": {"dir": str(tmp_path / "r")}}
+    with pytest.raises(JobError, match=r"post\[0\].inpaint.mask.*not a readable image"):
+        runner.prepare(validate(job), lambda key: "test")
+    job = {**BASE, "post": [{"inpaint": {"mask": str(wide)}}], "run": {"dir": str(tmp_path / "r")}}
+    with pytest.raises(JobError, match=r"aspect ratio"):
+        runner.prepare(validate(job), lambda key: "test")
+    with pytest.raises(JobError, match=r"init image needs a post-step"):
+        validate({**BASE, "init_image": "x.png"})
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_changed_input_image_refuses_the_resume(tmp_path):
+    mask = centre_mask(tmp_path / "m.png")
+    job = {**BASE, "post": [{"inpaint": {"mask": str(mask), "denoise": 0.3}}]}
+    assert run_job(job, tmp_path / "r") == 0
+    Image.fromarray(255 - masks.read_mask(mask)).save(mask)
+    with pytest.raises(JobError, match=r"input .*m.png"):
+        run_job(job, tmp_path / "r")
+
+
+def test_post_step_keys_are_axes_and_zip(tmp_path):
+    job = validate({**BASE, "params": {**BASE["params"], "seed": [1, 2]},
+                    "post": [{"hires_fix": {"denoise": [0.3, 0.5]}}],
+                    "zip": [["post.0.hires_fix.denoise", "seed"]]})
+    renders = matrix.expand(matrix.resolve_seeds(job, 0))
+    assert [(r.seed, r.post[0]["denoise"]) for r in renders] == [(1, 0.3), (2, 0.5)]
+    crossed = validate({**BASE, "post": [{"img2img": {"denoise": [0.3, 0.5],
+                                                     "cfg_scale": [4, 6]}}]})
+    assert matrix.count(crossed) == 4
+    with pytest.raises(JobError, match="one of hires_fix, img2img, inpaint"):
+        validate({**BASE, "post": [{"img2img": {}, "hires_fix": {}}]})
+    with pytest.raises(JobError, match=r"post\[0\].hiresfix.*did you mean 'hires_fix'"):
+        validate({**BASE, "post": [{"hiresfix": {}}]})
