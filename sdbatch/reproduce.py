@@ -59,6 +59,12 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
         print(f"note: model {spec.name} now hashes to {spec.model_hash}, the image was made "
               f"with {data['recipe']['model']['hash']}: expect different pixels")
     chain = p.plan.chains[index]
+    for was, now in zip(data["recipe"].get("stages", []), chain, strict=False):
+        for field, name in (("sha256", "path"), ("mask_sha256", "mask")):
+            if field in was.get("params", {}) and was["params"][field] != now.params.get(field):
+                print(f"note: {now.params[name]} changed since the image was made (sha256 "
+                      f"{was['params'][field][:12]}... then, {now.params[field][:12]}... now): "
+                      "expect different pixels")
     fresh = png.encode(picture.image, records.infotext(render, spec, chain),
                        records.png_recipe(render, spec, chain, data["job"]))
     if out is not None:

@@ -241,3 +241,95 @@ def test_post_step_keys_are_axes_and_zip(tmp_path):
         validate({**BASE, "post": [{"img2img": {}, "hires_fix": {}}]})
     with pytest.raises(JobError, match=r"post\[0\].hiresfix.*did you mean 'hires_fix'"):
         validate({**BASE, "post": [{"hiresfix": {}}]})
+
+
+def nine_channel_copy(folder: Path, extra_weight: float) -> Path:
+    """The tiny model as a 9-channel inpainting model: its own UNet with conv_in widened for
+    the mask and masked-picture channels (weighted by ``extra_weight``)."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from sdbatch.models.tiny import model_folder
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_folder(), dtype=torch.float32,
+                                                   local_files_only=True)
+    unet = UNet2DConditionModel.from_config({**pipe.unet.config, "in_channels": 9})
+    state = pipe.unet.state_dict()
+    w = state["conv_in.weight"]
+    extra = torch.randn((w.shape[0], 5, *w.shape[2:]),
+                        generator=torch.Generator().manual_seed(0)) * extra_weight
+    state["conv_in.weight"] = torch.cat([w, extra], dim=1)
+    unet.load_state_dict(state)
+    pipe.unet = unet
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def test_a_nine_channel_inpainting_model_takes_the_mask_as_input(tmp_path):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.full((64, 64, 3), (90, 150, 220), np.uint8)).save(init)
+    mask = centre_mask(tmp_path / "mask.png")
+    outs = {}
+    for weight in (0.0, 0.5):
+        model = nine_channel_copy(tmp_path / f"inpaint-{weight}", weight)
+        job = {**BASE, "model": {"checkpoint": str(model)}, "init_image": str(init),
+               "post": [{"inpaint": {"mask": str(mask), "denoise": 1.0, "mask_blur": 2}}]}
+        assert run_job(job, tmp_path / f"r{weight}") == 0
+        [entry] = entries(tmp_path / f"r{weight}")
+        outs[weight] = image(tmp_path / f"r{weight}", entry)
+    outside = masks.blur(masks.read_mask(mask), 2) == 0
+    for out in outs.values():
+        assert (out[outside] == (90, 150, 220)).all()
+    inside = masks.read_mask(mask) == 255
+    # the extra channels reach the UNet: weighting them changes the repaint
+    assert np.abs(outs[0.0][inside] - outs[0.5][inside]).mean() > 1
+
+
+def test_an_init_image_folder_is_an_axis(tmp_path):
+    folder = tmp_path / "inits"
+    folder.mkdir()
+    from sdbatch.tiny_train.scenes import Scene, draw
+
+    for i, sky in enumerate(["blue", "night"]):  # pictures like those tiny learned from
+        Image.fromarray(draw(Scene(sky=sky)).image).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not a picture")
+    job = {**BASE, "init_image": str(folder), "post": [{"img2img": {"denoise": 0.2}}]}
+    assert run_job(job, tmp_path / "r") == 0
+    done = entries(tmp_path / "r")
+    assert len(done) == 2
+    skies = [image(tmp_path / "r", e)[:8].mean() for e in done]
+    assert skies[0] > skies[1] + 50  # each image starts from its own picture
+
+
+def test_a_second_pass_on_another_checkpoint(tmp_path, tiny_stack, counting):
+    from sdbatch.models.ldm_export import save_single_file
+
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    save_single_file(tiny_stack.pipe, models / "Stable-diffusion" / "other.safetensors")
+    from sdbatch.models.tiny import model_folder
+
+    job = {**BASE, "paths": {"models": str(models)},
+           "model": {"config": str(model_folder())},
+           "post": [{"hires_fix": {"steps": 3, "denoise": 0.4,
+                                   "checkpoint": ["tiny", "other"]}}]}
+    assert run_job(job, tmp_path / "r") == 0
+    assert counting == {"txt2img": 1, "hires_fix": 2}
+    done = entries(tmp_path / "r")
+    _, _, params = parse_infotext(png.read_text(tmp_path / "r" / done[1]["file"])["parameters"])
+    assert params["Hires checkpoint"] == "other" and "Hires checkpoint" not in parse_infotext(
+        png.read_text(tmp_path / "r" / done[0]["file"])["parameters"])[2]
+
+
+def test_reproduce_renders_the_whole_chain_and_notices_a_changed_mask(tmp_path):
+    from sdbatch.reproduce import reproduce
+
+    mask = centre_mask(tmp_path / "m.png")
+    job = {**BASE, "params": {**BASE["params"], "seed": [3, 4]},
+           "post": [{"hires_fix": {"steps": 3, "denoise": 0.4}},
+                    {"inpaint": {"mask": str(mask), "denoise": 0.5, "steps": 4}}]}
+    assert run_job(job, tmp_path / "r") == 0
+    picture = tmp_path / "r" / entries(tmp_path / "r")[1]["file"]
+    assert reproduce(picture)
+    Image.fromarray(255 - masks.read_mask(mask)).save(mask)
+    assert not reproduce(picture)
