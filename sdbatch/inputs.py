@@ -10,13 +10,13 @@ or a glob becomes the list of its pictures (an axis), sorted by name.
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 from pathlib import Path
 
 from sdbatch import schema
 from sdbatch.images import ImageFileError, read_image
 from sdbatch.masks import read_mask
+from sdbatch.models import hashing
 from sdbatch.plan import InputImage
 from sdbatch.schema import Job, Origin, Problem
 
@@ -124,13 +124,5 @@ def read(job: Job, origin: Origin) -> tuple[dict[str, InputImage], list[Problem]
             continue
         size = picture.size if hasattr(picture, "size") and not hasattr(picture, "shape") \
             else (picture.shape[1], picture.shape[0])
-        out[path] = InputImage(sha256_of(Path(path)), tuple(size))
+        out[path] = InputImage(hashing.sha256(Path(path)), tuple(size))
     return out, problems
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
