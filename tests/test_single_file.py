@@ -522,3 +522,35 @@ def test_real_sd15_shapes_load_offline_from_the_shipped_config(tmp_path):
     assert images[0].size == (64, 64)
     print(f"\nreal SD1.5 shapes: built+saved {built - start:.1f}s, "
           f"loaded+rendered {time.perf_counter() - built:.1f}s")
+
+
+def test_sdxl_post_steps_hires_and_inpaint(tiny_xl, tmp_path):
+    """The post-step stages on SDXL: encode/decode through its VAE, size conditioning at the
+    second pass's size."""
+    from PIL import Image as PILImage
+
+    from sdbatch import matrix
+    from sdbatch.plan import InputImage, make_plan
+    from sdbatch.schema import validate
+    from sdbatch.stages import hires_fix, inpaint
+    from sdbatch.stages.common import Item
+
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    PILImage.fromarray(mask).save(tmp_path / "m.png")
+    job = validate({"prompt": "a red house", "params": {"sampler": "Euler", "steps": 2,
+                                                        "seed": 5, "width": 64, "height": 64},
+                    "post": [{"hires_fix": {"scale": 1.5, "steps": 2, "denoise": 0.5}},
+                             {"inpaint": {"mask": str(tmp_path / "m.png"), "steps": 2}}]})
+    [r] = matrix.expand(matrix.resolve_seeds(job, 0))
+    plan = make_plan([r], {"tiny": "xl"}, 1, {}, {str(tmp_path / "m.png"):
+                                                  InputImage("x", (64, 64))})
+    stack = stack_of(tiny_xl.pipe)
+    [base] = txt2img.run(stack, (r,))
+    [big] = hires_fix.run(stack, [Item(r, plan.chains[0][1].params, base)])
+    assert big.image.size == (96, 96) and big.latents.shape[1:] == (12, 12)
+    [painted] = inpaint.run(stack, [Item(r, plan.chains[0][2].params, big)])
+    before, after = np.asarray(big.image), np.asarray(painted.image)
+    far = np.ones((96, 96), bool)
+    far[10:86, 10:86] = False  # the mask (24..72 at 96 px) and its blur (radius 10)
+    assert np.array_equal(after[far], before[far])
