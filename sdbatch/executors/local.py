@@ -17,12 +17,12 @@ from sdbatch.executors.intermediates import Intermediates
 from sdbatch.images import read_image
 from sdbatch.models import stack as stacks
 from sdbatch.plan import Batch, StageCall
-from sdbatch.stages import hires_fix, img2img, inpaint, txt2img
+from sdbatch.stages import hires_fix, img2img, inpaint, sd_upscale, txt2img, upscale
 from sdbatch.stages.common import Item
 from sdbatch.stages.picture import Picture
 
 STAGES = {"txt2img": txt2img.run, "img2img": img2img.run, "hires_fix": hires_fix.run,
-          "inpaint": inpaint.run}
+          "inpaint": inpaint.run, "sd_upscale": sd_upscale.run, "upscale": upscale.run}
 
 
 @dataclass
@@ -70,6 +70,10 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
         try:
             if batch.kind == "image":
                 pictures = [load_image(c) for c in batch.calls]
+            elif batch.kind == "upscale":
+                pictures = STAGES["upscale"](None, [
+                    Item(r, c.params, store.get(c.input_key))
+                    for r, c in zip(batch.renders, batch.calls, strict=True)], on_step)
             else:
                 spec = by_identity[batch.calls[0].stack] if batch.calls else \
                     specs[batch.renders[0].checkpoint]

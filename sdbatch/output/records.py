@@ -49,6 +49,12 @@ def _embedding_hashes(render: Render, spec: StackSpec) -> list[tuple[str, str]]:
             if n in spec.embedding_hashes]
 
 
+def _networks(calls: tuple[StageCall, ...]) -> dict[str, Any]:
+    """The networks of the image's last modelled call (an upscale loads none)."""
+    return next((c.params for c in reversed(calls) if "loras" in c.params),
+                {"loras": [], "hypernetworks": []})
+
+
 def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]
                 ) -> dict[str, Any]:
     """The post-steps in the WebUI's infotext words, in the order it adds them: the first
@@ -92,7 +98,7 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
     are encoded, Eta DDIM when sampling starts). Hypernetworks are named only by their
     tags: the WebUI writes no Hypernet keys, and on paste it turns a "Hypernet" key into a
     second tag."""
-    stage = calls[-1].params
+    stage = _networks(calls)
     prompt = infotext_prompt(render)
     lora_hash = {names.stem(name): digest for name, _, digest in stage["loras"]}
     loras = {tag.name: lora_hash[names.stem(tag.name)]
@@ -141,8 +147,8 @@ def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> dic
     return {
         "params": render.params(),
         "model": {"name": spec.name, "hash": spec.model_hash, "dtype": spec.record["dtype"],
-                  "vae": spec.vae_hash, "loras": calls[-1].params["loras"],
-                  "hypernetworks": calls[-1].params["hypernetworks"],
+                  "vae": spec.vae_hash, "loras": _networks(calls)["loras"],
+                  "hypernetworks": _networks(calls)["hypernetworks"],
                   "embeddings": dict(_embedding_hashes(render, spec))},
         "device": machine(spec.torch_device),
         "stages": [{"kind": c.kind, "key": c.key, "input": c.input_key, "params": c.params}
