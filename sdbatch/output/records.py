@@ -85,9 +85,24 @@ def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]
             out["Inpaint area"] = "Only masked"
             out["Masked area padding"] = paint["only_masked_padding"]
         out["Masked content"] = paint["masked_content"].replace("_", " ")
+    tiled = next((c.params for c in reversed(calls) if c.kind == "sd_upscale"), None)
+    if tiled is not None:
+        out["SD upscale overlap"] = tiled["tile_overlap"]
+        out["SD upscale upscaler"] = tiled["upscaler"]
     last = next((c.params for c in reversed(calls) if "denoise" in c.params), None)
     if last is not None:
         out["Denoising strength"] = number(last["denoise"])
+    extras = next((c.params for c in reversed(calls) if c.kind == "upscale"), None)
+    if extras is not None:
+        if extras["resize_x"] and extras["resize_y"]:
+            out["Postprocess upscale to"] = f"{extras['resize_x']}x{extras['resize_y']}"
+            out["Postprocess crop to fit"] = "True"
+        else:
+            out["Postprocess upscale by"] = number(extras["scale"])
+        out["Postprocess upscaler"] = extras["upscaler"]
+        if extras["upscaler_2"] != "None" and extras["upscaler_2_visibility"] > 0:
+            out["Postprocess upscaler 2"] = extras["upscaler_2"]
+            out["Postprocess upscaler 2 visibility"] = number(extras["upscaler_2_visibility"])
     return out
 
 
@@ -129,6 +144,7 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
         "Clip skip": render.clip_skip if render.clip_skip > 1 else None,
         "ENSD": render.ensd if render.ensd and render.sampler in USES_ENSD else None,
         "RNG": "CPU",  # sdbatch draws all noise on the CPU; the WebUI's default is GPU
+        "Tiling": {"false": None, "true": "True"}.get(render.tiling, render.tiling),
         **post_params(render, spec, calls),
         "Lora hashes": _hash_list(loras.items()),
         "TI hashes": _hash_list(embeddings),
