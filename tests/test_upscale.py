@@ -157,7 +157,7 @@ def test_sd_upscale_samples_batch_size_tiles_per_pass_with_their_seeds(
     assert out.image.size == (128, 128)
     assert [len(s) for s, _ in passes] == [4, 4, 1]  # 9 tiles, 4 per forward pass
     assert passes[0][1] == (4, 4, 8, 8)  # each pass holds its own tiles only
-    assert [s for seeds, _ in passes for s in seeds] == tiles.tile_seeds(3, 9, 4)
+    assert [s for seeds, _ in passes for s in seeds] == [3, 4, 5, 6, 4, 5, 6, 7, 5]
     flat = dataclasses.replace(item, params={**item.params, "denoise": 0.0})
     [same] = sd_upscale.run(tiny_stack, [flat])
     assert np.array_equal(np.asarray(same.image),
@@ -234,3 +234,12 @@ def test_upscale_alone_loads_no_model(tmp_path, monkeypatch):
     params = parse_infotext(png.read_text(tmp_path / "r" / entry["file"])["parameters"])[2]
     assert params["Postprocess upscale to"] == "128x128"
 
+
+
+def test_reproduce_renders_a_tiled_sd_upscale_chain_again(tmp_path):
+    from sdbatch.reproduce import reproduce
+
+    job = {**BASE, "params": {**BASE["params"], "seed": [3, 4], "tiling": "x"},
+           "post": [{"sd_upscale": {"tile_overlap": 16, "steps": 4}}]}
+    assert run_job(job, tmp_path / "r") == 0
+    assert reproduce(tmp_path / "r" / entries(tmp_path / "r")[1]["file"])
