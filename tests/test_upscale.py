@@ -16,7 +16,7 @@ from sdbatch.output.infotext import parse_infotext
 from sdbatch.plan import make_plan
 from sdbatch.schema import JobError, validate
 from sdbatch.stages import sd_upscale, txt2img
-from sdbatch.stages.common import Item
+from sdbatch.stages.common import Item, encode
 
 from .test_post_steps import BASE, counting, entries, image, run_job  # noqa: F401
 
@@ -204,8 +204,10 @@ def test_tiling_x_wraps_only_across(tiny_stack):
 def test_the_vae_tiles_pictures_over_the_threshold(tiny_stack, monkeypatch):
     vae = tiny_stack.pipe.vae
     calls = []
-    real = vae.tiled_decode
+    real, real_encode = vae.tiled_decode, vae._tiled_encode
     monkeypatch.setattr(vae, "tiled_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(vae, "_tiled_encode",
+                        lambda *a, **k: calls.append(2) or real_encode(*a, **k))
     latents = torch.zeros(1, vae.config.latent_channels, 16, 16)  # 128 px
     try:
         seamless.vae_tiles(vae, 128)
@@ -214,6 +216,8 @@ def test_the_vae_tiles_pictures_over_the_threshold(tiny_stack, monkeypatch):
         seamless.vae_tiles(vae, 64)
         [picture] = txt2img.decode(tiny_stack.pipe, latents)
         assert calls == [1] and picture.size == (128, 128)
+        assert encode(tiny_stack.pipe, [picture], tiny_stack.device).shape[-1] == 16
+        assert calls == [1, 2]
     finally:
         seamless.vae_tiles(vae, 1024)
 
