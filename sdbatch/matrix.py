@@ -46,6 +46,7 @@ class Render:
     seed_resize_from_h: int = 0
     eta: float | None = None
     ensd: int = 0
+    tiling: str = "false"
     loras: tuple[tuple[str, float], ...] = ()  # (name, weight): the stack's, then the prompt's
     hypernetworks: tuple[tuple[str, float], ...] = ()
     embeddings: tuple[str, ...] = ()  # triggers in the prompt, then the negative prompt
@@ -75,10 +76,18 @@ class Step:
         return dict(self.values)[key]
 
 
-def post_step(kind: str, given: dict[str, Any], base: Render, position: int) -> Step:
+def post_step(kind: str, given: dict[str, Any], base: Render, position: int,
+              batch_size: int = 1) -> Step:
     """A post-step's values for one image: unset sampling keys take the image's; a seed the
-    step sets counts up within the cell as the image's seeds do."""
+    step sets counts up within the cell as the image's seeds do. SD upscale's tiles are the
+    image's processing size unless set, and go batch_size to a forward pass (which sets
+    their seeds, as in the WebUI's script). An upscale samples nothing: it takes nothing."""
     v = dict(given)
+    if kind == "upscale":
+        return Step(kind, tuple(sorted(v.items())))
+    if kind == "sd_upscale":
+        v["width"], v["height"] = v["width"] or base.width, v["height"] or base.height
+        v["batch_size"] = batch_size
     if v.get("sampler") is None and v.get("schedule_type") is None:
         v["sampler"], v["schedule_type"] = base.sampler, base.schedule_type
     else:
@@ -233,11 +242,13 @@ def expand(job: Job, picked: dict[int, tuple[str, str]] | None = None) -> list[R
                 seed_resize_from_w=values["params.seed_resize_from_w"],
                 seed_resize_from_h=values["params.seed_resize_from_h"],
                 eta=values["params.eta"], ensd=values["params.ensd"],
+                tiling=values["params.tiling"],
                 loras=loras, hypernetworks=hypernets, embeddings=embeddings,
                 init_image=values["init_image"],
             )
             post = tuple(post_step(step.kind, {k.rsplit(".", 1)[1]: v for k, v in values.items()
-                                               if k.startswith(f"post.{n}.")}, base, i)
+                                               if k.startswith(f"post.{n}.")}, base, i,
+                                   p.batch_size)
                          for n, step in enumerate(job.post))
             renders.append(dataclasses.replace(base, post=post))
     return renders

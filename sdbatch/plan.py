@@ -27,7 +27,8 @@ PER_IMAGE = ("seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_
              "ensd", "prompt", "negative_prompt", "mask_sha256", "mask", "path", "sha256")
 # what a post-step call takes over from its image (it changes the noise or the model)
 INHERITED = ("subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
-             "ensd", "eta", "clip_skip", "loras", "hypernetworks")
+             "ensd", "eta", "clip_skip", "tiling", "loras", "hypernetworks")
+NO_MODEL = ("image", "upscale")  # stage kinds that load no model stack
 
 
 SHARE_PREFIXES = True  # benchmarks/hires_sharing.py turns it off to measure what sharing saves
@@ -117,14 +118,16 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
         size = image.size
     calls = [first]
     for step in render.post:
-        params = step.params() | {k: base[k] for k in INHERITED}
+        modelled = step.kind not in NO_MODEL
+        params = step.params() | ({k: base[k] for k in INHERITED} if modelled else {})
         params["input_size"] = list(size)
         size = output_size(step.kind, params, size, inputs)
         params["output_size"] = list(size)
         if step.kind == "inpaint":
             params["mask_sha256"] = inputs[params["mask"]].sha256
         checkpoint = params.get("checkpoint") or render.checkpoint
-        calls.append(StageCall(step.kind, params, calls[-1].key, stacks[checkpoint]))
+        calls.append(StageCall(step.kind, params, calls[-1].key,
+                               stacks[checkpoint] if modelled else ""))
     return tuple(calls)
 
 
@@ -132,9 +135,16 @@ def output_size(kind: str, params: dict[str, Any], size: tuple[int, int],
                 inputs: dict[str, InputImage]) -> tuple[int, int]:
     """The size of a post-step's picture, known from the job alone."""
     from sdbatch.images import hires_size
+    from sdbatch.upscalers import scaled_size
 
     if kind == "hires_fix":
         return hires_size(*size, params["scale"], params["resize_x"], params["resize_y"]).final
+    if kind == "sd_upscale":
+        return scaled_size(*size, params["scale"])
+    if kind == "upscale":
+        if params["resize_x"] and params["resize_y"]:
+            return params["resize_x"], params["resize_y"]
+        return scaled_size(*size, params["scale"])
     return (params["width"] or size[0], params["height"] or size[1])
 
 
@@ -187,7 +197,8 @@ def schedule(batches: list[Batch]) -> tuple[Batch, ...]:
 
 def size_problems(plan: Plan, inputs: dict[str, InputImage]) -> list[tuple[str, str]]:
     """(key, message) for each post-step whose size cannot work: a picture size that is
-    not a multiple of 8 (the VAE's cell), or a mask of another aspect than its picture."""
+    not a multiple of 8 (the VAE's cell), a mask of another aspect than its picture, or SD
+    upscale tiles that do not fit their picture or their overlap."""
     found: dict[str, str] = {}
     for chain in plan.chains.values():
         for depth, call in enumerate(chain[1:]):
@@ -196,9 +207,19 @@ def size_problems(plan: Plan, inputs: dict[str, InputImage]) -> list[tuple[str, 
             if (w % 8 or h % 8) and where not in found:
                 iw, ih = call.params["input_size"]
                 fix = ("a scale or resize_x / resize_y that gives multiples of 8"
-                       if call.kind == "hires_fix" else "width and height, multiples of 8")
+                       if call.kind in ("hires_fix", "upscale")
+                       else "width and height, multiples of 8")
                 found[where] = (f"makes a {w}x{h} picture from a {iw}x{ih} one; sizes must "
                                 f"be multiples of 8: give {fix}")
+            if call.kind == "sd_upscale" and where not in found:
+                tw, th, ov = call.params["width"], call.params["height"], \
+                    call.params["tile_overlap"]
+                if tw > w or th > h:
+                    found[where] = (f"its {tw}x{th} tiles are larger than the {w}x{h} picture "
+                                    f"they cut: give width and height at most {w}x{h}")
+                elif ov >= min(tw, th):
+                    found[where] = (f"tile_overlap {ov} must be less than the {tw}x{th} tile: "
+                                    "give a smaller tile_overlap or larger tiles")
             if call.kind == "inpaint":
                 mw, mh = inputs[call.params["mask"]].size
                 iw, ih = call.params["input_size"]

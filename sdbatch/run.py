@@ -242,7 +242,8 @@ def render_one(job: Job, origin: Origin, index: int,
         cache = StackCache(stacks.pick_device(job.executor.device))
         final = p.plan.key(index)
         for result in execute(needed(p.plan, others, lambda key: False), p.specs, cache,
-                              p.networks, store=store, consumers=p.plan.consumers()):
+                              p.networks, store=store, consumers=p.plan.consumers(),
+                              vae_tile_px=job.executor.vae_tile_px):
             for call, picture in zip(result.batch.calls, result.pictures or [], strict=False):
                 if call.key == final:
                     return p, next(r for r in p.renders if r.index == index), picture
@@ -302,7 +303,8 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
             try:
                 cache = StackCache(device, job.executor.stack_cache_gb)
                 for result in execute(batches, p.specs, cache, p.networks, progress.step,
-                                      lambda: stop.requested, store, plan.consumers()):
+                                      lambda: stop.requested, store, plan.consumers(),
+                                      job.executor.vae_tile_px):
                     per_image = result.seconds / len(result.batch.calls)
                     finished = [(i, by_index[index]) for i, call in enumerate(result.batch.calls)
                                 for index in finishes.get(call.key, ()) if index not in done]

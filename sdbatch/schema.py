@@ -59,13 +59,15 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
     return check
 
 
-def spec(default: Any = dataclasses.MISSING, check: Callable | None = None, **kw: Any) -> Any:
-    """A field with an optional value check (returns an error text or None)."""
+def spec(default: Any = dataclasses.MISSING, check: Callable | None = None,
+         read: Callable[[Any], Any] | None = None, **kw: Any) -> Any:
+    """A field with an optional value check (returns an error text or None) and an optional
+    reader that turns a YAML value into the field's type first (true -> "true")."""
     if isinstance(default, list | dict):
         kw["default_factory"] = (lambda d=default: type(d)(d))
     elif default is not dataclasses.MISSING:
         kw["default"] = default
-    return field(metadata={"check": check}, **kw)
+    return field(metadata={"check": check, "read": read}, **kw)
 
 
 def _folder_name(v: str) -> str | None:
@@ -91,6 +93,16 @@ class JobInfo:
     name: str = spec("sdbatch", _folder_name)  # outputs/<name>/: one folder, never a path
 
 
+TILING = ("false", "true", "x", "y")
+
+
+def _tiling_word(v: Any) -> Any:
+    """YAML's true/false (or a list of them) as the tiling words."""
+    if isinstance(v, list | tuple):
+        return [_tiling_word(x) for x in v]
+    return str(v).lower() if isinstance(v, bool) else v
+
+
 @dataclass(frozen=True)
 class Params:
     """Generation parameters, in the WebUI's words and with its UI defaults."""
@@ -109,6 +121,7 @@ class Params:
     seed_resize_from_h: Axis[int] = spec(0, _range(0))
     eta: Axis[float] | None = spec(None, _range(0, 1))  # DDIM's (diffusers' others take none)
     ensd: Axis[int] = spec(0, _range(0))  # eta noise seed delta: later noise from seed + ensd
+    tiling: Axis[str] = spec("false", _one_of(TILING), _tiling_word)  # seamless: true, x or y
     batch_size: int = spec(1, _range(1, 64))
     batch_count: int = spec(1, _range(1, 100000))
 
@@ -167,6 +180,7 @@ class Executor:
     device: str = spec("auto")
     stack_cache_gb: float = spec(0.0, _range(0))  # loaded stacks kept beyond the one in use
     intermediate_cache_gb: float = spec(1.0, _range(0))  # post-step inputs kept in memory
+    vae_tile_px: int = spec(1024, _range(64))  # VAE works in tiles above this many pixels a side
 
 
 @dataclass(frozen=True)
@@ -183,6 +197,7 @@ UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)",
              "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)",
              "Lanczos", "Nearest")
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill", "latent_upscale")
+IMAGE_UPSCALERS = ("Lanczos", "Nearest")
 MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")
 INPAINT_AREAS = ("whole_picture", "only_masked")
 
@@ -248,19 +263,48 @@ class Inpaint(Sampling):
 
 
 @dataclass(frozen=True)
+class SdUpscale(Sampling):
+    """The WebUI's SD upscale script: upscale by ``scale``, then img2img the picture in tiles
+    of width x height overlapping by ``tile_overlap``, blended back across the overlaps."""
+
+    scale: Axis[float] = spec(2.0, _range(1, 16))
+    upscaler: Axis[str] = spec("Lanczos", _one_of(IMAGE_UPSCALERS))
+    tile_overlap: Axis[int] = spec(64, _range(0, 256))
+    denoise: Axis[float] = spec(0.4, _denoise)  # the seed's advice; the WebUI takes img2img's
+    width: Axis[int] = spec(0, _post_size)  # the tile size; 0 = params.width / height
+    height: Axis[int] = spec(0, _post_size)
+    steps: Axis[int] = spec(0, _range(0, 1000))  # 0 = the job's steps
+
+
+@dataclass(frozen=True)
+class Upscale:
+    """The WebUI's Extras tab: upscale without diffusion, by ``scale`` or to resize_x x
+    resize_y (cropped to fit), a second upscaler blended in by its visibility."""
+
+    scale: Axis[float] = spec(2.0, _range(1, 16))
+    resize_x: Axis[int] = spec(0, _range(0))  # with resize_y: upscale to this size instead
+    resize_y: Axis[int] = spec(0, _range(0))
+    upscaler: Axis[str] = spec("Lanczos", _one_of(IMAGE_UPSCALERS))
+    upscaler_2: Axis[str] = spec("None", _one_of(("None", *IMAGE_UPSCALERS)))
+    upscaler_2_visibility: Axis[float] = spec(0.0, _range(0, 1))
+
+
+@dataclass(frozen=True)
 class PostStep:
     """One step of ``post``: a mapping with exactly one of these keys."""
 
     hires_fix: HiresFix | None = spec(None)
     img2img: Img2Img | None = spec(None)
     inpaint: Inpaint | None = spec(None)
+    sd_upscale: SdUpscale | None = spec(None)
+    upscale: Upscale | None = spec(None)
 
     @property
     def kind(self) -> str:
         return next(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
 
     @property
-    def step(self) -> Sampling:
+    def step(self) -> Sampling | Upscale:
         return getattr(self, self.kind)
 
 
@@ -386,6 +430,18 @@ def _check_post(job: Job, origin: Origin) -> list[Problem]:
                                     f"{', '.join(given) or 'none'}: write one per list item",
                                     origin(key)))
             continue
+        if step.kind == "upscale":
+            u = step.upscale
+            for name in ("resize_x", "resize_y"):
+                for v in _values(getattr(u, name)):
+                    if v and (msg := _size(v)):
+                        problems.append(Problem(f"{key}.upscale.{name}", msg,
+                                                origin(f"{key}.upscale.{name}")))
+            if any(_values(u.resize_x)) != any(_values(u.resize_y)):
+                problems.append(Problem(f"{key}.upscale.resize_x", "upscale to a size needs "
+                                        "both resize_x and resize_y (or neither: then scale)",
+                                        origin(f"{key}.upscale.resize_x")))
+            continue
         for name in ("prompt", "negative_prompt"):
             for text in _values(getattr(step.step, name)):
                 if text and re.search(r"<(lora|lyco|hypernet):", text):
@@ -446,7 +502,7 @@ def _check_sampler_pairs(job: Job, origin: Origin) -> list[Problem]:
     problems = []
     for i, step in enumerate(job.post):
         s = step.step
-        if s.sampler is None and s.schedule_type is None:
+        if not isinstance(s, Sampling) or (s.sampler is None and s.schedule_type is None):
             continue
         key = f"post[{i}].{step.kind}.sampler"
         for name in dict.fromkeys(_values(s.sampler or job.params.sampler)):
@@ -507,7 +563,9 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[Problem], origin: Or
             continue
         key = f"{prefix}{f.name}"
         before = len(problems)
-        value = _coerce(raw[f.name], hints[f.name], key, problems, origin)
+        read = f.metadata.get("read")
+        value = _coerce(read(raw[f.name]) if read else raw[f.name], hints[f.name], key,
+                        problems, origin)
         check = f.metadata.get("check")
         if check and len(problems) == before:
             for item in (value if isinstance(value, tuple) and _axis_type(hints[f.name])

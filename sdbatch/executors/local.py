@@ -13,16 +13,17 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from sdbatch import seamless
 from sdbatch.executors.intermediates import Intermediates
 from sdbatch.images import read_image
 from sdbatch.models import stack as stacks
 from sdbatch.plan import Batch, StageCall
-from sdbatch.stages import hires_fix, img2img, inpaint, txt2img
+from sdbatch.stages import hires_fix, img2img, inpaint, sd_upscale, txt2img, upscale
 from sdbatch.stages.common import Item
 from sdbatch.stages.picture import Picture
 
 STAGES = {"txt2img": txt2img.run, "img2img": img2img.run, "hires_fix": hires_fix.run,
-          "inpaint": inpaint.run}
+          "inpaint": inpaint.run, "sd_upscale": sd_upscale.run, "upscale": upscale.run}
 
 
 @dataclass
@@ -43,13 +44,16 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             on_step: Callable[[int, int], None] | None = None,
             should_stop: Callable[[], bool] = lambda: False,
             store: Intermediates | None = None,
-            consumers: dict[str, int] | None = None) -> Iterator[BatchResult]:
+            consumers: dict[str, int] | None = None,
+            vae_tile_px: int = 1024) -> Iterator[BatchResult]:
     """Render batches in order; a failing batch is reported and the next one goes on.
 
     Each batch's stack comes from the cache (loaded on first use, its LoRAs checked against
     it); a stack that cannot load stops the run: that is a broken model, not a broken image.
     ``consumers`` counts the calls that take each key's output: such outputs go to
-    ``store``, and leave its memory when their last consumer is done.
+    ``store``, and leave its memory when their last consumer is done. Pictures with a side
+    over ``vae_tile_px`` go through the VAE in tiles; a batch's ``tiling`` wraps the
+    model's convolutions for that batch only.
     """
     networks = networks or {}
     consumers = dict(consumers or {})
@@ -70,6 +74,10 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
         try:
             if batch.kind == "image":
                 pictures = [load_image(c) for c in batch.calls]
+            elif batch.kind == "upscale":
+                pictures = STAGES["upscale"](None, [
+                    Item(r, c.params, store.get(c.input_key))
+                    for r, c in zip(batch.renders, batch.calls, strict=True)], on_step)
             else:
                 spec = by_identity[batch.calls[0].stack] if batch.calls else \
                     specs[batch.renders[0].checkpoint]
@@ -83,16 +91,18 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
                     except ValueError as e:
                         raise stacks.StackLoadError(str(e)) from e
                     checked.add(spec.identity)
+                seamless.vae_tiles(stack.pipe.vae, vae_tile_px)
                 first = batch.renders[0]
                 stack.use_networks([(networks[("lora", n)].path, w) for n, w in first.loras],
                                    [(networks[("hypernet", n)].path, w)
                                     for n, w in first.hypernetworks])
-                if batch.kind == "txt2img":
-                    pictures = STAGES["txt2img"](stack, batch.renders, on_step)
-                else:
-                    items = [Item(r, c.params, store.get(c.input_key))
-                             for r, c in zip(batch.renders, batch.calls, strict=True)]
-                    pictures = STAGES[batch.kind](stack, items, on_step)
+                with seamless.tiling([stack.pipe.unet, stack.pipe.vae], first.tiling):
+                    if batch.kind == "txt2img":
+                        pictures = STAGES["txt2img"](stack, batch.renders, on_step)
+                    else:
+                        items = [Item(r, c.params, store.get(c.input_key))
+                                 for r, c in zip(batch.renders, batch.calls, strict=True)]
+                        pictures = STAGES[batch.kind](stack, items, on_step)
         except stacks.StackLoadError:
             raise
         except Exception as e:  # noqa: BLE001 - one batch's failure must not lose the others

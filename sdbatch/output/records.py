@@ -49,6 +49,12 @@ def _embedding_hashes(render: Render, spec: StackSpec) -> list[tuple[str, str]]:
             if n in spec.embedding_hashes]
 
 
+def _networks(calls: tuple[StageCall, ...]) -> dict[str, Any]:
+    """The networks of the image's last modelled call (an upscale loads none)."""
+    return next((c.params for c in reversed(calls) if "loras" in c.params),
+                {"loras": [], "hypernetworks": []})
+
+
 def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]
                 ) -> dict[str, Any]:
     """The post-steps in the WebUI's infotext words, in the order it adds them: the first
@@ -79,9 +85,24 @@ def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]
             out["Inpaint area"] = "Only masked"
             out["Masked area padding"] = paint["only_masked_padding"]
         out["Masked content"] = paint["masked_content"].replace("_", " ")
+    tiled = next((c.params for c in reversed(calls) if c.kind == "sd_upscale"), None)
+    if tiled is not None:
+        out["SD upscale overlap"] = tiled["tile_overlap"]
+        out["SD upscale upscaler"] = tiled["upscaler"]
     last = next((c.params for c in reversed(calls) if "denoise" in c.params), None)
     if last is not None:
         out["Denoising strength"] = number(last["denoise"])
+    extras = next((c.params for c in reversed(calls) if c.kind == "upscale"), None)
+    if extras is not None:
+        if extras["resize_x"] and extras["resize_y"]:
+            out["Postprocess upscale to"] = f"{extras['resize_x']}x{extras['resize_y']}"
+            out["Postprocess crop to fit"] = "True"
+        else:
+            out["Postprocess upscale by"] = number(extras["scale"])
+        out["Postprocess upscaler"] = extras["upscaler"]
+        if extras["upscaler_2"] != "None" and extras["upscaler_2_visibility"] > 0:
+            out["Postprocess upscaler 2"] = extras["upscaler_2"]
+            out["Postprocess upscaler 2 visibility"] = number(extras["upscaler_2_visibility"])
     return out
 
 
@@ -92,7 +113,7 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
     are encoded, Eta DDIM when sampling starts). Hypernetworks are named only by their
     tags: the WebUI writes no Hypernet keys, and on paste it turns a "Hypernet" key into a
     second tag."""
-    stage = calls[-1].params
+    stage = _networks(calls)
     prompt = infotext_prompt(render)
     lora_hash = {names.stem(name): digest for name, _, digest in stage["loras"]}
     loras = {tag.name: lora_hash[names.stem(tag.name)]
@@ -123,6 +144,7 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
         "Clip skip": render.clip_skip if render.clip_skip > 1 else None,
         "ENSD": render.ensd if render.ensd and render.sampler in USES_ENSD else None,
         "RNG": "CPU",  # sdbatch draws all noise on the CPU; the WebUI's default is GPU
+        "Tiling": {"false": None, "true": "True"}.get(render.tiling, render.tiling),
         **post_params(render, spec, calls),
         "Lora hashes": _hash_list(loras.items()),
         "TI hashes": _hash_list(embeddings),
@@ -141,8 +163,8 @@ def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> dic
     return {
         "params": render.params(),
         "model": {"name": spec.name, "hash": spec.model_hash, "dtype": spec.record["dtype"],
-                  "vae": spec.vae_hash, "loras": calls[-1].params["loras"],
-                  "hypernetworks": calls[-1].params["hypernetworks"],
+                  "vae": spec.vae_hash, "loras": _networks(calls)["loras"],
+                  "hypernetworks": _networks(calls)["hypernetworks"],
                   "embeddings": dict(_embedding_hashes(render, spec))},
         "device": machine(spec.torch_device),
         "stages": [{"kind": c.kind, "key": c.key, "input": c.input_key, "params": c.params}

@@ -1,0 +1,43 @@
+"""The WebUI's SD upscale script: the picture is upscaled by ``scale``, cut into tiles of
+the processing width x height overlapping by ``tile_overlap`` (sdbatch.tiles), each tile is
+img2img'd with its own seed, and the tiles are blended back across the overlaps.
+
+Tiles go through the model ``batch_size`` at a time, each forward pass encoding, sampling
+and decoding only its own tiles, so memory stays that of one batch of tiles however large
+the picture grows; only the pictures themselves grow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sdbatch import denoise_steps, tiles, upscalers
+from sdbatch.models.stack import Stack
+from sdbatch.stages.common import Item, StepCallback, encode, sample_tail, stage_render
+from sdbatch.stages.picture import Picture
+from sdbatch.stages.txt2img import decode
+
+
+def upscale_one(stack: Stack, item: Item, on_step: StepCallback | None = None) -> Picture:
+    p = item.params
+    big = upscalers.upscale(item.source.image, p["scale"], p["upscaler"])
+    grid = tiles.layout(*big.size, p["width"], p["height"], p["tile_overlap"])
+    tail = denoise_steps.img2img(p["steps"], p["denoise"])
+    pieces = tiles.split(big, grid)
+    if tail.run == 0:
+        return Picture(tiles.blend(pieces, grid))
+    seeds = tiles.tile_seeds(p["seed"], len(pieces), p["batch_size"])
+    done: list = []
+    for start in range(0, len(pieces), p["batch_size"]):
+        part = pieces[start:start + p["batch_size"]]
+        renders = [dataclasses.replace(stage_render(item.render, p, p["steps"],
+                                                    (grid.tile_w, grid.tile_h)), seed=seed)
+                   for seed in seeds[start:start + len(part)]]
+        latents = encode(stack.pipe, part, stack.device)
+        done += decode(stack.pipe, sample_tail(stack, renders, latents, tail, on_step))
+    return Picture(tiles.blend(done, grid))
+
+
+def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None
+        ) -> list[Picture]:
+    return [upscale_one(stack, item, on_step) for item in items]
