@@ -99,16 +99,18 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
     `on_step(done, steps)` reports each finished sampling step; `on_latents(step, x)`
     may replace the latents after it.
 
-    Inpainting: with `mask` (B, 1, h, w; 1 = repaint) the unmasked part is re-imposed after
-    every scheduler step, as `init_latents` noised to the next timestep with the same
-    noise (diffusers' scheme for 4-channel models); `image_conditioning` (B, 5, h, w: mask
-    and masked-image latents) is concatenated to the UNet's input (9-channel models).
+    Inpainting: with `mask` (B, 1, h, w; 1 = repaint) every model call's denoised
+    prediction is `init_latents` outside the mask (the WebUI's CFGDenoiser, for 4-channel
+    models), so the sampler steers the unmasked part to the picture; `image_conditioning`
+    (B, 5, h, w: mask and masked-image latents) is concatenated to the UNet's input
+    (9-channel models).
     """
     device = noise.device
     scheduler.set_timesteps(steps, device=device)
     per_step = calls_per_step(scheduler)
-    # a second-order step is one call for its first step and two for every later one
-    first_call = 0 if start_step == 0 else start_step * per_step - (per_step - 1)
+    # a second-order step is two calls (the last step only one: it lands on sigma 0), so
+    # step s starts at call s x calls per step, as diffusers' img2img pipelines slice
+    first_call = start_step * per_step
     timesteps = scheduler.timesteps[first_call:]
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(first_call)
@@ -131,18 +133,61 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
         cond = conditioning(call)
         guided = not (cfg_scale == 1.0 and cond.plain) and timestep_cond is None
         latents_in = scheduler.scale_model_input(latents, t)
+        x_t = latents_in
         if image_conditioning is not None:
             latents_in = torch.cat([latents_in, image_conditioning.to(latents_in)], dim=1)
         out = _unet(unet, latents_in, t, cond, guided, timestep_cond)
         if guided:
             out = guide(out, cond, cfg_scale)
+        if mask is not None:
+            alpha, sigma = noise_level(scheduler, latents, x_t, t)
+            if sigma > 1e-4:  # at no noise (a last midpoint) the input is its own prediction
+                out = keep_known(out, x_t, alpha, sigma, init_latents, mask,
+                                 scheduler.config.get("prediction_type", "epsilon"))
         if variance is not None:
             kwargs["variance_noise"] = variance(call)
         latents = scheduler.step(out, t, latents, **kwargs, return_dict=False)[0]
-        if mask is not None and i + 1 < len(timesteps):
-            known = scheduler.add_noise(init_latents, noise, timesteps[i + 1:i + 2])
-            latents = known * (1 - mask) + latents * mask
     return _finish_step(done + 1, steps, latents, on_step, on_latents)
+
+
+def noise_level(scheduler, latents: torch.Tensor, x_t: torch.Tensor, t
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) of the model's input x_t = alpha * x0 + sigma * eps at this call.
+
+    k-diffusion style schedulers keep latents = x0 + s * eps and feed latents / sqrt(1+s^2):
+    alpha is that ratio (whatever s this call uses: Heun's, DPM2's midpoint...). The others
+    feed the latents as they are, at the noise of their sigma table or of alphas_cumprod."""
+    if scheduler.init_noise_sigma > 1.0:
+        x, lat = x_t.float(), latents.float()
+        alpha = (x * lat).sum() / (lat * lat).sum()
+    else:
+        sigmas = getattr(scheduler, "sigmas", None)
+        where = (scheduler.timesteps == t).nonzero()
+        if sigmas is not None and len(where) and len(sigmas) > len(scheduler.timesteps) - 1:
+            alpha = 1 / torch.sqrt(1 + sigmas[int(where[0])].to(x_t.device) ** 2)
+        else:
+            alpha = scheduler.alphas_cumprod[int(t)].to(x_t.device).sqrt()
+    alpha = alpha.to(torch.float32).clamp(1e-6, 1.0)
+    return alpha, torch.sqrt(1 - alpha * alpha)
+
+
+def keep_known(out: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+               known: torch.Tensor, mask: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The model output whose denoised prediction is ``known`` where ``mask`` is 0 and the
+    model's own where it is 1 (the WebUI's inpainting blend), in the model's parameterisation
+    (epsilon, v or sample)."""
+    o, x = out.float(), x_t.float()
+    if prediction == "v_prediction":
+        x0 = alpha * x - sigma * o
+    elif prediction == "sample":
+        x0 = o
+    else:
+        x0 = (x - sigma * o) / alpha
+    x0 = known.float() * (1 - mask) + x0 * mask
+    eps = (x - alpha * x0) / sigma
+    if prediction == "v_prediction":
+        return (alpha * eps - sigma * x0).to(out.dtype)
+    return (x0 if prediction == "sample" else eps).to(out.dtype)
 
 
 def _finish_step(done: int, steps: int, latents: torch.Tensor, on_step, on_latents

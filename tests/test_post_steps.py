@@ -333,3 +333,22 @@ def test_reproduce_renders_the_whole_chain_and_notices_a_changed_mask(tmp_path):
     assert reproduce(picture)
     Image.fromarray(255 - masks.read_mask(mask)).save(mask)
     assert not reproduce(picture)
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M",
+                                     "DPM++ SDE", "DPM++ 2M SDE", "DDIM", "UniPC"])
+def test_inpaint_repaints_with_every_sampler(tiny_stack, base_picture, tmp_path, sampler):
+    """Second-order samplers start part way at a step's first call (a regression: starting
+    one call early left DPM2 a and DPM++ SDE with no picture at all)."""
+    mask = centre_mask(tmp_path / "m.png")
+    [item] = items_for("inpaint", {"mask": str(mask), "denoise": 0.75, "mask_blur": 2,
+                                   "sampler": sampler, "steps": 8,
+                                   "prompt": "a blue building, night"}, base_picture, tmp_path)
+    out = np.asarray(inpaint.run(tiny_stack, [item])[0].image, dtype=int)
+    before = np.asarray(base_picture[1].image, dtype=int)
+    inside = masks.read_mask(mask) == 255
+    assert (out[inside][:, 2] - out[inside][:, 0]).mean() > 30  # the building turned blue
+    outside = masks.blur(masks.read_mask(mask), 2) == 0
+    assert np.array_equal(out[outside], before[outside])
+    near = ~inside & ~outside  # the seam: the unmasked latent was held to the picture
+    assert np.abs(out[near] - before[near]).mean() < 25

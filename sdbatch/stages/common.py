@@ -93,7 +93,7 @@ def sample_tail(stack: Stack, renders: list[Render], init: torch.Tensor, tail: T
     init = init.to(stack.device, stack.dtype)
     per_step = sampling.calls_per_step(
         samplers.make_scheduler(stack.scheduler_config, first.sampler, first.schedule_type))
-    first_call = 0 if tail.start == 0 else tail.start * per_step - (per_step - 1)
+    first_call = tail.start * per_step  # as sampling.sample slices the schedule
     timelines = [Timeline(pipe, r, per_step, stack.device, stack.dtype) for r in renders]
     shape = tuple(init.shape[1:])
     out = torch.empty_like(init)
