@@ -430,13 +430,10 @@ def _check_post(job: Job, origin: Origin) -> list[Problem]:
                                     f"{', '.join(given) or 'none'}: write one per list item",
                                     origin(key)))
             continue
+        if step.kind in ("upscale", "hires_fix"):
+            problems += _resize_problems(step, key, origin)
         if step.kind == "upscale":
             u = step.upscale
-            for name in ("resize_x", "resize_y"):
-                for v in _values(getattr(u, name)):
-                    if v and (msg := _size(v)):
-                        problems.append(Problem(f"{key}.upscale.{name}", msg,
-                                                origin(f"{key}.upscale.{name}")))
             if any(_values(u.resize_x)) != any(_values(u.resize_y)):
                 problems.append(Problem(f"{key}.upscale.resize_x", "upscale to a size needs "
                                         "both resize_x and resize_y (or neither: then scale)",
@@ -453,13 +450,17 @@ def _check_post(job: Job, origin: Origin) -> list[Problem]:
         if step.kind == "inpaint" and step.inpaint.mask is None:
             problems.append(Problem(f"{key}.inpaint.mask", "is required: the mask image "
                                     "(white repaints)", origin(f"{key}.inpaint.mask")))
-        if step.kind == "hires_fix":
-            h = step.hires_fix
-            for name in ("resize_x", "resize_y"):
-                for v in _values(getattr(h, name)):
-                    if v and (msg := _size(v)):
-                        problems.append(Problem(f"{key}.hires_fix.{name}", msg,
-                                                origin(f"{key}.hires_fix.{name}")))
+    return problems
+
+
+def _resize_problems(step: PostStep, key: str, origin: Origin) -> list[Problem]:
+    """A target size given in pixels must sit on the VAE's 8-pixel grid."""
+    problems = []
+    for name in ("resize_x", "resize_y"):
+        for v in _values(getattr(step.step, name)):
+            if v and (msg := _size(v)):
+                where = f"{key}.{step.kind}.{name}"
+                problems.append(Problem(where, msg, origin(where)))
     return problems
 
 
