@@ -38,6 +38,12 @@ def load_image(call: StageCall) -> Picture:
     return Picture(read_image(call.params["path"]))
 
 
+def _items(batch: Batch, store: Intermediates) -> list[Item]:
+    """A post-step batch's calls with the pictures they start from."""
+    return [Item(r, c.params, store.get(c.input_key))
+            for r, c in zip(batch.renders, batch.calls, strict=True)]
+
+
 def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             cache: stacks.StackCache,
             networks: dict[tuple[str, str], stacks.NetworkFile] | None = None,
@@ -75,9 +81,7 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             if batch.kind == "image":
                 pictures = [load_image(c) for c in batch.calls]
             elif batch.kind == "upscale":
-                pictures = STAGES["upscale"](None, [
-                    Item(r, c.params, store.get(c.input_key))
-                    for r, c in zip(batch.renders, batch.calls, strict=True)], on_step)
+                pictures = STAGES["upscale"](None, _items(batch, store), on_step)
             else:
                 spec = by_identity[batch.calls[0].stack] if batch.calls else \
                     specs[batch.renders[0].checkpoint]
@@ -100,9 +104,7 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
                     if batch.kind == "txt2img":
                         pictures = STAGES["txt2img"](stack, batch.renders, on_step)
                     else:
-                        items = [Item(r, c.params, store.get(c.input_key))
-                                 for r, c in zip(batch.renders, batch.calls, strict=True)]
-                        pictures = STAGES[batch.kind](stack, items, on_step)
+                        pictures = STAGES[batch.kind](stack, _items(batch, store), on_step)
         except stacks.StackLoadError:
             raise
         except Exception as e:  # noqa: BLE001 - one batch's failure must not lose the others
