@@ -122,7 +122,6 @@ def read(job: Job, origin: Origin) -> tuple[dict[str, InputImage], list[Problem]
         except ImageFileError as e:
             problems.append(Problem(key, str(e), origin(key)))
             continue
-        size = picture.size if hasattr(picture, "size") and not hasattr(picture, "shape") \
-            else (picture.shape[1], picture.shape[0])
+        size = picture.size if reader is read_image else (picture.shape[1], picture.shape[0])
         out[path] = InputImage(hashing.sha256(Path(path)), tuple(size))
     return out, problems

@@ -20,7 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sdbatch.images import hires_size
 from sdbatch.matrix import Render
+from sdbatch.upscalers import scaled_size
 
 # what may differ inside one forward pass: it changes the noise or the text, not the pass
 PER_IMAGE = ("seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
@@ -121,7 +123,7 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
         modelled = step.kind not in NO_MODEL
         params = step.params() | ({k: base[k] for k in INHERITED} if modelled else {})
         params["input_size"] = list(size)
-        size = output_size(step.kind, params, size, inputs)
+        size = output_size(step.kind, params, size)
         params["output_size"] = list(size)
         if step.kind == "inpaint":
             params["mask_sha256"] = inputs[params["mask"]].sha256
@@ -131,12 +133,8 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
     return tuple(calls)
 
 
-def output_size(kind: str, params: dict[str, Any], size: tuple[int, int],
-                inputs: dict[str, InputImage]) -> tuple[int, int]:
+def output_size(kind: str, params: dict[str, Any], size: tuple[int, int]) -> tuple[int, int]:
     """The size of a post-step's picture, known from the job alone."""
-    from sdbatch.images import hires_size
-    from sdbatch.upscalers import scaled_size
-
     if kind == "hires_fix":
         return hires_size(*size, params["scale"], params["resize_x"], params["resize_y"]).final
     if kind == "sd_upscale":

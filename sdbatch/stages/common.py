@@ -23,6 +23,7 @@ from sdbatch.stages.txt2img import (
     Timeline,
     _guidance_embedding,
     _same_length_groups,
+    _time_ids,
     batch_conditioning,
     is_sdxl,
 )
@@ -97,14 +98,10 @@ def sample_tail(stack: Stack, renders: list[Render], init: torch.Tensor, tail: T
     timelines = [Timeline(pipe, r, per_step, stack.device, stack.dtype) for r in renders]
     shape = tuple(init.shape[1:])
     out = torch.empty_like(init)
+    time_ids = _time_ids(pipe, first, stack.dtype, stack.device)  # the step's size
     for group in _same_length_groups(timelines):
         members = [renders[i] for i in group]
         mine = [timelines[i] for i in group]
-        time_ids = None
-        if is_sdxl(pipe):
-            size = (first.height, first.width)
-            time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=stack.dtype,
-                                    device=stack.device)
         scheduler = samplers.make_scheduler(stack.scheduler_config, first.sampler,
                                             first.schedule_type)
         seeds = [r.seed for r in members]

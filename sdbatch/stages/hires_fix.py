@@ -62,7 +62,7 @@ def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None
     latents = latents[:, :, ty // 2:latents.shape[2] - (ty + 1) // 2,
                       tx // 2:latents.shape[3] - (tx + 1) // 2]
     tail = denoise_steps.exact(p["steps"], p["denoise"])
-    if tail.run == 0 or p["denoise"] == 0:
+    if tail.run == 0:
         return pictures(stack.pipe, latents.to(stack.device, stack.dtype))
     renders = [stage_render(item.render, item.params, item.params["steps"], size.final)
                for item in items]
