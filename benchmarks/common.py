@@ -19,6 +19,30 @@ def median(values) -> float:
     return statistics.median(values)
 
 
+def walls_by_switch(job: dict, switch, repeats: int) -> dict[bool, list[float]]:
+    """Wall seconds of running ``job`` in this process with ``switch(True)`` and
+    ``switch(False)`` alternately, ``repeats`` times each after one dropped warm-up round
+    (model load, caches)."""
+    import tempfile
+    import time
+
+    from sdbatch import run as runner
+    from sdbatch.schema import validate
+
+    walls: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(repeats + 1):
+            for on in (True, False):
+                switch(on)
+                raw = {**job, "run": {"dir": str(Path(tmp) / f"{rep}-{on}"),
+                                      "progress": "quiet"}}
+                start = time.perf_counter()
+                assert runner.run(validate(raw), lambda key: "bench", [], ["bench"]) == 0
+                if rep:
+                    walls[on].append(time.perf_counter() - start)
+    return walls
+
+
 def run_peak(argv: list[str], env: dict | None = None, cwd: Path = REPO) -> tuple[int, str]:
     """Run a command; return its peak RSS in bytes (ru_maxrss of the child) and its output."""
     proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})},

@@ -11,11 +11,9 @@ is measured); prints the median of --repeats each and the ratio.
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
 from pathlib import Path
 
-from common import median, random_checkpoint
+from common import median, random_checkpoint, walls_by_switch
 
 
 def main() -> None:
@@ -28,9 +26,7 @@ def main() -> None:
     ns = ap.parse_args()
 
     from sdbatch import plan
-    from sdbatch import run as runner
     from sdbatch.models import stack as stacks
-    from sdbatch.schema import validate
 
     loaded: dict = {}
     real_load = stacks.load
@@ -46,17 +42,8 @@ def main() -> None:
                           "height": 64},
                "post": [{"hires_fix": {"scale": 2, "steps": ns.hires_steps,
                                        "denoise": [0.3, 0.4, 0.5, 0.6]}}]}
-        walls: dict[bool, list[float]] = {True: [], False: []}
-        with tempfile.TemporaryDirectory() as tmp:
-            for rep in range(ns.repeats + 1):  # the first round loads the model: dropped
-                for share in (True, False):
-                    plan.SHARE_PREFIXES = share
-                    raw = {**job, "run": {"dir": str(Path(tmp) / f"{rep}-{share}"),
-                                          "progress": "quiet"}}
-                    start = time.perf_counter()
-                    assert runner.run(validate(raw), lambda key: "bench", [], ["bench"]) == 0
-                    if rep:
-                        walls[share].append(time.perf_counter() - start)
+        walls = walls_by_switch(job, lambda on: setattr(plan, "SHARE_PREFIXES", on),
+                                ns.repeats)
         on, off = median(walls[True]), median(walls[False])
         print(f"{model}: 1 base x 4 hires, 64 -> 128 px, {ns.steps} + {ns.hires_steps} steps, "
               f"median of {ns.repeats}:")

@@ -9,11 +9,8 @@ Runs alternate in one process; prints the median of --repeats each and the ratio
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
-from pathlib import Path
 
-from common import median
+from common import median, walls_by_switch
 
 
 def main() -> None:
@@ -23,24 +20,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ns = ap.parse_args()
 
-    from sdbatch import run as runner
     from sdbatch.output import writer
-    from sdbatch.schema import validate
 
     job = {"prompt": ["a red house", "a blue tower", "a yellow house"],
            "params": {"sampler": "Euler", "steps": ns.steps, "seed": [1, 2, 3, 4],
                       "cfg_scale": [5, 7], "width": ns.size, "height": ns.size}}
-    walls: dict[bool, list[float]] = {False: [], True: []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(ns.repeats + 1):  # the first round warms caches and is dropped
-            for threaded in (False, True):
-                writer.THREADED = threaded
-                raw = {**job, "run": {"dir": str(Path(tmp) / f"{rep}-{threaded}"),
-                                      "progress": "quiet"}}
-                start = time.perf_counter()
-                assert runner.run(validate(raw), lambda key: "bench", [], ["bench"]) == 0
-                if rep:
-                    walls[threaded].append(time.perf_counter() - start)
+    walls = walls_by_switch(job, lambda on: setattr(writer, "THREADED", on), ns.repeats)
     off, on = median(walls[False]), median(walls[True])
     print(f"24 images {ns.size}x{ns.size}, {ns.steps} steps, median of {ns.repeats}:")
     print(f"  writer in the render loop  {off:6.2f} s")
