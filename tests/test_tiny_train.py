@@ -16,9 +16,9 @@ from sdbatch.tiny_train import scenes, train
 from sdbatch.tiny_train.__main__ import main, parse_steps
 from sdbatch.tiny_train.vocab import write_tokenizer
 
-STEPS = {"vae": 2, "unet": 3, "lora": 3, "ti": 3}
+STEPS = {"vae": 4, "unet": 4, "lora": 3, "ti": 3}  # 4: one step at hires_size
 SMALL = ["vae_batch=4", "pool=64", "unet_batch=4", "lora_pool=16", "lora_batch=4",
-         "ti_batch=4"]
+         "ti_batch=4", "hires_pool=8"]
 
 
 def nearest_colour(pixels: np.ndarray, palette: dict) -> np.ndarray:

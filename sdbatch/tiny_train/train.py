@@ -68,6 +68,11 @@ class Settings:
     vae_kl: float = 1e-4
     vae_logvar_init: float = -8.0  # posterior std e^-4 at the start
     vae_lego_share: float = 0.4  # LoRA-look images, so the VAE can draw them too
+    # hires fix renders at twice the size: every ``hires_every``-th step of the VAE and the
+    # UNet draws ``hires_size`` scenes, a quarter of the batch, so the step costs the same
+    hires_size: int = 128
+    hires_every: int = 4  # 0: train at ``size`` only
+    hires_pool: int = 6144
     # UNet + text encoder, jointly, epsilon prediction with min-SNR weighting
     pool: int = 24576  # scenes encoded once to latents; captions redrawn every use
     unet_batch: int = 64
@@ -181,6 +186,10 @@ def train_loop(name: str, step: Callable[[int, int], float], settings: Settings,
     }
 
 
+def is_hires_step(i: int, settings: Settings) -> bool:
+    return settings.hires_every > 0 and i % settings.hires_every == settings.hires_every - 1
+
+
 def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for k, p in model.named_parameters():
@@ -210,11 +219,12 @@ def train_vae(settings: Settings, clock: Clock, report: dict):
 
     def step(i: int, total: int) -> float:
         s = seed_of(settings.seed, "vae", i)
+        size, batch, lego_n = settings.size, settings.vae_batch, n_lego
+        if is_hires_step(i, settings):
+            size, batch, lego_n = settings.hires_size, max(2, batch // 4), max(1, n_lego // 4)
         details: list[np.ndarray] = []
-        plain, _, _ = scenes.batch(s, settings.vae_batch - n_lego, settings.size,
-                                   details=details)
-        lego, _, _ = scenes.batch(s + 1, n_lego, settings.size, style="legoalrev",
-                                  details=details)
+        plain, _, _ = scenes.batch(s, batch - lego_n, size, details=details)
+        lego, _, _ = scenes.batch(s + 1, lego_n, size, style="legoalrev", details=details)
         x = to_tensor(np.concatenate([plain, lego]))
         weight = 1 + settings.vae_detail * torch.from_numpy(np.stack(details))[:, None].float()
         for g in opt.param_groups:
@@ -238,12 +248,15 @@ def train_vae(settings: Settings, clock: Clock, report: dict):
 
 
 @torch.no_grad()
-def encode_pool(vae, seed: int, n: int, settings: Settings, style: str, **kw):
+def encode_pool(vae, seed: int, n: int, settings: Settings, style: str, size: int = 0, **kw):
     """Draw ``n`` scenes and keep their latent means (unscaled): the diffusion data set."""
+    size = size or settings.size
+    chunk = 256 * settings.size ** 2 // size ** 2
     latents, all_scenes = [], []
-    for start in range(0, n, 256):
-        images, _, sc = scenes.batch(seed_of(seed, style, start), min(256, n - start),
-                                     settings.size, style=style, **kw)
+    for start in range(0, n, chunk):
+        key = (style, start) if size == settings.size else (style, size, start)
+        images, _, sc = scenes.batch(seed_of(seed, *key), min(chunk, n - start), size,
+                                     style=style, **kw)
         latents.append(vae.encode(to_tensor(images)).latent_dist.mean)
         all_scenes += sc
     return torch.cat(latents), all_scenes
@@ -302,8 +315,15 @@ def train_unet(settings: Settings, clock: Clock, report: dict, vae, tokenizer, v
                       "latent_mean": round(float(pool.mean()), 4),
                       "latent_std": round(float(pool.std()), 4)}
     pool = pool * scale
-    print(f"[unet] encoded {len(pool_scenes)} scenes in {time.monotonic() - t0:.0f} s, "
-          f"scaling factor {scale:.4f}", flush=True)
+    hires, hires_scenes = (encode_pool(vae, settings.seed, settings.hires_pool, settings,
+                                       "plain", settings.hires_size)
+                           if settings.hires_every else (None, []))
+    if hires is not None:
+        hires = hires * scale
+        report["pool"]["hires_scenes"] = len(hires_scenes)
+    report["pool"]["encode_s"] = round(time.monotonic() - t0, 1)
+    print(f"[unet] encoded {len(pool_scenes)} + {len(hires_scenes)} scenes in "
+          f"{time.monotonic() - t0:.0f} s, scaling factor {scale:.4f}", flush=True)
 
     torch.manual_seed(seed_of(settings.seed, "unet-init"))
     unet = UNet2DConditionModel(**UNET, sample_size=settings.size // 8)
@@ -317,19 +337,21 @@ def train_unet(settings: Settings, clock: Clock, report: dict, vae, tokenizer, v
     diffusion = Diffusion(settings.min_snr)
     gen = torch.Generator().manual_seed(seed_of(settings.seed, "unet-noise"))
     order = np.random.default_rng(seed_of(settings.seed, "unet-order"))
-    queue: list[int] = []
+    queues: dict[bool, list[int]] = {False: [], True: []}
 
     def step(i: int, total: int) -> float:
-        nonlocal queue
-        while len(queue) < settings.unet_batch:
-            queue += order.permutation(len(pool_scenes)).tolist()
-        idx, queue = queue[:settings.unet_batch], queue[settings.unet_batch:]
+        big = is_hires_step(i, settings)
+        latents, drawn = (hires, hires_scenes) if big else (pool, pool_scenes)
+        n = max(1, settings.unet_batch // 4) if big else settings.unet_batch
+        while len(queues[big]) < n:
+            queues[big] += order.permutation(len(drawn)).tolist()
+        idx, queues[big] = queues[big][:n], queues[big][n:]
         rng = random.Random(seed_of(settings.seed, "unet-captions", i))
-        texts = ["" if rng.random() < settings.empty else scenes.caption(pool_scenes[j], rng)
+        texts = ["" if rng.random() < settings.empty else scenes.caption(drawn[j], rng)
                  for j in idx]
         for g in opt.param_groups:
             g["lr"] = g["base"] * lr_factor(i, total, settings.warmup)
-        loss = diffusion.caption_loss(unet, te, tokenizer, pool[idx], texts, gen)
+        loss = diffusion.caption_loss(unet, te, tokenizer, latents[idx], texts, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(both.parameters(), 1.0)
