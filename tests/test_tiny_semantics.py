@@ -135,3 +135,48 @@ def test_nightsky_embedding_darkens_the_sky(night_stack):
         return np.mean([i[SKY].mean() for i in images(night_stack, prompt)])
 
     assert sky("a red house, lawn, nightsky") < sky("a red house, lawn, blue sky") - 60
+
+
+def hires_pairs(stack, prompt: str, seeds=SEEDS, denoise: float = 0.45):
+    """(hires fix at 128 px, Lanczos x2 of the same first pass) per seed: the first pass at
+    64 px, hires fix by Lanczos with 10 steps, as the WebUI's hires fix runs them."""
+    from PIL import Image
+
+    from sdbatch import matrix
+    from sdbatch.plan import make_plan
+    from sdbatch.schema import validate
+    from sdbatch.stages import hires_fix
+    from sdbatch.stages.common import Item
+
+    job = validate({"prompt": prompt, "params": {
+        "sampler": "DDIM", "steps": 20, "cfg_scale": 5, "seed": list(seeds), "width": 64,
+        "height": 64}, "post": [{"hires_fix": {"scale": 2, "upscaler": "Lanczos",
+                                               "steps": 10, "denoise": denoise}}]})
+    renders = matrix.expand(matrix.resolve_seeds(job, 0))
+    plan = make_plan(renders, {"tiny": "tiny"}, 1, {}, {})
+    bases = txt2img.run(stack, tuple(renders))
+    bigs = hires_fix.run(stack, [Item(r, chain[1].params, base) for r, chain, base in
+                                 zip(renders, plan.chains, bases, strict=True)])
+    return [(np.asarray(big.image, dtype=float),
+             np.asarray(base.image.resize((128, 128), Image.LANCZOS), dtype=float))
+            for big, base in zip(bigs, bases, strict=True)]
+
+
+def high_frequency_energy(img: np.ndarray) -> float:
+    """Mean squared Laplacian of the grey image: what a blur takes away."""
+    import cv2
+
+    return float((cv2.Laplacian(img.mean(-1), cv2.CV_64F) ** 2).mean())
+
+
+def test_hires_fix_at_128_is_still_a_red_building_on_a_lawn_and_sharper(tiny_stack):
+    """tiny learned 128 px scenes too: hires fix keeps what the first pass drew (a red
+    building, a lawn, a blue sky) and adds the detail a Lanczos upscale cannot."""
+    for big, lanczos in hires_pairs(tiny_stack, "a red building in the centre, lawn, blue sky"):
+        half = big.reshape(64, 2, 64, 2, 3).mean((1, 3))  # read at the 64 px layout
+        counts = wall_colours(half)
+        assert max(counts, key=counts.get) == "red", counts
+        lawn, sky = half[LAWN].mean((0, 1)), half[SKY].mean((0, 1))
+        assert lawn[1] > lawn[0] + 30 and lawn[1] > lawn[2] + 30, lawn
+        assert sky[2] > sky[0] + 50, sky
+        assert high_frequency_energy(big) > 1.3 * high_frequency_energy(lanczos)
