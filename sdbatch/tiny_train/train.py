@@ -73,6 +73,8 @@ class Settings:
     hires_size: int = 128
     hires_every: int = 4  # 0: train at ``size`` only
     hires_pool: int = 6144
+    # a VAE trained before (a tiny/ folder): its part is skipped and its share goes to the rest
+    vae_from: str = ""
     # UNet + text encoder, jointly, epsilon prediction with min-SNR weighting
     pool: int = 24576  # scenes encoded once to latents; captions redrawn every use
     unet_batch: int = 64
@@ -245,6 +247,20 @@ def train_vae(settings: Settings, clock: Clock, report: dict):
     train_loop("vae", step, settings, clock, report, started)
     vae.eval()
     return vae
+
+
+def reuse_vae(folder: Path, settings: Settings, report: dict):
+    """The VAE of an earlier run, as shipped (fp16 weights, computed in fp32): a retrain of
+    the rest need not redo it. Its share of the budget goes to the parts that train."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32)
+    settings.shares["vae"] = 0.0
+    made = folder.parent / "train_settings.json"
+    report["vae"] = {"reused": str(folder / "vae"), "steps": 0, "steps_done": 0,
+                     "made_by": json.loads(made.read_text())["command"] if made.is_file()
+                     else None}
+    return vae.eval()
 
 
 @torch.no_grad()
@@ -717,7 +733,7 @@ def replay_command(out: Path, settings: Settings, report: dict) -> str:
                and getattr(settings, f.name) != getattr(default, f.name)]
     steps = ",".join(f"{p}={report[p]['steps']}" + (
         f":{report[p]['steps_done']}" if report[p]["steps_done"] < report[p]["steps"] else "")
-        for p in PARTS)
+        for p in PARTS if "reused" not in report[p])
     return " ".join([f"python -m sdbatch.tiny_train --out {out} --seed {settings.seed}",
                      f"--threads {settings.threads} --steps {steps}",
                      *([] if settings.samples else ["--no-samples"]),
@@ -745,7 +761,10 @@ def _train(out: Path, settings: Settings) -> dict:
     vocab = write_tokenizer(folder / "tokenizer", words)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
 
-    vae = train_vae(settings, clock, report)
+    if settings.vae_from:
+        vae = reuse_vae(Path(settings.vae_from), settings, report)
+    else:
+        vae = train_vae(settings, clock, report)
     unet, te, pool, pool_scenes = train_unet(settings, clock, report, vae, tokenizer, vocab)
     save_pipeline(folder, settings, report, vae, unet, te, words, pool, tokenizer)
     del vae, unet, te

@@ -53,9 +53,9 @@ class UpscalerSettings:
 
 
 def build(settings: UpscalerSettings) -> torch.nn.Module:
-    from spandrel.architectures.ESRGAN import RRDBNet
+    from spandrel.architectures.ESRGAN import ESRGAN
 
-    return RRDBNet(in_nc=3, out_nc=3, num_filters=settings.num_filters,
+    return ESRGAN(in_nc=3, out_nc=3, num_filters=settings.num_filters,
                    num_blocks=settings.num_blocks, scale=settings.scale)
 
 
