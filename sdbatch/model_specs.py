@@ -12,8 +12,9 @@ from pathlib import Path
 from sdbatch.models import families, hub, names, tiny
 from sdbatch.models.single_file import ModelFileError
 from sdbatch.models.stack import EMBEDDED, NetworkFile, StackSpec
+from sdbatch.models.upscaler_models import UpscalerFile
 from sdbatch.prompts.parser import extract_extra_networks
-from sdbatch.schema import Job, Model, Paths, Problem
+from sdbatch.schema import IMAGE_UPSCALERS, LATENT_UPSCALERS, Job, Model, Paths, Problem
 
 
 def _models_dir(paths: Paths) -> Path | None:
@@ -154,3 +155,42 @@ def _found(name: str, models: Path | None) -> bool:
         return True
     except names.NameNotFound:
         return False
+
+
+def resolve_upscalers(job: Job, origin=lambda key: "the job"
+                      ) -> tuple[dict[str, UpscalerFile], list[Problem]]:
+    """Every upscaler model the post-steps name -> its file, found, hashed and loaded once
+    to check it (spandrel must know its architecture; a pickle needs model.allow_pickle),
+    all before any work. Built-in and latent upscalers need no file."""
+    from sdbatch.models import spandrel_files
+    from sdbatch.models.upscaler_models import resolve
+
+    models = _models_dir(job.paths)
+    models = models if models is not None and models.is_dir() else None
+    where = (f"{models}/{{{','.join(names.SUBFOLDERS['upscaler'])}}}" if models
+             else "nowhere (paths.models is not set)")
+    files: dict[str, UpscalerFile] = {}
+    problems: list[Problem] = []
+    for i, step in enumerate(job.post):
+        for field in ("upscaler", "upscaler_2"):
+            value = getattr(step.step, field, None)
+            for name in value if isinstance(value, tuple) else (value,):
+                if name in files or name in (None, "None", *IMAGE_UPSCALERS,
+                                             *LATENT_UPSCALERS):
+                    continue
+                key = f"post.{i}.{step.kind}.{field}"
+                try:
+                    path = resolve(name, models)
+                    spandrel_files.load(path, job.model.allow_pickle)
+                except names.NameNotFound as e:
+                    problems.append(Problem(key, f"{e}. Upscalers are looked up in {where}, "
+                                            "by file stem or by the WebUI's name (R-ESRGAN "
+                                            "4x+ ...), or given as a path; built in: "
+                                            f"{', '.join(IMAGE_UPSCALERS)}. Put the model "
+                                            "file there, or fix the name", origin(key)))
+                    continue
+                except ModelFileError as e:
+                    problems.append(Problem(key, str(e), origin(key)))
+                    continue
+                files[name] = UpscalerFile.of(path, name)
+    return files, problems

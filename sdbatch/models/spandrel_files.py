@@ -34,8 +34,9 @@ def _loader():
 
 
 def read_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict:
-    """What the file holds (a state dict, perhaps wrapped as params_ema / state_dict: spandrel
-    unwraps those), without running code unless allow_pickle is set."""
+    """What the file holds (a state dict, perhaps wrapped as params_ema / state_dict, which
+    spandrel's canonicalize_state_dict unwraps), without running code unless allow_pickle
+    is set."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"no such model file: {path}")
@@ -53,9 +54,9 @@ def read_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict:
 def load(path: str | os.PathLike, allow_pickle: bool = False):
     """The spandrel model descriptor of a file (on the CPU in float32, in eval mode): call it
     on a (1, C, H, W) tensor in 0..1; .scale, .architecture, .purpose say what it is."""
-    from spandrel import UnsupportedModelError
+    from spandrel import UnsupportedModelError, canonicalize_state_dict
 
-    weights = read_weights(path, allow_pickle)
+    weights = canonicalize_state_dict(read_weights(path, allow_pickle))
     try:
         return _loader().load_from_state_dict(weights).eval()
     except UnsupportedModelError:
