@@ -163,7 +163,7 @@ def resolve_upscalers(job: Job, origin=lambda key: "the job"
     to check it (spandrel must know its architecture; a pickle needs model.allow_pickle),
     all before any work. Built-in and latent upscalers need no file."""
     from sdbatch.models import spandrel_files
-    from sdbatch.models.upscaler_models import resolve
+    from sdbatch.models.upscaler_models import check, resolve
 
     models = _models_dir(job.paths)
     models = models if models is not None and models.is_dir() else None
@@ -181,7 +181,7 @@ def resolve_upscalers(job: Job, origin=lambda key: "the job"
                 key = f"post.{i}.{step.kind}.{field}"
                 try:
                     path = resolve(name, models)
-                    spandrel_files.load(path, job.model.allow_pickle)
+                    check(spandrel_files.load(path, job.model.allow_pickle), path)
                 except names.NameNotFound as e:
                     problems.append(Problem(key, f"{e}. Upscalers are looked up in {where}, "
                                             "by file stem or by the WebUI's name (R-ESRGAN "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -163,6 +164,13 @@ def test_a_file_spandrel_does_not_know_is_refused(tmp_path):
         spandrel_files.load(path)
 
 
+def test_a_face_restorer_is_not_an_upscaler(tmp_path):
+    face = SimpleNamespace(purpose="FaceSR", architecture=SimpleNamespace(name="GFPGAN"))
+    with pytest.raises(ModelFileError, match="GFPGAN model for FaceSR, not an upscaler"):
+        upscaler_models.check(face, tmp_path / "GFPGANv1.4.pth")
+    upscaler_models.check(SimpleNamespace(purpose="SR"), tmp_path / "4x.pth")
+
+
 # --- tiles ------------------------------------------------------------------------------
 
 def test_the_scaled_grid_is_the_grid_times_the_factor():
@@ -278,3 +286,19 @@ def test_a_changed_upscaler_file_changes_the_key_and_a_resume_refuses(models, tm
     assert other.plan.key(0) != key
     with pytest.raises(JobError, match="upscaler:4x-Tiny"):
         run_job(job, tmp_path / "r")
+
+
+def test_sd_upscale_with_a_model_and_reproduce_with_its_tiles(models, tmp_path):
+    """SD upscale takes a model too; reproduce renders it again with the recorded upscaler
+    tiles (an executor setting the PNG's job does not carry)."""
+    from sdbatch.reproduce import reproduce
+
+    job = {**BASE, "paths": {"models": str(models)},
+           "executor": {"upscaler_tile_px": 24, "upscaler_tile_overlap": 4},
+           "post": [{"sd_upscale": {"upscaler": "2x-Tiny", "tile_overlap": 16, "steps": 2}}]}
+    assert run_job(job, tmp_path / "r") == 0
+    [entry] = entries(tmp_path / "r")
+    assert image(tmp_path / "r", entry).shape == (128, 128, 3)
+    params = parse_infotext(png.read_text(tmp_path / "r" / entry["file"])["parameters"])[2]
+    assert params["SD upscale upscaler"] == "2x-Tiny"
+    assert reproduce(tmp_path / "r" / entry["file"])

@@ -28,6 +28,7 @@ from PIL import Image
 
 from sdbatch import tiles
 from sdbatch.models import hashing, names, spandrel_files
+from sdbatch.models.single_file import ModelFileError
 
 # the names the WebUI shows for the upscaler files it downloads -> their file stems
 # (modules/realesrgan_model.py, esrgan_model.py, swinir_model.py, dat_model.py)
@@ -77,6 +78,14 @@ def resolve(name: str, models: Path | None) -> Path:
         safer = path.with_suffix(".safetensors")
         return safer if safer.is_file() else path
     raise names.NameNotFound(tried[-1])
+
+
+def check(model, path: Path) -> None:
+    """An upscaler must turn a picture into a picture (not restore faces or inpaint)."""
+    if getattr(model, "purpose", None) not in ("SR", "Restoration"):
+        raise ModelFileError(
+            f"{path} is a {model.architecture.name} model for {model.purpose}, not an "
+            "upscaler: give a super-resolution model (ESRGAN, Real-ESRGAN, SwinIR, ...)")
 
 
 def _to_tensor(image: Image.Image, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -139,7 +148,8 @@ class UpscalerModels:
         if name not in self.files:
             return None
         model = self._model(self.files[name].path)
-        return lambda image: upscale_tiled(model, image, model.scale, self.tile, self.overlap,
+        tile = 0 if model.tiling.name == "INTERNAL" else self.tile  # it tiles by itself
+        return lambda image: upscale_tiled(model, image, model.scale, tile, self.overlap,
                                            model.device, model.dtype)
 
     def release(self) -> None:
