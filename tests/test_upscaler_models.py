@@ -84,6 +84,8 @@ def test_names_resolve_as_the_webuis(models, tmp_path):
     # the WebUI's display name; the .safetensors beside the pickle is preferred
     assert upscaler_models.resolve("R-ESRGAN 4x+", models) == \
         models / "RealESRGAN/RealESRGAN_x4plus.safetensors"
+    assert upscaler_models.resolve("RealESRGAN_x4plus.pth", models) == \
+        models / "RealESRGAN/RealESRGAN_x4plus.pth"  # an extension says which
     path = put(tmp_path / "elsewhere/mine.pth", esrgan(2))
     assert upscaler_models.resolve(str(path), None) == path
     with pytest.raises(names.NameNotFound, match="4x-Tiny"):

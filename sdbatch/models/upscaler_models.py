@@ -66,8 +66,8 @@ class UpscalerFile:
 
 
 def resolve(name: str, models: Path | None) -> Path:
-    """The file an upscaler name means, a .safetensors beside a pickle of the same stem
-    preferred; NameNotFound says where it looked."""
+    """The file an upscaler name means (a name without extension: a .safetensors beside a
+    pickle of the same stem preferred); NameNotFound says where it looked."""
     tried: list[str] = []
     for stem in (*WEBUI_NAMES.get(name, ()), name):
         try:
@@ -76,7 +76,7 @@ def resolve(name: str, models: Path | None) -> Path:
             tried.append(str(e))
             continue
         safer = path.with_suffix(".safetensors")
-        return safer if safer.is_file() else path
+        return safer if names.stem(stem) == stem and safer.is_file() else path
     raise names.NameNotFound(tried[-1])
 
 
