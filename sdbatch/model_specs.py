@@ -159,15 +159,16 @@ def _found(name: str, models: Path | None) -> bool:
 
 def resolve_upscalers(job: Job, origin=lambda key: "the job"
                       ) -> tuple[dict[str, UpscalerFile], list[Problem]]:
-    """Every upscaler model the post-steps name -> its file, found, hashed and loaded once
-    to check it (spandrel must know its architecture; a pickle needs model.allow_pickle),
-    all before any work. Built-in and latent upscalers need no file."""
+    """Every upscaler model the post-steps name -> its file (under paths.models, then the
+    embedded family's own folder for jobs on it), found, hashed and loaded once to check
+    it (spandrel must know its architecture; a pickle needs model.allow_pickle), all before
+    any work. Built-in and latent upscalers need no file."""
     from sdbatch.models import spandrel_files
     from sdbatch.models.upscaler_models import check, resolve
 
-    models = _models_dir(job.paths)
-    models = models if models is not None and models.is_dir() else None
-    where = (f"{models}/{{{','.join(names.SUBFOLDERS['upscaler'])}}}" if models
+    roots = [r for r in _roots(job) if r is not None and r.is_dir()] or [None]
+    folders = ",".join(names.SUBFOLDERS["upscaler"])
+    where = (" and ".join(f"{r}/{{{folders}}}" for r in roots) if roots != [None]
              else "nowhere (paths.models is not set)")
     files: dict[str, UpscalerFile] = {}
     problems: list[Problem] = []
@@ -180,7 +181,7 @@ def resolve_upscalers(job: Job, origin=lambda key: "the job"
                     continue
                 key = f"post.{i}.{step.kind}.{field}"
                 try:
-                    path = resolve(name, models)
+                    path = _first_upscaler(roots, name, resolve)
                     check(spandrel_files.load(path, job.model.allow_pickle), path)
                 except names.NameNotFound as e:
                     problems.append(Problem(key, f"{e}. Upscalers are looked up in {where}, "
@@ -194,3 +195,14 @@ def resolve_upscalers(job: Job, origin=lambda key: "the job"
                     continue
                 files[name] = UpscalerFile.of(path, name)
     return files, problems
+
+
+def _first_upscaler(roots: list[Path | None], name: str, resolve) -> Path:
+    """The first root that has the name; else the first root's error (paths.models')."""
+    errors = []
+    for root in roots:
+        try:
+            return resolve(name, root)
+        except names.NameNotFound as e:
+            errors.append(e)
+    raise errors[0]

@@ -304,3 +304,15 @@ def test_sd_upscale_with_a_model_and_reproduce_with_its_tiles(models, tmp_path):
     params = parse_infotext(png.read_text(tmp_path / "r" / entry["file"])["parameters"])[2]
     assert params["SD upscale upscaler"] == "2x-Tiny"
     assert reproduce(tmp_path / "r" / entry["file"])
+
+
+def test_jobs_on_tiny_find_upscalers_beside_it(tmp_path, monkeypatch):
+    """The embedded family's folder is searched after paths.models, as for its LoRA."""
+    from sdbatch import model_specs
+
+    family = tmp_path / "family"
+    put(family / "ESRGAN/4x-Family.safetensors", esrgan(4))
+    monkeypatch.setattr(model_specs.tiny, "family_models", lambda: family)
+    job = validate({**BASE, "post": [{"upscale": {"upscaler": "4x-Family"}}]})
+    files, problems = model_specs.resolve_upscalers(job)
+    assert problems == [] and files["4x-Family"].path == family / "ESRGAN/4x-Family.safetensors"
