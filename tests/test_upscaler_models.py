@@ -243,7 +243,15 @@ def test_a_model_runs_until_the_scale_is_reached_then_lanczos():
 
 # --- the steps --------------------------------------------------------------------------
 
-def test_extras_upscale_with_a_model_and_upscaler_2(models, tmp_path):
+def test_extras_upscale_with_a_model_and_upscaler_2(models, tmp_path, monkeypatch):
+    loads: dict[str, int] = {}
+    real = spandrel_files.load
+
+    def counted(path, allow_pickle=False):
+        loads[Path(path).name] = loads.get(Path(path).name, 0) + 1
+        return real(path, allow_pickle)
+
+    monkeypatch.setattr(spandrel_files, "load", counted)
     job = {**BASE, "paths": {"models": str(models)},
            "executor": {"upscaler_tile_px": 32, "upscaler_tile_overlap": 8},
            "post": [{"upscale": {"scale": 2, "upscaler": "R-ESRGAN 4x+",
@@ -264,6 +272,8 @@ def test_extras_upscale_with_a_model_and_upscaler_2(models, tmp_path):
     assert done[1]["recipe"]["model"]["upscalers"] == sha
     stage = done[1]["recipe"]["stages"][1]["params"]
     assert stage["upscaler_model"]["tile"] == [32, 8]
+    # each file once to check it at prepare, once for the run: not once per image
+    assert loads == {"RealESRGAN_x4plus.safetensors": 2, "2x-Tiny.safetensors": 2}
 
 
 def test_hires_fix_with_a_model_upscaler(models, tmp_path):
