@@ -153,6 +153,8 @@ class UpscalerModels:
                                            model.device, model.dtype)
 
     def release(self) -> None:
+        if not self._loaded:
+            return
         self._loaded.clear()
         gc.collect()
         if self.device.type == "cuda":
