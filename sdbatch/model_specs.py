@@ -12,8 +12,9 @@ from pathlib import Path
 from sdbatch.models import families, hub, names, tiny
 from sdbatch.models.single_file import ModelFileError
 from sdbatch.models.stack import EMBEDDED, NetworkFile, StackSpec
+from sdbatch.models.upscaler_models import UpscalerFile
 from sdbatch.prompts.parser import extract_extra_networks
-from sdbatch.schema import Job, Model, Paths, Problem
+from sdbatch.schema import IMAGE_UPSCALERS, LATENT_UPSCALERS, Job, Model, Paths, Problem
 
 
 def _models_dir(paths: Paths) -> Path | None:
@@ -154,3 +155,54 @@ def _found(name: str, models: Path | None) -> bool:
         return True
     except names.NameNotFound:
         return False
+
+
+def resolve_upscalers(job: Job, origin=lambda key: "the job"
+                      ) -> tuple[dict[str, UpscalerFile], list[Problem]]:
+    """Every upscaler model the post-steps name -> its file (under paths.models, then the
+    embedded family's own folder for jobs on it), found, hashed and loaded once to check
+    it (spandrel must know its architecture; a pickle needs model.allow_pickle), all before
+    any work. Built-in and latent upscalers need no file."""
+    from sdbatch.models import spandrel_files
+    from sdbatch.models.upscaler_models import check, resolve
+
+    roots = [r for r in _roots(job) if r is not None and r.is_dir()] or [None]
+    folders = ",".join(names.SUBFOLDERS["upscaler"])
+    where = (" and ".join(f"{r}/{{{folders}}}" for r in roots) if roots != [None]
+             else "nowhere (paths.models is not set)")
+    files: dict[str, UpscalerFile] = {}
+    problems: list[Problem] = []
+    for i, step in enumerate(job.post):
+        for field in ("upscaler", "upscaler_2"):
+            value = getattr(step.step, field, None)
+            for name in value if isinstance(value, tuple) else (value,):
+                if name in files or name in (None, "None", *IMAGE_UPSCALERS,
+                                             *LATENT_UPSCALERS):
+                    continue
+                key = f"post.{i}.{step.kind}.{field}"
+                try:
+                    path = _first_upscaler(roots, name, resolve)
+                    check(spandrel_files.load(path, job.model.allow_pickle), path)
+                except names.NameNotFound as e:
+                    problems.append(Problem(key, f"{e}. Upscalers are looked up in {where}, "
+                                            "by file stem or by the WebUI's name (R-ESRGAN "
+                                            "4x+ ...), or given as a path; built in: "
+                                            f"{', '.join(IMAGE_UPSCALERS)}. Put the model "
+                                            "file there, or fix the name", origin(key)))
+                    continue
+                except ModelFileError as e:
+                    problems.append(Problem(key, str(e), origin(key)))
+                    continue
+                files[name] = UpscalerFile.of(path, name)
+    return files, problems
+
+
+def _first_upscaler(roots: list[Path | None], name: str, resolve) -> Path:
+    """The first root that has the name; else the first root's error (paths.models')."""
+    errors = []
+    for root in roots:
+        try:
+            return resolve(name, root)
+        except names.NameNotFound as e:
+            errors.append(e)
+    raise errors[0]

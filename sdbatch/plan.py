@@ -106,10 +106,17 @@ def _networks(render: Render, networks: dict[tuple[str, str], str]) -> dict[str,
     return params
 
 
+UPSCALER_KEYS = ("upscaler", "upscaler_2")
+
+
 def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str], str],
-          inputs: dict[str, InputImage] | None = None) -> tuple[StageCall, ...]:
-    """The image's stage calls, each keyed on its input's key."""
-    inputs = inputs or {}
+          inputs: dict[str, InputImage] | None = None,
+          upscalers: dict[str, dict[str, Any]] | None = None) -> tuple[StageCall, ...]:
+    """The image's stage calls, each keyed on its input's key. ``upscalers`` maps each
+    upscaler model name of the job to its record (the WebUI's name, the file's sha256, the
+    tiles it runs in), which goes into the params as ``upscaler_model``: keys follow the
+    file."""
+    inputs, upscalers = inputs or {}, upscalers or {}
     base = render.params() | _networks(render, networks)
     if render.init_image is None:
         first = StageCall("txt2img", base, None, stacks[render.checkpoint])
@@ -127,6 +134,9 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
         params["output_size"] = list(size)
         if step.kind == "inpaint":
             params["mask_sha256"] = inputs[params["mask"]].sha256
+        for key in UPSCALER_KEYS:
+            if params.get(key) in upscalers:
+                params[f"{key}_model"] = upscalers[params[key]]
         checkpoint = params.get("checkpoint") or render.checkpoint
         calls.append(StageCall(step.kind, params, calls[-1].key,
                                stacks[checkpoint] if modelled else ""))
@@ -148,11 +158,13 @@ def output_size(kind: str, params: dict[str, Any], size: tuple[int, int]) -> tup
 
 def make_plan(renders: list[Render], stacks: dict[str, str], batch_size: int,
               networks: dict[tuple[str, str], str] | None = None,
-              inputs: dict[str, InputImage] | None = None) -> Plan:
+              inputs: dict[str, InputImage] | None = None,
+              upscalers: dict[str, dict[str, Any]] | None = None) -> Plan:
     """``stacks`` maps each checkpoint name of the job to its stack identity, ``networks``
     each (kind, name) of a LoRA or hypernetwork to its file hash, ``inputs`` each input
-    image path to its hash and size: keys follow the files."""
-    chains = {r.index: chain(r, stacks, networks or {}, inputs) for r in renders}
+    image path to its hash and size, ``upscalers`` each upscaler model name to its record
+    (see chain): keys follow the files."""
+    chains = {r.index: chain(r, stacks, networks or {}, inputs, upscalers) for r in renders}
     if not SHARE_PREFIXES:  # every image computes its own chain
         chains = {i: _unshared(c, i) for i, c in chains.items()}
     first_user: dict[str, tuple[StageCall, Render, int]] = {}

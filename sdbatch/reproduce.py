@@ -36,6 +36,10 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
     if made:
         raw["model"]["dtype"] = data["recipe"]["model"]["dtype"]
         torch.set_num_threads(made["threads"])
+    tiles = [stage["params"][f"{key}_model"]["tile"] for stage in data["recipe"].get("stages", [])
+             for key in ("upscaler", "upscaler_2") if f"{key}_model" in stage["params"]]
+    if tiles:  # the upscaler tiles of the run (an executor setting, not in the job)
+        raw["executor"] = {"upscaler_tile_px": tiles[0][0], "upscaler_tile_overlap": tiles[0][1]}
     job = schema.validate(raw, lambda key: label)
     here = stacks.machine(stacks.pick_device(job.executor.device))
     moved = made is not None and (made["device"], made["device_name"]) != \

@@ -22,6 +22,7 @@ from sdbatch.executors.intermediates import Intermediates
 from sdbatch.executors.local import execute
 from sdbatch.models import stack as stacks
 from sdbatch.models.stack import StackCache, StackLoadError
+from sdbatch.models.upscaler_models import UpscalerFile, UpscalerModels
 from sdbatch.output import records, run_folder
 from sdbatch.output.filenames import file_name
 from sdbatch.output.lock import LOCK, NOTE, RunFolderBusy, RunLock
@@ -101,6 +102,7 @@ class Prepared:
     plan: Plan
     names: dict[int, str]
     networks: dict[tuple[str, str], stacks.NetworkFile]
+    upscalers: dict[str, UpscalerFile]  # upscaler model name -> its file
     made_of: dict  # what a resume must not change (run.json)
     keys: dict[int, set[str]]  # index -> content keys an image already there may have
 
@@ -151,6 +153,8 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
              for r in renders}
     networks, network_problems = model_specs.resolve_networks(normal, renders, origin)
     problems += network_problems
+    upscalers, upscaler_problems = model_specs.resolve_upscalers(normal, origin)
+    problems += upscaler_problems
     specs = model_specs.with_embeddings(specs, renders, normal)
     repeated = [n for n, c in Counter(names.values()).items() if c > 1]
     if repeated:
@@ -160,23 +164,40 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     if problems:
         raise JobError(problems)
     network_hashes = {k: f.hash for k, f in networks.items()}
+    upscaler_records = upscaler_params(upscalers, job.executor)
     plan = make_plan(renders, {c: s.identity for c, s in specs.items()}, job.params.batch_size,
-                     network_hashes, images)
+                     network_hashes, images, upscaler_records)
     problems += [Problem(key, message, origin(key))
                  for key, message in size_problems(plan, images)]
     if problems:
         raise JobError(problems)
     made = made_of(portable(normal), job.run.filename, {c: s.record for c, s in specs.items()},
-                   {f"{kind}:{name}": digest for (kind, name), digest in network_hashes.items()},
+                   {f"{kind}:{name}": digest for (kind, name), digest in network_hashes.items()}
+                   | {f"upscaler:{name}": f.sha256 for name, f in upscalers.items()},
                    {path: image.sha256 for path, image in images.items()})
     keys = {r.index: {plan.key(r.index)} for r in renders}
     if stored is not None and "made_of" in stored:
         problems += _resume_problems(job, path, stored, made, renders, plan, keys,
-                                     network_hashes, origin)
+                                     network_hashes, upscaler_records, origin)
     if problems:
         raise JobError(problems)
-    return Prepared(path, fresh, nonce, specs, resolved, renders, plan, names, networks, made,
-                    keys)
+    return Prepared(path, fresh, nonce, specs, resolved, renders, plan, names, networks,
+                    upscalers, made, keys)
+
+
+def upscaler_params(files: dict[str, UpscalerFile], executor: schema.Executor) -> dict:
+    """What a call records of each upscaler model it uses, so its content key follows the
+    file and the tiles it runs in (those change the pixels)."""
+    return {name: {"name": f.name, "sha256": f.sha256,
+                   "tile": [executor.upscaler_tile_px, executor.upscaler_tile_overlap]}
+            for name, f in files.items()}
+
+
+def upscaler_models(p: Prepared, job: Job, device) -> UpscalerModels:
+    """The run's upscaler models, loaded on first use on the executor's device and dtype."""
+    return UpscalerModels(p.upscalers, device, stacks.pick_dtype(job.model.dtype, device),
+                          job.model.allow_pickle, job.executor.upscaler_tile_px,
+                          job.executor.upscaler_tile_overlap)
 
 
 def _refusal(path: Path, why: str, origin: Origin) -> Problem:
@@ -187,7 +208,8 @@ def _refusal(path: Path, why: str, origin: Origin) -> Problem:
 
 def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
                      renders: list[matrix.Render], plan: Plan, keys: dict[int, set[str]],
-                     network_hashes: dict, origin: Origin) -> list[Problem]:
+                     network_hashes: dict, upscaler_records: dict, origin: Origin
+                     ) -> list[Problem]:
     """Refuse a resume that would render over the images there with other pixels: a changed
     expanded job, file name pattern or model file, or (unless allowed) another device or
     dtype. When that is allowed, adds to ``keys`` the content keys images have from earlier
@@ -210,7 +232,7 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
         for session in stored.get("sessions", []):
             if checkpoints <= set(session.get("stacks", {})):
                 other = make_plan(renders, session["stacks"], job.params.batch_size,
-                                  network_hashes)
+                                  network_hashes, None, upscaler_records)
                 for index in keys:
                     keys[index].add(other.key(index))
     entries = RunFolder.stored_entries(path)
@@ -239,11 +261,13 @@ def render_one(job: Job, origin: Origin, index: int,
         p = prepare(job, origin, picked)
         others = {r.index for r in p.renders} - {index}
         store = Intermediates(scratch, int(job.executor.intermediate_cache_gb * 2**30))
-        cache = StackCache(stacks.pick_device(job.executor.device))
+        device = stacks.pick_device(job.executor.device)
+        cache = StackCache(device)
         final = p.plan.key(index)
         for result in execute(needed(p.plan, others, lambda key: False), p.specs, cache,
                               p.networks, store=store, consumers=p.plan.consumers(),
-                              vae_tile_px=job.executor.vae_tile_px):
+                              vae_tile_px=job.executor.vae_tile_px,
+                              upscalers=upscaler_models(p, job, device)):
             for call, picture in zip(result.batch.calls, result.pictures or [], strict=False):
                 if call.key == final:
                     return p, next(r for r in p.renders if r.index == index), picture
@@ -304,7 +328,8 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
                 cache = StackCache(device, job.executor.stack_cache_gb)
                 for result in execute(batches, p.specs, cache, p.networks, progress.step,
                                       lambda: stop.requested, store, plan.consumers(),
-                                      job.executor.vae_tile_px):
+                                      job.executor.vae_tile_px,
+                                      upscaler_models(p, job, device)):
                     per_image = result.seconds / len(result.batch.calls)
                     finished = [(i, by_index[index]) for i, call in enumerate(result.batch.calls)
                                 for index in finishes.get(call.key, ()) if index not in done]

@@ -181,6 +181,8 @@ class Executor:
     stack_cache_gb: float = spec(0.0, _range(0))  # loaded stacks kept beyond the one in use
     intermediate_cache_gb: float = spec(1.0, _range(0))  # post-step inputs kept in memory
     vae_tile_px: int = spec(1024, _range(64))  # VAE works in tiles above this many pixels a side
+    upscaler_tile_px: int = spec(192, _range(0))  # upscaler models run in tiles this big; 0 = whole
+    upscaler_tile_overlap: int = spec(8, _range(0, 256))  # px the tiles share, blended
 
 
 @dataclass(frozen=True)
@@ -193,11 +195,22 @@ class Run:
     keep_intermediates: bool = spec(False)  # keep intermediates/ when the run completes
 
 
-UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)",
-             "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)",
-             "Lanczos", "Nearest")
+LATENT_UPSCALERS = ("Latent", "Latent (antialiased)", "Latent (bicubic)",
+                    "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)")
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill", "latent_upscale")
-IMAGE_UPSCALERS = ("Lanczos", "Nearest")
+IMAGE_UPSCALERS = ("Lanczos", "Nearest")  # built in; any other name is a model file
+
+
+def _upscaler(v: str) -> str | None:
+    """Any name: built-in, latent (hires fix only) or a model file, found by run.prepare."""
+    return None if v.strip() else "must name an upscaler (Lanczos, Nearest, or a model file)"
+
+
+def _image_upscaler(v: str) -> str | None:
+    if v in LATENT_UPSCALERS:
+        return (f"{v!r} upscales latents, which only hires fix has: give Lanczos, Nearest "
+                "or an upscaler model (e.g. R-ESRGAN 4x+)")
+    return _upscaler(v)
 MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")
 INPAINT_AREAS = ("whole_picture", "only_masked")
 
@@ -229,7 +242,7 @@ class HiresFix(Sampling):
     scale: Axis[float] = spec(2.0, _range(1, 16))
     resize_x: Axis[int] = spec(0, _range(0))  # 0 = from scale
     resize_y: Axis[int] = spec(0, _range(0))
-    upscaler: Axis[str] = spec("Latent", _one_of(UPSCALERS))
+    upscaler: Axis[str] = spec("Latent", _upscaler)  # latent, built in or a model file
     steps: Axis[int] = spec(0, _range(0, 1000))  # 0 = the first pass's steps
     denoise: Axis[float] = spec(0.7, _denoise)
     checkpoint: Axis[str] | None = spec(None)  # another model for the second pass
@@ -268,7 +281,7 @@ class SdUpscale(Sampling):
     of width x height overlapping by ``tile_overlap``, blended back across the overlaps."""
 
     scale: Axis[float] = spec(2.0, _range(1, 16))
-    upscaler: Axis[str] = spec("Lanczos", _one_of(IMAGE_UPSCALERS))
+    upscaler: Axis[str] = spec("Lanczos", _image_upscaler)  # built in or a model file
     tile_overlap: Axis[int] = spec(64, _range(0, 256))
     denoise: Axis[float] = spec(0.4, _denoise)  # the seed's advice; the WebUI takes img2img's
     width: Axis[int] = spec(0, _post_size)  # the tile size; 0 = params.width / height
@@ -284,8 +297,8 @@ class Upscale:
     scale: Axis[float] = spec(2.0, _range(1, 16))
     resize_x: Axis[int] = spec(0, _range(0))  # with resize_y: upscale to this size instead
     resize_y: Axis[int] = spec(0, _range(0))
-    upscaler: Axis[str] = spec("Lanczos", _one_of(IMAGE_UPSCALERS))
-    upscaler_2: Axis[str] = spec("None", _one_of(("None", *IMAGE_UPSCALERS)))
+    upscaler: Axis[str] = spec("Lanczos", _image_upscaler)  # built in or a model file
+    upscaler_2: Axis[str] = spec("None", _image_upscaler)  # None: no second upscaler
     upscaler_2_visibility: Axis[float] = spec(0.0, _range(0, 1))
 
 

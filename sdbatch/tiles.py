@@ -3,7 +3,8 @@ combine_grid): where tiles lie on a picture, cutting them out, and pasting them 
 linear ramps across the overlaps; and the seed each tile is sampled with.
 
 Pure geometry and pixel work, tested on their own; sdbatch.stages.sd_upscale samples the
-tiles between split and blend.
+tiles between split and blend, and an upscaler model runs on them (the WebUI's
+upscale_with_model cuts the same grid and blends its outputs on the grid scaled).
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ class Grid:
 def layout(width: int, height: int, tile_w: int, tile_h: int, overlap: int) -> Grid:
     return Grid(width, height, tile_w, tile_h, overlap, positions(width, tile_w, overlap),
                 positions(height, tile_h, overlap))
+
+
+def scaled(grid: Grid, factor: int) -> Grid:
+    """The same tiles on a picture ``factor`` times larger: where an upscaler model's tile
+    outputs lie (the WebUI's upscale_with_model scales the grid by its model's scale)."""
+    return Grid(grid.width * factor, grid.height * factor, grid.tile_w * factor,
+                grid.tile_h * factor, grid.overlap * factor,
+                tuple(x * factor for x in grid.xs), tuple(y * factor for y in grid.ys))
 
 
 def split(image: Image.Image, grid: Grid) -> list[Image.Image]:

@@ -2,14 +2,19 @@
 (modules/upscaler.py Upscaler.upscale): the target is the scaled size rounded down to a
 multiple of 8, reached by the upscaler and then a Lanczos resize to the exact size.
 
-Lanczos and Nearest are built in; upscaler model files come later (issue 11, spandrel).
+Lanczos and Nearest are built in; an upscaler model (sdbatch.models.upscaler_models) comes
+in as ``model``, one pass of it (a picture -> the picture times the model's scale), which
+runs until the target is covered, at most three times, as the WebUI repeats it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from PIL import Image
 
 BUILT_IN = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+ModelPass = Callable[[Image.Image], Image.Image]
 
 
 def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
@@ -17,21 +22,46 @@ def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
     return int(width * scale // 8 * 8), int(height * scale // 8 * 8)
 
 
-def upscale(image: Image.Image, scale: float, upscaler: str) -> Image.Image:
-    if upscaler not in BUILT_IN:
-        raise ValueError(f"unknown upscaler {upscaler!r}; built in: {', '.join(BUILT_IN)}")
+def upscale(image: Image.Image, scale: float, upscaler: str,
+            model: ModelPass | None = None) -> Image.Image:
     target = scaled_size(image.width, image.height, scale)
-    out = image.resize((int(image.width * scale), int(image.height * scale)),
-                       BUILT_IN[upscaler])
+    if model is not None:
+        out = image
+        for _ in range(3):
+            before = out.size
+            out = model(out)
+            if out.size == before or (out.width >= target[0] and out.height >= target[1]):
+                break
+    elif upscaler in BUILT_IN:
+        out = image.resize((int(image.width * scale), int(image.height * scale)),
+                           BUILT_IN[upscaler])
+    else:
+        raise ValueError(f"unknown upscaler {upscaler!r}; built in: {', '.join(BUILT_IN)}")
     if out.size != target:
         out = out.resize(target, Image.Resampling.LANCZOS)
     return out
 
 
-def upscale_to(image: Image.Image, width: int, height: int, upscaler: str) -> Image.Image:
+def resize(image: Image.Image, width: int, height: int, upscaler: str,
+           model: ModelPass | None = None) -> Image.Image:
+    """A picture at exactly width x height (hires fix's image upscale, the WebUI's
+    images.resize_image): a built-in upscaler resizes straight there, a model upscales by
+    what covers the box and Lanczos gives the exact size."""
+    if model is None:
+        return image.resize((width, height), BUILT_IN[upscaler])
+    scale = max(width / image.width, height / image.height)
+    if scale > 1:
+        image = upscale(image, scale, upscaler, model)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    return image
+
+
+def upscale_to(image: Image.Image, width: int, height: int, upscaler: str,
+               model: ModelPass | None = None) -> Image.Image:
     """The Extras tab's "scale to" with "crop to fit": scaled to cover width x height, then
     centred on a canvas of that size (what hangs over is cut off)."""
-    big = upscale(image, max(width / image.width, height / image.height), upscaler)
+    big = upscale(image, max(width / image.width, height / image.height), upscaler, model)
     canvas = Image.new("RGB", (width, height))
     canvas.paste(big, (width // 2 - big.width // 2, height // 2 - big.height // 2))
     return canvas

@@ -50,9 +50,9 @@ def counting(monkeypatch):
     """Counts the calls each stage computes."""
     counts: dict[str, int] = {}
     for kind, real in list(local.STAGES.items()):
-        def wrapped(stack, batch, on_step=None, real=real, kind=kind):
+        def wrapped(stack, batch, on_step=None, real=real, kind=kind, **kw):
             counts[kind] = counts.get(kind, 0) + len(batch)
-            return real(stack, batch, on_step)
+            return real(stack, batch, on_step, **kw)
         monkeypatch.setitem(local.STAGES, kind, wrapped)
     return counts
 

@@ -97,8 +97,8 @@ def test_upscaled_sizes_are_the_webuis_multiples_of_8():
 
 
 def test_bad_upscale_settings_are_refused_up_front(tmp_path):
-    with pytest.raises(JobError, match=r"sd_upscale.upscaler.*Lanczos, Nearest.*'R-ESRGAN"):
-        validate({**BASE, "post": [{"sd_upscale": {"upscaler": "R-ESRGAN 4x+"}}]})
+    with pytest.raises(JobError, match=r"sd_upscale.upscaler.*'Latent' upscales latents"):
+        validate({**BASE, "post": [{"sd_upscale": {"upscaler": "Latent"}}]})
     with pytest.raises(JobError, match=r"upscale.resize_x.*both"):
         validate({**BASE, "post": [{"upscale": {"resize_x": 256}}]})
     job = {**BASE, "post": [{"sd_upscale": {"scale": 1, "width": 128}}],

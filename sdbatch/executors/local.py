@@ -17,6 +17,7 @@ from sdbatch import seamless
 from sdbatch.executors.intermediates import Intermediates
 from sdbatch.images import read_image
 from sdbatch.models import stack as stacks
+from sdbatch.models.upscaler_models import UpscalerModels
 from sdbatch.plan import Batch, StageCall
 from sdbatch.stages import hires_fix, img2img, inpaint, sd_upscale, txt2img, upscale
 from sdbatch.stages.common import Item
@@ -24,6 +25,7 @@ from sdbatch.stages.picture import Picture
 
 STAGES = {"txt2img": txt2img.run, "img2img": img2img.run, "hires_fix": hires_fix.run,
           "inpaint": inpaint.run, "sd_upscale": sd_upscale.run, "upscale": upscale.run}
+UPSCALING = ("hires_fix", "sd_upscale", "upscale")  # stages that take upscaler models
 
 
 @dataclass
@@ -51,7 +53,8 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             should_stop: Callable[[], bool] = lambda: False,
             store: Intermediates | None = None,
             consumers: dict[str, int] | None = None,
-            vae_tile_px: int = 1024) -> Iterator[BatchResult]:
+            vae_tile_px: int = 1024,
+            upscalers: UpscalerModels | None = None) -> Iterator[BatchResult]:
     """Render batches in order; a failing batch is reported and the next one goes on.
 
     Each batch's stack comes from the cache (loaded on first use, its LoRAs checked against
@@ -59,10 +62,19 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
     ``consumers`` counts the calls that take each key's output: such outputs go to
     ``store``, and leave its memory when their last consumer is done. Pictures with a side
     over ``vae_tile_px`` go through the VAE in tiles; a batch's ``tiling`` wraps the
-    model's convolutions for that batch only.
+    model's convolutions for that batch only. ``upscalers`` holds the run's upscaler
+    models, each loaded on first use and released when the batches are done.
     """
-    networks = networks or {}
-    consumers = dict(consumers or {})
+    try:
+        yield from _execute(batches, specs, cache, networks or {}, on_step, should_stop,
+                            store, dict(consumers or {}), vae_tile_px, upscalers)
+    finally:
+        if upscalers is not None:
+            upscalers.release()
+
+
+def _execute(batches, specs, cache, networks, on_step, should_stop, store, consumers,
+             vae_tile_px, upscalers) -> Iterator[BatchResult]:
     by_identity = {s.identity: s for s in specs.values()}
     failed: dict[str, str] = {}
     checked: set[str] = set()
@@ -81,7 +93,8 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             if batch.kind == "image":
                 pictures = [load_image(c) for c in batch.calls]
             elif batch.kind == "upscale":
-                pictures = STAGES["upscale"](None, _items(batch, store), on_step)
+                pictures = STAGES["upscale"](None, _items(batch, store), on_step,
+                                             models=upscalers)
             else:
                 spec = by_identity[batch.calls[0].stack] if batch.calls else \
                     specs[batch.renders[0].checkpoint]
@@ -103,6 +116,9 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
                 with seamless.tiling([stack.pipe.unet, stack.pipe.vae], first.tiling):
                     if batch.kind == "txt2img":
                         pictures = STAGES["txt2img"](stack, batch.renders, on_step)
+                    elif batch.kind in UPSCALING:
+                        pictures = STAGES[batch.kind](stack, _items(batch, store), on_step,
+                                                      models=upscalers)
                     else:
                         pictures = STAGES[batch.kind](stack, _items(batch, store), on_step)
         except stacks.StackLoadError:

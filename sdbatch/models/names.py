@@ -1,7 +1,8 @@
 """Model names -> files, as the WebUI finds them.
 
 A bare name ("dreamshaper_8", "LegoAlrev.safetensors", "sub/x") is looked up in the kind's
-subfolder of paths.models (Stable-diffusion/, VAE/, Lora/, embeddings/, hypernetworks/),
+subfolder of paths.models (Stable-diffusion/, VAE/, Lora/, embeddings/, hypernetworks/,
+ESRGAN/ and the other upscaler folders),
 with or without its extension, in subfolders too; an existing path is taken as is. An
 unknown name fails up front with the nearest names that do exist.
 """
@@ -18,6 +19,8 @@ SUBFOLDERS = {
     "lora": ("Lora", "LyCORIS"),
     "embedding": ("embeddings",),
     "hypernetwork": ("hypernetworks",),
+    # the WebUI's upscaler folders, then ComfyUI's
+    "upscaler": ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "upscale_models"),
 }
 EXTENSIONS = {
     "checkpoint": (".safetensors", ".ckpt", ".pt", ".pth"),
@@ -25,6 +28,7 @@ EXTENSIONS = {
     "lora": (".safetensors", ".pt"),
     "embedding": (".pt", ".safetensors", ".bin"),
     "hypernetwork": (".pt",),
+    "upscaler": (".safetensors", ".pth", ".pt"),
 }
 FOLDERS_ALLOWED = ("checkpoint", "vae")  # diffusers folders
 

@@ -55,6 +55,18 @@ def _networks(calls: tuple[StageCall, ...]) -> dict[str, Any]:
                 {"loras": [], "hypernetworks": []})
 
 
+def _upscaler(params: dict[str, Any], key: str = "upscaler") -> str:
+    """An upscaler as the WebUI names it: a model file by the name the WebUI lists it under
+    (R-ESRGAN 4x+ for RealESRGAN_x4plus.pth, the stem for others), a built-in as given."""
+    return params.get(f"{key}_model", {}).get("name", params[key])
+
+
+def upscaler_hashes(calls: tuple[StageCall, ...]) -> dict[str, str]:
+    """Each upscaler model file the image's chain used -> its sha256."""
+    return {m["name"]: m["sha256"] for c in calls for key in ("upscaler", "upscaler_2")
+            if (m := c.params.get(f"{key}_model"))}
+
+
 def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]
                 ) -> dict[str, Any]:
     """The post-steps in the WebUI's infotext words, in the order it adds them: the first
@@ -77,7 +89,7 @@ def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]
             out["Hires upscale"] = number(hires["scale"])
         if hires["steps"] != render.steps:
             out["Hires steps"] = hires["steps"]
-        out["Hires upscaler"] = hires["upscaler"]
+        out["Hires upscaler"] = _upscaler(hires)
     paint = next((c.params for c in reversed(calls) if c.kind == "inpaint"), None)
     if paint is not None:
         out["Mask blur"] = paint["mask_blur"]
@@ -88,7 +100,7 @@ def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]
     tiled = next((c.params for c in reversed(calls) if c.kind == "sd_upscale"), None)
     if tiled is not None:
         out["SD upscale overlap"] = tiled["tile_overlap"]
-        out["SD upscale upscaler"] = tiled["upscaler"]
+        out["SD upscale upscaler"] = _upscaler(tiled)
     last = next((c.params for c in reversed(calls) if "denoise" in c.params), None)
     if last is not None:
         out["Denoising strength"] = number(last["denoise"])
@@ -99,9 +111,9 @@ def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]
             out["Postprocess crop to fit"] = "True"
         else:
             out["Postprocess upscale by"] = number(extras["scale"])
-        out["Postprocess upscaler"] = extras["upscaler"]
+        out["Postprocess upscaler"] = _upscaler(extras)
         if extras["upscaler_2"] != "None" and extras["upscaler_2_visibility"] > 0:
-            out["Postprocess upscaler 2"] = extras["upscaler_2"]
+            out["Postprocess upscaler 2"] = _upscaler(extras, "upscaler_2")
             out["Postprocess upscaler 2 visibility"] = number(extras["upscaler_2_visibility"])
     return out
 
@@ -165,7 +177,8 @@ def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> dic
         "model": {"name": spec.name, "hash": spec.model_hash, "dtype": spec.record["dtype"],
                   "vae": spec.vae_hash, "loras": _networks(calls)["loras"],
                   "hypernetworks": _networks(calls)["hypernetworks"],
-                  "embeddings": dict(_embedding_hashes(render, spec))},
+                  "embeddings": dict(_embedding_hashes(render, spec))}
+        | ({"upscalers": upscaler_hashes(calls)} if upscaler_hashes(calls) else {}),
         "device": machine(spec.torch_device),
         "stages": [{"kind": c.kind, "key": c.key, "input": c.input_key, "params": c.params}
                    for c in calls],

@@ -2,20 +2,20 @@
 ``steps`` steps of img2img at the new size with its own denoise, sampler and prompt.
 
 Latent upscalers stretch the first pass's latents (F.interpolate, with or without
-antialiasing); image upscalers (Lanczos, Nearest) decode, resize and encode again. With
-both resize_x and resize_y the picture covers the box and the overhang is cut off in
-latent cells, centred.
+antialiasing); image upscalers (Lanczos, Nearest, or a model: upscalers.resize) decode,
+resize and encode again. With both resize_x and resize_y the picture covers the box and
+the overhang is cut off in latent cells, centred.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from sdbatch import denoise_steps
+from sdbatch import denoise_steps, upscalers
 from sdbatch.images import hires_size
 from sdbatch.models.stack import Stack
+from sdbatch.models.upscaler_models import UpscalerModels
 from sdbatch.stages.common import (
     Item,
     StepCallback,
@@ -34,11 +34,10 @@ LATENT_MODES = {  # the WebUI's latent upscale modes: (interpolate mode, antiali
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
-IMAGE_MODES = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 
 
 def upscaled_latents(stack: Stack, items: list[Item], upscaler: str, width: int,
-                     height: int) -> torch.Tensor:
+                     height: int, models: UpscalerModels | None = None) -> torch.Tensor:
     """The batch's first passes at width x height, in latent space."""
     pipe = stack.pipe
     if upscaler in LATENT_MODES:
@@ -48,16 +47,17 @@ def upscaled_latents(stack: Stack, items: list[Item], upscaler: str, width: int,
                    for item in items]
         return F.interpolate(torch.stack(sources).float(), size=(height // 8, width // 8),
                              mode=mode, antialias=antialias)
-    resample = IMAGE_MODES[upscaler]
-    return encode(pipe, [item.source.image.resize((width, height), resample)
+    model = models.pass_of(upscaler) if models else None
+    return encode(pipe, [upscalers.resize(item.source.image, width, height, upscaler, model)
                          for item in items], stack.device).float()
 
 
-def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None
-        ) -> list[Picture]:
+def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None,
+        models: UpscalerModels | None = None) -> list[Picture]:
     p = items[0].params
     size = hires_size(*p["input_size"], p["scale"], p["resize_x"], p["resize_y"])
-    latents = upscaled_latents(stack, items, p["upscaler"], size.width, size.height)
+    latents = upscaled_latents(stack, items, p["upscaler"], size.width, size.height,
+                               models)
     tx, ty = size.truncate_x, size.truncate_y
     latents = latents[:, :, ty // 2:latents.shape[2] - (ty + 1) // 2,
                       tx // 2:latents.shape[3] - (tx + 1) // 2]

@@ -13,14 +13,17 @@ import dataclasses
 
 from sdbatch import denoise_steps, tiles, upscalers
 from sdbatch.models.stack import Stack
+from sdbatch.models.upscaler_models import UpscalerModels
 from sdbatch.stages.common import Item, StepCallback, encode, sample_tail, stage_render
 from sdbatch.stages.picture import Picture
 from sdbatch.stages.txt2img import decode
 
 
-def upscale_one(stack: Stack, item: Item, on_step: StepCallback | None = None) -> Picture:
+def upscale_one(stack: Stack, item: Item, on_step: StepCallback | None = None,
+                models: UpscalerModels | None = None) -> Picture:
     p = item.params
-    big = upscalers.upscale(item.source.image, p["scale"], p["upscaler"])
+    model = models.pass_of(p["upscaler"]) if models else None
+    big = upscalers.upscale(item.source.image, p["scale"], p["upscaler"], model)
     grid = tiles.layout(*big.size, p["width"], p["height"], p["tile_overlap"])
     tail = denoise_steps.img2img(p["steps"], p["denoise"])
     pieces = tiles.split(big, grid)
@@ -38,6 +41,6 @@ def upscale_one(stack: Stack, item: Item, on_step: StepCallback | None = None) -
     return Picture(tiles.blend(done, grid))
 
 
-def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None
-        ) -> list[Picture]:
-    return [upscale_one(stack, item, on_step) for item in items]
+def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None,
+        models: UpscalerModels | None = None) -> list[Picture]:
+    return [upscale_one(stack, item, on_step, models) for item in items]
