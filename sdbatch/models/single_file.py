@@ -63,11 +63,13 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise _corrupt(path, f"safetensors: {e}") from None
 
 
-def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def load_pickled(path: Path, allow_pickle: bool) -> Any:
+    """What a pickled torch file holds, read with torch's weights-only unpickler; a file
+    that needs more (it would run code from the file) is refused unless allow_pickle is set
+    (the job's ``model.allow_pickle``, which covers every model file the job names)."""
     mmap = zipfile.is_zipfile(path)  # torch maps zip checkpoints instead of copying them
     try:
-        return _tensors_only(torch.load(path, map_location="cpu", weights_only=True, mmap=mmap),
-                             path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         needed = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if not needed:
@@ -82,9 +84,13 @@ def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, OSError) as e:
         raise _corrupt(path, f"torch: {str(e).splitlines()[0] or type(e).__name__}") from None
     try:  # explicitly allowed above: the user trusts this file
-        return _tensors_only(torch.load(path, map_location="cpu", weights_only=False), path)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
         raise _corrupt(path, f"torch: {str(e).splitlines()[0] or type(e).__name__}") from None
+
+
+def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    return _tensors_only(load_pickled(path, allow_pickle), path)
 
 
 def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False
