@@ -18,11 +18,14 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdbatch.images import hires_size
 from sdbatch.matrix import Render
 from sdbatch.upscalers import scaled_size
+
+if TYPE_CHECKING:
+    from sdbatch.models.image_models import ImageModelFile
 
 # what may differ inside one forward pass: it changes the noise or the text, not the pass
 PER_IMAGE = ("seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
@@ -30,7 +33,9 @@ PER_IMAGE = ("seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_
 # what a post-step call takes over from its image (it changes the noise or the model)
 INHERITED = ("subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
              "ensd", "eta", "clip_skip", "tiling", "loras", "hypernetworks")
-NO_MODEL = ("image", "upscale")  # stage kinds that load no model stack
+NO_MODEL = ("image", "upscale", "face_restore")  # stage kinds that load no model stack
+# the Extras upscale's face restorers: WebUI name, the key that turns it on
+EXTRAS_RESTORERS = (("GFPGAN", "gfpgan_visibility"), ("CodeFormer", "codeformer_visibility"))
 
 
 SHARE_PREFIXES = True  # benchmarks/hires_sharing.py turns it off to measure what sharing saves
@@ -107,9 +112,12 @@ def _networks(render: Render, networks: dict[tuple[str, str], str]) -> dict[str,
 
 
 def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str], str],
-          inputs: dict[str, InputImage] | None = None) -> tuple[StageCall, ...]:
-    """The image's stage calls, each keyed on its input's key."""
+          inputs: dict[str, InputImage] | None = None,
+          image_models: dict[str, ImageModelFile] | None = None) -> tuple[StageCall, ...]:
+    """The image's stage calls, each keyed on its input's key; a step's model files (face
+    restorers, by the job's name for them) by their hash, so keys follow the files."""
     inputs = inputs or {}
+    image_models = image_models or {}
     base = render.params() | _networks(render, networks)
     if render.init_image is None:
         first = StageCall("txt2img", base, None, stacks[render.checkpoint])
@@ -127,6 +135,12 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
         params["output_size"] = list(size)
         if step.kind == "inpaint":
             params["mask_sha256"] = inputs[params["mask"]].sha256
+        if step.kind == "face_restore":
+            file = image_models[params["model"]]
+            params |= {"model_sha256": file.sha256, "architecture": file.architecture}
+        if step.kind == "upscale":
+            params |= {f"{name.lower()}_sha256": image_models[name].sha256
+                       for name, key in EXTRAS_RESTORERS if params[key] > 0}
         checkpoint = params.get("checkpoint") or render.checkpoint
         calls.append(StageCall(step.kind, params, calls[-1].key,
                                stacks[checkpoint] if modelled else ""))
@@ -139,6 +153,8 @@ def output_size(kind: str, params: dict[str, Any], size: tuple[int, int]) -> tup
         return hires_size(*size, params["scale"], params["resize_x"], params["resize_y"]).final
     if kind == "sd_upscale":
         return scaled_size(*size, params["scale"])
+    if kind == "face_restore":
+        return size
     if kind == "upscale":
         if params["resize_x"] and params["resize_y"]:
             return params["resize_x"], params["resize_y"]
@@ -148,11 +164,14 @@ def output_size(kind: str, params: dict[str, Any], size: tuple[int, int]) -> tup
 
 def make_plan(renders: list[Render], stacks: dict[str, str], batch_size: int,
               networks: dict[tuple[str, str], str] | None = None,
-              inputs: dict[str, InputImage] | None = None) -> Plan:
+              inputs: dict[str, InputImage] | None = None,
+              image_models: dict[str, ImageModelFile] | None = None) -> Plan:
     """``stacks`` maps each checkpoint name of the job to its stack identity, ``networks``
     each (kind, name) of a LoRA or hypernetwork to its file hash, ``inputs`` each input
-    image path to its hash and size: keys follow the files."""
-    chains = {r.index: chain(r, stacks, networks or {}, inputs) for r in renders}
+    image path to its hash and size, ``image_models`` each face restorer's name to its file:
+    keys follow the files."""
+    chains = {r.index: chain(r, stacks, networks or {}, inputs, image_models)
+              for r in renders}
     if not SHARE_PREFIXES:  # every image computes its own chain
         chains = {i: _unshared(c, i) for i, c in chains.items()}
     first_user: dict[str, tuple[StageCall, Render, int]] = {}

@@ -17,13 +17,24 @@ from sdbatch import seamless
 from sdbatch.executors.intermediates import Intermediates
 from sdbatch.images import read_image
 from sdbatch.models import stack as stacks
+from sdbatch.models.image_models import ImageModels
 from sdbatch.plan import Batch, StageCall
-from sdbatch.stages import hires_fix, img2img, inpaint, sd_upscale, txt2img, upscale
+from sdbatch.stages import (
+    face_restore,
+    hires_fix,
+    img2img,
+    inpaint,
+    sd_upscale,
+    txt2img,
+    upscale,
+)
 from sdbatch.stages.common import Item
 from sdbatch.stages.picture import Picture
 
 STAGES = {"txt2img": txt2img.run, "img2img": img2img.run, "hires_fix": hires_fix.run,
-          "inpaint": inpaint.run, "sd_upscale": sd_upscale.run, "upscale": upscale.run}
+          "inpaint": inpaint.run, "sd_upscale": sd_upscale.run, "upscale": upscale.run,
+          "face_restore": face_restore.run}
+NO_STACK = ("upscale", "face_restore")  # post-steps that load image models, not a stack
 
 
 @dataclass
@@ -51,7 +62,8 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             should_stop: Callable[[], bool] = lambda: False,
             store: Intermediates | None = None,
             consumers: dict[str, int] | None = None,
-            vae_tile_px: int = 1024) -> Iterator[BatchResult]:
+            vae_tile_px: int = 1024,
+            image_models: ImageModels | None = None) -> Iterator[BatchResult]:
     """Render batches in order; a failing batch is reported and the next one goes on.
 
     Each batch's stack comes from the cache (loaded on first use, its LoRAs checked against
@@ -59,7 +71,9 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
     ``consumers`` counts the calls that take each key's output: such outputs go to
     ``store``, and leave its memory when their last consumer is done. Pictures with a side
     over ``vae_tile_px`` go through the VAE in tiles; a batch's ``tiling`` wraps the
-    model's convolutions for that batch only.
+    model's convolutions for that batch only. ``image_models`` holds the face restorers.
+    What a stage found about a picture is filed in its ``chain_found`` under its call key,
+    after what the chain before it found.
     """
     networks = networks or {}
     consumers = dict(consumers or {})
@@ -78,10 +92,11 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             yield BatchResult(batch, None, error, 0.0)
             continue
         try:
+            items = [] if batch.kind in ("image", "txt2img") else _items(batch, store)
             if batch.kind == "image":
                 pictures = [load_image(c) for c in batch.calls]
-            elif batch.kind == "upscale":
-                pictures = STAGES["upscale"](None, _items(batch, store), on_step)
+            elif batch.kind in NO_STACK:
+                pictures = STAGES[batch.kind](image_models, items, on_step)
             else:
                 spec = by_identity[batch.calls[0].stack] if batch.calls else \
                     specs[batch.renders[0].checkpoint]
@@ -104,7 +119,7 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
                     if batch.kind == "txt2img":
                         pictures = STAGES["txt2img"](stack, batch.renders, on_step)
                     else:
-                        pictures = STAGES[batch.kind](stack, _items(batch, store), on_step)
+                        pictures = STAGES[batch.kind](stack, items, on_step)
         except stacks.StackLoadError:
             raise
         except Exception as e:  # noqa: BLE001 - one batch's failure must not lose the others
@@ -112,6 +127,9 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             failed.update({c.key: error for c in batch.calls})
             yield BatchResult(batch, None, error, time.perf_counter() - start)
             continue
+        for item, call, picture in zip(items, batch.calls, pictures, strict=False):
+            picture.chain_found = {**item.source.chain_found,
+                                   **({call.key: picture.found} if picture.found else {})}
         for call, picture in zip(batch.calls, pictures, strict=True):
             if consumers.get(call.key) and store is not None:
                 store.put(call.key, picture)

@@ -1,12 +1,15 @@
-"""The WebUI's Extras tab upscale: no model, no diffusion. The picture is upscaled by
-``scale`` (or to resize_x x resize_y, cropped to fit) and a second upscaler's result is
-blended in by ``upscaler_2_visibility``."""
+"""The WebUI's Extras tab: no diffusion. The picture is upscaled by ``scale`` (or to
+resize_x x resize_y, cropped to fit), a second upscaler's result blended in by
+``upscaler_2_visibility``; then, in the WebUI's order, GFPGAN and CodeFormer restore its
+faces where their visibility is above 0."""
 
 from __future__ import annotations
 
 from PIL import Image
 
 from sdbatch import upscalers
+from sdbatch.models.image_models import ImageModels
+from sdbatch.stages import face_restore
 from sdbatch.stages.common import Item, StepCallback
 from sdbatch.stages.picture import Picture
 
@@ -23,7 +26,19 @@ def upscale_one(image: Image.Image, p: dict) -> Image.Image:
     return out
 
 
-def run(stack: None, items: list[Item], on_step: StepCallback | None = None
+def extras_one(image: Image.Image, p: dict, models: ImageModels | None) -> Picture:
+    """The upscale, then GFPGAN, then CodeFormer (each counting the faces it found)."""
+    out, found = upscale_one(image, p), {}
+    for name, weight in (("GFPGAN", 0.0), ("CodeFormer", p["codeformer_weight"])):
+        visibility = p[f"{name.lower()}_visibility"]
+        if visibility > 0:
+            model = models.get(p[f"{name.lower()}_sha256"])
+            out, found[f"{name.lower()}_faces"] = face_restore.restore(
+                out, model, name, visibility, weight, models.device)
+    return Picture(out, found=found)
+
+
+def run(models: ImageModels | None, items: list[Item], on_step: StepCallback | None = None
         ) -> list[Picture]:
-    """``stack`` is unused: an upscale loads no model."""
-    return [Picture(upscale_one(item.source.image, item.params)) for item in items]
+    """``models`` holds the face restorers; no model loads unless a visibility asks."""
+    return [extras_one(item.source.image, item.params, models) for item in items]
