@@ -136,11 +136,10 @@ def resolve_face_restorers(job: Job, origin=lambda key: "the job"
         except (names.NameNotFound, ModelFileError) as e:
             problems.append(Problem(key, str(e), origin(key)))
             continue
-        if file.architecture not in names.FACE_RESTORERS or \
-                (name in names.FACE_RESTORERS and file.architecture != name):
+        expected = (name,) if name in names.FACE_RESTORERS else tuple(names.FACE_RESTORERS)
+        if file.architecture not in expected:
             problems.append(Problem(key, f"{file.path} is a {file.architecture} model, not "
-                                    f"{name if name in names.FACE_RESTORERS else 'a face restorer'}"
-                                    " (GFPGAN or CodeFormer): give a face restorer's file",
+                                    f"{' or '.join(expected)}: give a face restorer's file",
                                     origin(key)))
             continue
         files[name] = file

@@ -234,7 +234,8 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
     return problems
 
 
-def _image_models(p: Prepared, job: Job, device) -> ImageModels:
+def _restorers(p: Prepared, job: Job, device) -> ImageModels:
+    """The run's face restorers, loaded on first use on the executor's device."""
     return ImageModels({f.sha256: f for f in p.image_models.values()}, device,
                        job.model.allow_pickle)
 
@@ -255,7 +256,7 @@ def render_one(job: Job, origin: Origin, index: int,
         for result in execute(needed(p.plan, others, lambda key: False), p.specs, cache,
                               p.networks, store=store, consumers=p.plan.consumers(),
                               vae_tile_px=job.executor.vae_tile_px,
-                              image_models=_image_models(p, job, cache.device)):
+                              restorers=_restorers(p, job, cache.device)):
             for call, picture in zip(result.batch.calls, result.pictures or [], strict=False):
                 if call.key == final:
                     return p, next(r for r in p.renders if r.index == index), picture
@@ -317,7 +318,7 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
                 for result in execute(batches, p.specs, cache, p.networks, progress.step,
                                       lambda: stop.requested, store, plan.consumers(),
                                       job.executor.vae_tile_px,
-                                      _image_models(p, job, device)):
+                                      _restorers(p, job, device)):
                     per_image = result.seconds / len(result.batch.calls)
                     finished = [(i, by_index[index]) for i, call in enumerate(result.batch.calls)
                                 for index in finishes.get(call.key, ()) if index not in done]

@@ -209,6 +209,17 @@ def test_a_pickle_that_needs_code_is_refused_without_allow_pickle(tmp_path):
         runner.prepare(validate(job), lambda key: "test")
 
 
+def test_a_file_of_another_architecture_is_refused(tmp_path, models_dir):
+    face, _ = _inputs(tmp_path)
+    (tmp_path / "m" / "Codeformer").mkdir(parents=True)
+    wrong = tmp_path / "m" / "Codeformer" / "codeformer-v0.1.0.pth"
+    wrong.symlink_to(models_dir / "GFPGAN" / "GFPGANv1.4.pth")
+    job = {**BASE, "paths": {"models": str(tmp_path / "m")}, "init_image": face,
+           "run": {"dir": str(tmp_path / "r")}, "post": [{"face_restore": {}}]}
+    with pytest.raises(JobError, match=r"face_restore\.model.*is a GFPGAN model, not CodeFormer"):
+        runner.prepare(validate(job), lambda key: "test")
+
+
 def test_intermediates_keep_what_the_chain_found(tmp_path):
     store = Intermediates(tmp_path, 0)
     picture = Picture(Image.new("RGB", (8, 8)), chain_found={"abc": {"faces": 2}})

@@ -63,7 +63,7 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             store: Intermediates | None = None,
             consumers: dict[str, int] | None = None,
             vae_tile_px: int = 1024,
-            image_models: ImageModels | None = None) -> Iterator[BatchResult]:
+            restorers: ImageModels | None = None) -> Iterator[BatchResult]:
     """Render batches in order; a failing batch is reported and the next one goes on.
 
     Each batch's stack comes from the cache (loaded on first use, its LoRAs checked against
@@ -71,7 +71,7 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
     ``consumers`` counts the calls that take each key's output: such outputs go to
     ``store``, and leave its memory when their last consumer is done. Pictures with a side
     over ``vae_tile_px`` go through the VAE in tiles; a batch's ``tiling`` wraps the
-    model's convolutions for that batch only. ``image_models`` holds the face restorers.
+    model's convolutions for that batch only. ``restorers`` holds the face restorers.
     What a stage found about a picture is filed in its ``chain_found`` under its call key,
     after what the chain before it found.
     """
@@ -96,7 +96,7 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             if batch.kind == "image":
                 pictures = [load_image(c) for c in batch.calls]
             elif batch.kind in NO_STACK:
-                pictures = STAGES[batch.kind](image_models, items, on_step)
+                pictures = STAGES[batch.kind](None, items, on_step, restorers=restorers)
             else:
                 spec = by_identity[batch.calls[0].stack] if batch.calls else \
                     specs[batch.renders[0].checkpoint]

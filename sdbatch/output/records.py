@@ -191,8 +191,9 @@ def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...],
     """Everything that made this image, as data; `device` says where (device, its name,
     torch's thread count), which `sdbatch reproduce` needs to match bytes. ``found`` adds
     what a stage found to its record (a face restoration's ``faces``), by call key."""
-    found = found or {}
     from sdbatch.models.stack import machine
+
+    found = found or {}
 
     return {
         "params": render.params(),

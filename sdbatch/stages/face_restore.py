@@ -55,12 +55,14 @@ def restore(image: Image.Image, model: torch.nn.Module, architecture: str, visib
     return Image.fromarray(result), len(found)
 
 
-def run(models: ImageModels, items: list[Item], on_step: StepCallback | None = None
-        ) -> list[Picture]:
+def run(stack: None, items: list[Item], on_step: StepCallback | None = None,
+        restorers: ImageModels | None = None) -> list[Picture]:
+    """``stack`` is unused: a face restoration loads no stack, only its restorer."""
     out = []
     for item in items:
         p = item.params
-        image, count = restore(item.source.image, models.get(p["model_sha256"]),
-                               p["architecture"], p["visibility"], p["weight"], models.device)
+        image, count = restore(item.source.image, restorers.get(p["model_sha256"]),
+                               p["architecture"], p["visibility"], p["weight"],
+                               restorers.device)
         out.append(Picture(image, found={} if count is None else {"faces": count}))
     return out

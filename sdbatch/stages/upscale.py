@@ -26,19 +26,20 @@ def upscale_one(image: Image.Image, p: dict) -> Image.Image:
     return out
 
 
-def extras_one(image: Image.Image, p: dict, models: ImageModels | None) -> Picture:
+def extras_one(image: Image.Image, p: dict, restorers: ImageModels | None) -> Picture:
     """The upscale, then GFPGAN, then CodeFormer (each counting the faces it found)."""
     out, found = upscale_one(image, p), {}
     for name, weight in (("GFPGAN", 0.0), ("CodeFormer", p["codeformer_weight"])):
         visibility = p[f"{name.lower()}_visibility"]
         if visibility > 0:
-            model = models.get(p[f"{name.lower()}_sha256"])
+            model = restorers.get(p[f"{name.lower()}_sha256"])
             out, found[f"{name.lower()}_faces"] = face_restore.restore(
-                out, model, name, visibility, weight, models.device)
+                out, model, name, visibility, weight, restorers.device)
     return Picture(out, found=found)
 
 
-def run(models: ImageModels | None, items: list[Item], on_step: StepCallback | None = None
-        ) -> list[Picture]:
-    """``models`` holds the face restorers; no model loads unless a visibility asks."""
-    return [extras_one(item.source.image, item.params, models) for item in items]
+def run(stack: None, items: list[Item], on_step: StepCallback | None = None,
+        restorers: ImageModels | None = None) -> list[Picture]:
+    """``stack`` is unused: an upscale loads no stack; a face restorer only where its
+    visibility asks."""
+    return [extras_one(item.source.image, item.params, restorers) for item in items]
