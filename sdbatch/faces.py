@@ -13,6 +13,7 @@ Everything but ``detect`` is plain maths on arrays, tested on its own.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import cv2
@@ -110,14 +111,24 @@ def blend(source: np.ndarray, restored: np.ndarray, visibility: float) -> np.nda
                                   visibility))
 
 
+CASCADES = ("haarcascade_frontalface_default.xml", "haarcascade_eye.xml")
+
+
+def detector_problem() -> str | None:
+    """Why faces cannot be searched here (OpenCV without its Haar cascades), or None."""
+    folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
+    if hasattr(cv2, "CascadeClassifier") and folder and \
+            all(os.path.isfile(folder + name) for name in CASCADES):
+        return None
+    return (f"OpenCV {cv2.__version__} has no Haar cascades (5.x wheels ship none), which "
+            "face restoration finds faces with: install opencv-python-headless 4.x "
+            "(pip install 'opencv-python-headless<5')")
+
+
 def _cascade(name: str) -> cv2.CascadeClassifier:
-    path = cv2.data.haarcascades + name
-    cascade = cv2.CascadeClassifier(path)
-    if cascade.empty():
-        raise RuntimeError(f"OpenCV's {name} is missing from {cv2.data.haarcascades}: face "
-                           "restoration needs opencv-python-headless 4.x, whose wheel ships "
-                           "the Haar cascades (5.x does not)")
-    return cascade
+    if problem := detector_problem():
+        raise RuntimeError(problem)
+    return cv2.CascadeClassifier(cv2.data.haarcascades + name)
 
 
 def detect(image: np.ndarray) -> list[Face]:
@@ -128,9 +139,9 @@ def detect(image: np.ndarray) -> list[Face]:
     gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     if scale > 1:
         gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-    eye_cascade = _cascade("haarcascade_eye.xml")
+    eye_cascade = _cascade(CASCADES[1])
     faces = []
-    for x, y, w, h in _cascade("haarcascade_frontalface_default.xml").detectMultiScale(
+    for x, y, w, h in _cascade(CASCADES[0]).detectMultiScale(
             gray, scaleFactor=1.1, minNeighbors=5):
         eyes = _eyes(eye_cascade.detectMultiScale(gray[y:y + h * 6 // 10, x:x + w], 1.1, 3), w)
         found = None if eyes is None else tuple((float(x + ex) / scale, float(y + ey) / scale)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from sdbatch import faces
 from sdbatch.models import families, hub, names, tiny
 from sdbatch.models.image_models import ImageModelFile, identify
 from sdbatch.models.single_file import ModelFileError
@@ -129,6 +130,9 @@ def resolve_face_restorers(job: Job, origin=lambda key: "the job"
                     wanted.setdefault(name, f"post[{i}].upscale.{key}")
     files: dict[str, ImageModelFile] = {}
     problems: list[Problem] = []
+    if wanted and (why := faces.detector_problem()):
+        key = next(iter(wanted.values()))
+        problems.append(Problem(key, why, origin(key)))
     for name, key in wanted.items():
         try:
             file = identify(names.face_restorer(name, _models_dir(job.paths)),

@@ -182,7 +182,8 @@ def test_extras_order_is_upscale_then_gfpgan_then_codeformer(tmp_path, models_di
     assert "Face restoration" not in params  # the Extras write no txt2img key
 
 
-def test_a_missing_model_is_refused_up_front_with_folder_and_fix(tmp_path):
+def test_a_missing_model_is_refused_up_front_with_folder_and_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(faces, "detector_problem", lambda: "OpenCV has no Haar cascades")
     face, _ = _inputs(tmp_path)
     (tmp_path / "empty").mkdir()
     job = {**BASE, "paths": {"models": str(tmp_path / "empty")}, "init_image": face,
@@ -195,6 +196,7 @@ def test_a_missing_model_is_refused_up_front_with_folder_and_fix(tmp_path):
     assert "post[0].face_restore.model (jobs/x.yaml): no CodeFormer model file under" in text
     assert str(tmp_path / "empty" / "Codeformer") in text and "codeformer-v0.1.0.pth" in text
     assert "post[1].upscale.gfpgan_visibility" in text and "GFPGANv1.4.pth" in text
+    assert "post[0].face_restore.model (jobs/x.yaml): OpenCV has no Haar cascades" in text
     assert not (tmp_path / "r").exists()
 
 

@@ -100,3 +100,11 @@ def test_a_small_picture_is_searched_scaled_up_as_facexlib_does():
     small = cv2.resize(draw_face(256), (96, 96), interpolation=cv2.INTER_AREA)
     [face] = faces.detect(small)
     assert 15 < face.box[2] < 70
+
+
+def test_an_opencv_without_cascades_is_named_with_the_fix(monkeypatch):
+    assert faces.detector_problem() is None
+    monkeypatch.setattr(faces.cv2.data, "haarcascades", "/nowhere/")
+    assert "opencv-python-headless<5" in faces.detector_problem()
+    with pytest.raises(RuntimeError, match="no Haar cascades"):
+        faces.detect(draw_face(64))
