@@ -81,9 +81,10 @@ def post_step(kind: str, given: dict[str, Any], base: Render, position: int,
     """A post-step's values for one image: unset sampling keys take the image's; a seed the
     step sets counts up within the cell as the image's seeds do. SD upscale's tiles are the
     image's processing size unless set, and go batch_size to a forward pass (which sets
-    their seeds, as in the WebUI's script). An upscale samples nothing: it takes nothing."""
+    their seeds, as in the WebUI's script). An upscale or a face restoration samples
+    nothing: it takes nothing."""
     v = dict(given)
-    if kind == "upscale":
+    if kind in ("upscale", "face_restore"):
         return Step(kind, tuple(sorted(v.items())))
     if kind == "sd_upscale":
         v["width"], v["height"] = v["width"] or base.width, v["height"] or base.height

@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from sdbatch import faces
 from sdbatch.models import families, hub, names, tiny
+from sdbatch.models.image_models import ImageModelFile, identify
 from sdbatch.models.single_file import ModelFileError
 from sdbatch.models.stack import EMBEDDED, NetworkFile, StackSpec
 from sdbatch.models.upscaler_models import UpscalerFile
+from sdbatch.plan import EXTRAS_RESTORERS
 from sdbatch.prompts.parser import extract_extra_networks
 from sdbatch.schema import IMAGE_UPSCALERS, LATENT_UPSCALERS, Job, Model, Paths, Problem
 
@@ -106,6 +109,45 @@ def resolve_networks(job: Job, renders, origin=lambda key: "the job"
                 problems.append(Problem("prompt", f"<{tag.kind}:{tag.name}:...> gives the text "
                                         f"encoder {te} and the UNet {unet}: sdbatch applies one "
                                         "weight to both; give one number", origin("prompt")))
+    return files, problems
+
+
+def resolve_face_restorers(job: Job, origin=lambda key: "the job"
+                           ) -> tuple[dict[str, ImageModelFile], list[Problem]]:
+    """Every face restorer the post-steps name (a face_restore's model, an upscale's GFPGAN
+    and CodeFormer when their visibility is above 0) -> its file, read under the checkpoints'
+    pickle rule and identified (architecture, hash) before any work."""
+    def values(x):
+        return x if isinstance(x, tuple) else (x,)
+
+    wanted: dict[str, str] = {}  # name -> the key that asks for it
+    for i, step in enumerate(job.post):
+        if step.kind == "face_restore":
+            for name in values(step.face_restore.model):
+                wanted.setdefault(name, f"post[{i}].face_restore.model")
+        if step.kind == "upscale":
+            for name, key in EXTRAS_RESTORERS:
+                if any(v > 0 for v in values(getattr(step.upscale, key))):
+                    wanted.setdefault(name, f"post[{i}].upscale.{key}")
+    files: dict[str, ImageModelFile] = {}
+    problems: list[Problem] = []
+    if wanted and (why := faces.detector_problem()):
+        key = next(iter(wanted.values()))
+        problems.append(Problem(key, why, origin(key)))
+    for name, key in wanted.items():
+        try:
+            file = identify(names.face_restorer(name, _models_dir(job.paths)),
+                            job.model.allow_pickle)
+        except (names.NameNotFound, ModelFileError) as e:
+            problems.append(Problem(key, str(e), origin(key)))
+            continue
+        expected = (name,) if name in names.FACE_RESTORERS else tuple(names.FACE_RESTORERS)
+        if file.architecture not in expected:
+            problems.append(Problem(key, f"{file.path} is a {file.architecture} model, not "
+                                    f"{' or '.join(expected)}: give a face restorer's file",
+                                    origin(key)))
+            continue
+        files[name] = file
     return files, problems
 
 

@@ -18,11 +18,14 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdbatch.images import hires_size
 from sdbatch.matrix import Render
 from sdbatch.upscalers import scaled_size
+
+if TYPE_CHECKING:
+    from sdbatch.models.image_models import ImageModelFile
 
 # what may differ inside one forward pass: it changes the noise or the text, not the pass
 PER_IMAGE = ("seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
@@ -30,7 +33,9 @@ PER_IMAGE = ("seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_
 # what a post-step call takes over from its image (it changes the noise or the model)
 INHERITED = ("subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
              "ensd", "eta", "clip_skip", "tiling", "loras", "hypernetworks")
-NO_MODEL = ("image", "upscale")  # stage kinds that load no model stack
+NO_MODEL = ("image", "upscale", "face_restore")  # stage kinds that load no model stack
+# the Extras upscale's face restorers: WebUI name, the key that turns it on
+EXTRAS_RESTORERS = (("GFPGAN", "gfpgan_visibility"), ("CodeFormer", "codeformer_visibility"))
 
 
 SHARE_PREFIXES = True  # benchmarks/hires_sharing.py turns it off to measure what sharing saves
@@ -111,12 +116,13 @@ UPSCALER_KEYS = ("upscaler", "upscaler_2")
 
 def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str], str],
           inputs: dict[str, InputImage] | None = None,
-          upscalers: dict[str, dict[str, Any]] | None = None) -> tuple[StageCall, ...]:
+          upscalers: dict[str, dict[str, Any]] | None = None,
+          image_models: dict[str, ImageModelFile] | None = None) -> tuple[StageCall, ...]:
     """The image's stage calls, each keyed on its input's key. ``upscalers`` maps each
     upscaler model name of the job to its record (the WebUI's name, the file's sha256, the
-    tiles it runs in), which goes into the params as ``upscaler_model``: keys follow the
-    file."""
-    inputs, upscalers = inputs or {}, upscalers or {}
+    tiles it runs in), which goes into the params as ``upscaler_model``; ``image_models``
+    each face restorer's name to its file: keys follow the files."""
+    inputs, upscalers, image_models = inputs or {}, upscalers or {}, image_models or {}
     base = render.params() | _networks(render, networks)
     if render.init_image is None:
         first = StageCall("txt2img", base, None, stacks[render.checkpoint])
@@ -137,6 +143,12 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
         for key in UPSCALER_KEYS:
             if params.get(key) in upscalers:
                 params[f"{key}_model"] = upscalers[params[key]]
+        if step.kind == "face_restore":
+            file = image_models[params["model"]]
+            params |= {"model_sha256": file.sha256, "architecture": file.architecture}
+        if step.kind == "upscale":
+            params |= {f"{name.lower()}_sha256": image_models[name].sha256
+                       for name, key in EXTRAS_RESTORERS if params[key] > 0}
         checkpoint = params.get("checkpoint") or render.checkpoint
         calls.append(StageCall(step.kind, params, calls[-1].key,
                                stacks[checkpoint] if modelled else ""))
@@ -149,6 +161,8 @@ def output_size(kind: str, params: dict[str, Any], size: tuple[int, int]) -> tup
         return hires_size(*size, params["scale"], params["resize_x"], params["resize_y"]).final
     if kind == "sd_upscale":
         return scaled_size(*size, params["scale"])
+    if kind == "face_restore":
+        return size
     if kind == "upscale":
         if params["resize_x"] and params["resize_y"]:
             return params["resize_x"], params["resize_y"]
@@ -159,12 +173,15 @@ def output_size(kind: str, params: dict[str, Any], size: tuple[int, int]) -> tup
 def make_plan(renders: list[Render], stacks: dict[str, str], batch_size: int,
               networks: dict[tuple[str, str], str] | None = None,
               inputs: dict[str, InputImage] | None = None,
-              upscalers: dict[str, dict[str, Any]] | None = None) -> Plan:
+              upscalers: dict[str, dict[str, Any]] | None = None,
+              image_models: dict[str, ImageModelFile] | None = None) -> Plan:
     """``stacks`` maps each checkpoint name of the job to its stack identity, ``networks``
     each (kind, name) of a LoRA or hypernetwork to its file hash, ``inputs`` each input
     image path to its hash and size, ``upscalers`` each upscaler model name to its record
-    (see chain): keys follow the files."""
-    chains = {r.index: chain(r, stacks, networks or {}, inputs, upscalers) for r in renders}
+    (see chain), ``image_models`` each face restorer's name to its file: keys follow the
+    files."""
+    chains = {r.index: chain(r, stacks, networks or {}, inputs, upscalers, image_models)
+              for r in renders}
     if not SHARE_PREFIXES:  # every image computes its own chain
         chains = {i: _unshared(c, i) for i, c in chains.items()}
     first_user: dict[str, tuple[StageCall, Render, int]] = {}

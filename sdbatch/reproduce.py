@@ -70,7 +70,8 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
                       f"{was['params'][field][:12]}... then, {now.params[field][:12]}... now): "
                       "expect different pixels")
     fresh = png.encode(picture.image, records.infotext(render, spec, chain),
-                       records.png_recipe(render, spec, chain, data["job"]))
+                       records.png_recipe(render, spec, chain, data["job"],
+                                          picture.chain_found))
     if out is not None:
         atomic.write_bytes(out, fresh)
     import hashlib

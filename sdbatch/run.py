@@ -21,6 +21,7 @@ from sdbatch import inputs, matrix, model_specs, schema
 from sdbatch.executors.intermediates import Intermediates
 from sdbatch.executors.local import execute
 from sdbatch.models import stack as stacks
+from sdbatch.models.image_models import ImageModelFile, ImageModels
 from sdbatch.models.stack import StackCache, StackLoadError
 from sdbatch.models.upscaler_models import UpscalerFile, UpscalerModels
 from sdbatch.output import records, run_folder
@@ -103,6 +104,7 @@ class Prepared:
     names: dict[int, str]
     networks: dict[tuple[str, str], stacks.NetworkFile]
     upscalers: dict[str, UpscalerFile]  # upscaler model name -> its file
+    image_models: dict[str, ImageModelFile]  # face restorers by the job's name for them
     made_of: dict  # what a resume must not change (run.json)
     keys: dict[int, set[str]]  # index -> content keys an image already there may have
 
@@ -156,6 +158,8 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     upscalers, upscaler_problems = model_specs.resolve_upscalers(normal, origin)
     problems += upscaler_problems
     specs = model_specs.with_embeddings(specs, renders, normal)
+    restorers, restorer_problems = model_specs.resolve_face_restorers(normal, origin)
+    problems += restorer_problems
     repeated = [n for n, c in Counter(names.values()).items() if c > 1]
     if repeated:
         problems.append(Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "
@@ -166,23 +170,24 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     network_hashes = {k: f.hash for k, f in networks.items()}
     upscaler_records = upscaler_params(upscalers, job.executor)
     plan = make_plan(renders, {c: s.identity for c, s in specs.items()}, job.params.batch_size,
-                     network_hashes, images, upscaler_records)
+                     network_hashes, images, upscaler_records, restorers)
     problems += [Problem(key, message, origin(key))
                  for key, message in size_problems(plan, images)]
     if problems:
         raise JobError(problems)
     made = made_of(portable(normal), job.run.filename, {c: s.record for c, s in specs.items()},
                    {f"{kind}:{name}": digest for (kind, name), digest in network_hashes.items()}
-                   | {f"upscaler:{name}": f.sha256 for name, f in upscalers.items()},
+                   | {f"upscaler:{name}": f.sha256 for name, f in upscalers.items()}
+                   | {f"face_restorer:{name}": f.sha256 for name, f in restorers.items()},
                    {path: image.sha256 for path, image in images.items()})
     keys = {r.index: {plan.key(r.index)} for r in renders}
     if stored is not None and "made_of" in stored:
         problems += _resume_problems(job, path, stored, made, renders, plan, keys,
-                                     network_hashes, upscaler_records, origin)
+                                     network_hashes, upscaler_records, origin, restorers)
     if problems:
         raise JobError(problems)
     return Prepared(path, fresh, nonce, specs, resolved, renders, plan, names, networks,
-                    upscalers, made, keys)
+                    upscalers, restorers, made, keys)
 
 
 def upscaler_params(files: dict[str, UpscalerFile], executor: schema.Executor) -> dict:
@@ -208,8 +213,8 @@ def _refusal(path: Path, why: str, origin: Origin) -> Problem:
 
 def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
                      renders: list[matrix.Render], plan: Plan, keys: dict[int, set[str]],
-                     network_hashes: dict, upscaler_records: dict, origin: Origin
-                     ) -> list[Problem]:
+                     network_hashes: dict, upscaler_records: dict, origin: Origin,
+                     restorers: dict[str, ImageModelFile] | None = None) -> list[Problem]:
     """Refuse a resume that would render over the images there with other pixels: a changed
     expanded job, file name pattern or model file, or (unless allowed) another device or
     dtype. When that is allowed, adds to ``keys`` the content keys images have from earlier
@@ -232,7 +237,7 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
         for session in stored.get("sessions", []):
             if checkpoints <= set(session.get("stacks", {})):
                 other = make_plan(renders, session["stacks"], job.params.batch_size,
-                                  network_hashes, None, upscaler_records)
+                                  network_hashes, None, upscaler_records, restorers)
                 for index in keys:
                     keys[index].add(other.key(index))
     entries = RunFolder.stored_entries(path)
@@ -248,6 +253,12 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
                                  f"differently (image {i:05d}: "
                                  f"{', '.join(what) or 'its model stack'})", origin))
     return problems
+
+
+def _restorers(p: Prepared, job: Job, device) -> ImageModels:
+    """The run's face restorers, loaded on first use on the executor's device."""
+    return ImageModels({f.sha256: f for f in p.image_models.values()}, device,
+                       job.model.allow_pickle)
 
 
 def render_one(job: Job, origin: Origin, index: int,
@@ -267,7 +278,8 @@ def render_one(job: Job, origin: Origin, index: int,
         for result in execute(needed(p.plan, others, lambda key: False), p.specs, cache,
                               p.networks, store=store, consumers=p.plan.consumers(),
                               vae_tile_px=job.executor.vae_tile_px,
-                              upscalers=upscaler_models(p, job, device)):
+                              upscalers=upscaler_models(p, job, device),
+                              restorers=_restorers(p, job, cache.device)):
             for call, picture in zip(result.batch.calls, result.pictures or [], strict=False):
                 if call.key == final:
                     return p, next(r for r in p.renders if r.index == index), picture
@@ -329,16 +341,18 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
                 for result in execute(batches, p.specs, cache, p.networks, progress.step,
                                       lambda: stop.requested, store, plan.consumers(),
                                       job.executor.vae_tile_px,
-                                      upscaler_models(p, job, device)):
+                                      upscaler_models(p, job, device),
+                                      _restorers(p, job, device)):
                     per_image = result.seconds / len(result.batch.calls)
                     finished = [(i, by_index[index]) for i, call in enumerate(result.batch.calls)
                                 for index in finishes.get(call.key, ()) if index not in done]
                     for i, r in finished:
                         calls = plan.chains[r.index]
                         spec = p.specs[r.checkpoint]
+                        found = {} if result.error else result.pictures[i].chain_found
                         entry = {"index": r.index, "id": f"{r.index:05d}",
                                  "key": plan.key(r.index), "seed": r.seed,
-                                 "recipe": records.recipe(r, spec, calls),
+                                 "recipe": records.recipe(r, spec, calls, found),
                                  "stack": spec.identity,
                                  "timings": {"render_s": round(per_image, 4),
                                              "batch_s": round(result.seconds, 4)}}
@@ -349,7 +363,8 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
                         else:
                             writer.image(p.names[r.index], result.pictures[i].image,
                                          records.infotext(r, spec, calls),
-                                         records.png_recipe(r, spec, calls, embedded_job), entry)
+                                         records.png_recipe(r, spec, calls, embedded_job,
+                                                            found), entry)
                             counts["rendered"] += 1
                         progress.advance()
             finally:

@@ -300,6 +300,20 @@ class Upscale:
     upscaler: Axis[str] = spec("Lanczos", _image_upscaler)  # built in or a model file
     upscaler_2: Axis[str] = spec("None", _image_upscaler)  # None: no second upscaler
     upscaler_2_visibility: Axis[float] = spec(0.0, _range(0, 1))
+    # the Extras' face restorers, after the upscale in its order (GFPGAN, then CodeFormer)
+    gfpgan_visibility: Axis[float] = spec(0.0, _range(0, 1))  # 0 = off
+    codeformer_visibility: Axis[float] = spec(0.0, _range(0, 1))  # 0 = off
+    codeformer_weight: Axis[float] = spec(0.0, _range(0, 1))  # 0 = strongest effect
+
+
+@dataclass(frozen=True)
+class FaceRestore:
+    """The WebUI's "Restore faces": each face found is aligned, restored at 512x512 by the
+    model and pasted back, the result blended over the picture by ``visibility``."""
+
+    model: Axis[str] = spec("CodeFormer")  # GFPGAN, CodeFormer, or a file stem or path
+    visibility: Axis[float] = spec(1.0, _range(0, 1))
+    weight: Axis[float] = spec(0.5, _range(0, 1))  # CodeFormer's fidelity weight (its opts')
 
 
 @dataclass(frozen=True)
@@ -311,13 +325,14 @@ class PostStep:
     inpaint: Inpaint | None = spec(None)
     sd_upscale: SdUpscale | None = spec(None)
     upscale: Upscale | None = spec(None)
+    face_restore: FaceRestore | None = spec(None)
 
     @property
     def kind(self) -> str:
         return next(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
 
     @property
-    def step(self) -> Sampling | Upscale:
+    def step(self) -> Sampling | Upscale | FaceRestore:
         return getattr(self, self.kind)
 
 
@@ -451,6 +466,8 @@ def _check_post(job: Job, origin: Origin) -> list[Problem]:
                 problems.append(Problem(f"{key}.upscale.resize_x", "upscale to a size needs "
                                         "both resize_x and resize_y (or neither: then scale)",
                                         origin(f"{key}.upscale.resize_x")))
+            continue
+        if step.kind == "face_restore":
             continue
         for name in ("prompt", "negative_prompt"):
             for text in _values(getattr(step.step, name)):

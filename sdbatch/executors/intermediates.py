@@ -2,24 +2,27 @@
 within a budget, and on disk in the run folder (written atomically), so a resumed run
 does not draw a finished base pass again and an image waits for no recomputation.
 
-``intermediates/<key>.png`` holds the picture (lossless), ``<key>.safetensors`` its latents
-where it has them. The folder goes when the run completes, unless the user keeps it.
+``intermediates/<key>.png`` holds the picture (lossless) and, in a text chunk, what its
+chain's stages found about it; ``<key>.safetensors`` its latents where it has them. The
+folder goes when the run completes, unless the user keeps it.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from collections import OrderedDict
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from safetensors.torch import load, save
 
 from sdbatch import atomic
 from sdbatch.stages.picture import Picture
 
 FOLDER = "intermediates"
+FOUND = "sdbatch-found"  # the PNG text chunk of chain_found
 
 
 def _size(picture: Picture) -> int:
@@ -46,7 +49,10 @@ class Intermediates:
             atomic.write_bytes(self.folder / f"{key}.safetensors",
                                save({"latents": picture.latents.contiguous()}))
         buf = io.BytesIO()
-        picture.image.save(buf, format="PNG")
+        info = PngImagePlugin.PngInfo()
+        if picture.chain_found:
+            info.add_text(FOUND, json.dumps(picture.chain_found))
+        picture.image.save(buf, format="PNG", pnginfo=info)
         atomic.write_bytes(self.folder / f"{key}.png", buf.getvalue())
         self._remember(key, picture)
 
@@ -56,9 +62,10 @@ class Intermediates:
             return self._memory[key]
         with Image.open(self.folder / f"{key}.png") as im:
             image = im.convert("RGB")
+            found = json.loads(im.info.get(FOUND, "{}"))
         tensors = self.folder / f"{key}.safetensors"
         latents = load(tensors.read_bytes())["latents"] if tensors.exists() else None
-        picture = Picture(image, latents)
+        picture = Picture(image, latents, chain_found=found)
         self._remember(key, picture)
         return picture
 

@@ -17,15 +17,26 @@ from sdbatch import seamless
 from sdbatch.executors.intermediates import Intermediates
 from sdbatch.images import read_image
 from sdbatch.models import stack as stacks
+from sdbatch.models.image_models import ImageModels
 from sdbatch.models.upscaler_models import UpscalerModels
 from sdbatch.plan import Batch, StageCall
-from sdbatch.stages import hires_fix, img2img, inpaint, sd_upscale, txt2img, upscale
+from sdbatch.stages import (
+    face_restore,
+    hires_fix,
+    img2img,
+    inpaint,
+    sd_upscale,
+    txt2img,
+    upscale,
+)
 from sdbatch.stages.common import Item
 from sdbatch.stages.picture import Picture
 
 STAGES = {"txt2img": txt2img.run, "img2img": img2img.run, "hires_fix": hires_fix.run,
-          "inpaint": inpaint.run, "sd_upscale": sd_upscale.run, "upscale": upscale.run}
-UPSCALING = ("hires_fix", "sd_upscale", "upscale")  # stages that take upscaler models
+          "inpaint": inpaint.run, "sd_upscale": sd_upscale.run, "upscale": upscale.run,
+          "face_restore": face_restore.run}
+UPSCALING = ("hires_fix", "sd_upscale")  # diffusion stages that take upscaler models
+NO_STACK = ("upscale", "face_restore")  # post-steps that load image models, not a stack
 
 
 @dataclass
@@ -54,7 +65,8 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             store: Intermediates | None = None,
             consumers: dict[str, int] | None = None,
             vae_tile_px: int = 1024,
-            upscalers: UpscalerModels | None = None) -> Iterator[BatchResult]:
+            upscalers: UpscalerModels | None = None,
+            restorers: ImageModels | None = None) -> Iterator[BatchResult]:
     """Render batches in order; a failing batch is reported and the next one goes on.
 
     Each batch's stack comes from the cache (loaded on first use, its LoRAs checked against
@@ -63,18 +75,20 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
     ``store``, and leave its memory when their last consumer is done. Pictures with a side
     over ``vae_tile_px`` go through the VAE in tiles; a batch's ``tiling`` wraps the
     model's convolutions for that batch only. ``upscalers`` holds the run's upscaler
-    models, each loaded on first use and released when the batches are done.
+    models, each loaded on first use and released when the batches are done; ``restorers``
+    the face restorers. What a stage found about a picture is filed in its ``chain_found``
+    under its call key, after what the chain before it found.
     """
     try:
         yield from _execute(batches, specs, cache, networks or {}, on_step, should_stop,
-                            store, dict(consumers or {}), vae_tile_px, upscalers)
+                            store, dict(consumers or {}), vae_tile_px, upscalers, restorers)
     finally:
         if upscalers is not None:
             upscalers.release()
 
 
 def _execute(batches, specs, cache, networks, on_step, should_stop, store, consumers,
-             vae_tile_px, upscalers) -> Iterator[BatchResult]:
+             vae_tile_px, upscalers, restorers) -> Iterator[BatchResult]:
     by_identity = {s.identity: s for s in specs.values()}
     failed: dict[str, str] = {}
     checked: set[str] = set()
@@ -90,11 +104,13 @@ def _execute(batches, specs, cache, networks, on_step, should_stop, store, consu
             yield BatchResult(batch, None, error, 0.0)
             continue
         try:
+            items = [] if batch.kind in ("image", "txt2img") else _items(batch, store)
             if batch.kind == "image":
                 pictures = [load_image(c) for c in batch.calls]
-            elif batch.kind == "upscale":
-                pictures = STAGES["upscale"](None, _items(batch, store), on_step,
-                                             models=upscalers)
+            elif batch.kind in NO_STACK:
+                extra = {"models": upscalers} if batch.kind == "upscale" else {}
+                pictures = STAGES[batch.kind](None, items, on_step, restorers=restorers,
+                                              **extra)
             else:
                 spec = by_identity[batch.calls[0].stack] if batch.calls else \
                     specs[batch.renders[0].checkpoint]
@@ -117,10 +133,10 @@ def _execute(batches, specs, cache, networks, on_step, should_stop, store, consu
                     if batch.kind == "txt2img":
                         pictures = STAGES["txt2img"](stack, batch.renders, on_step)
                     elif batch.kind in UPSCALING:
-                        pictures = STAGES[batch.kind](stack, _items(batch, store), on_step,
+                        pictures = STAGES[batch.kind](stack, items, on_step,
                                                       models=upscalers)
                     else:
-                        pictures = STAGES[batch.kind](stack, _items(batch, store), on_step)
+                        pictures = STAGES[batch.kind](stack, items, on_step)
         except stacks.StackLoadError:
             raise
         except Exception as e:  # noqa: BLE001 - one batch's failure must not lose the others
@@ -128,6 +144,9 @@ def _execute(batches, specs, cache, networks, on_step, should_stop, store, consu
             failed.update({c.key: error for c in batch.calls})
             yield BatchResult(batch, None, error, time.perf_counter() - start)
             continue
+        for item, call, picture in zip(items, batch.calls, pictures, strict=False):
+            picture.chain_found = {**item.source.chain_found,
+                                   **({call.key: picture.found} if picture.found else {})}
         for call, picture in zip(batch.calls, pictures, strict=True):
             if consumers.get(call.key) and store is not None:
                 store.put(call.key, picture)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 
 SUBFOLDERS = {
@@ -21,6 +22,7 @@ SUBFOLDERS = {
     "hypernetwork": ("hypernetworks",),
     # the WebUI's upscaler folders, then ComfyUI's
     "upscaler": ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "upscale_models"),
+    "face_restorer": ("GFPGAN", "Codeformer"),
 }
 EXTENSIONS = {
     "checkpoint": (".safetensors", ".ckpt", ".pt", ".pth"),
@@ -29,7 +31,10 @@ EXTENSIONS = {
     "embedding": (".pt", ".safetensors", ".bin"),
     "hypernetwork": (".pt",),
     "upscaler": (".safetensors", ".pth", ".pt"),
+    "face_restorer": (".pth", ".safetensors", ".pt"),
 }
+# the WebUI's face restorer names -> its folder and what its file's name holds there
+FACE_RESTORERS = {"GFPGAN": ("GFPGAN", "gfpgan"), "CodeFormer": ("Codeformer", "codeformer")}
 FOLDERS_ALLOWED = ("checkpoint", "vae")  # diffusers folders
 
 
@@ -76,6 +81,27 @@ def resolve(kind: str, name: str, models: Path | None) -> Path:
     hint = f"; nearest: {', '.join(close)}" if close else (
         f"; found: {', '.join(names[:8])}" if names else "")
     raise NameNotFound(f"no {kind} named '{name}' {where}{hint}")
+
+
+def face_restorer(name: str, models: Path | None) -> Path:
+    """A face restorer's file. The WebUI's names take the first file (in natural order) of
+    its folder whose name holds the model's (GFPGAN/GFPGANv1.4.pth,
+    Codeformer/codeformer-v0.1.0.pth); anything else is a file stem or a path."""
+    if name not in FACE_RESTORERS:
+        return resolve("face_restorer", name, models)
+    folder, part = FACE_RESTORERS[name]
+    files = sorted((p for p in candidates("face_restorer", models)
+                    if p.parent.is_relative_to(models / folder) and part in p.name.lower()),
+                   key=lambda p: [int(t) if t.isdigit() else t.lower()
+                                  for t in re.split(r"(\d+)", p.as_posix())])
+    if files:
+        return files[0]
+    where = (f"under {models / folder}" if models
+             else "(paths.models is not set, so no folder was searched)")
+    raise NameNotFound(f"no {name} model file {where}: the WebUI's {folder}/ folder holds a "
+                       f".pth or .safetensors whose name has '{part}' (e.g. the WebUI's "
+                       f"{'GFPGANv1.4.pth' if name == 'GFPGAN' else 'codeformer-v0.1.0.pth'}"
+                       "); put one there, set paths.models, or give a file's path")
 
 
 def _root_of(p: Path, kind: str, models: Path | None) -> Path:

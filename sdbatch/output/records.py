@@ -115,7 +115,37 @@ def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]
         if extras["upscaler_2"] != "None" and extras["upscaler_2_visibility"] > 0:
             out["Postprocess upscaler 2"] = _upscaler(extras, "upscaler_2")
             out["Postprocess upscaler 2 visibility"] = number(extras["upscaler_2_visibility"])
+    return out | _face_keys(calls)
+
+
+def _face_keys(calls: tuple[StageCall, ...]) -> dict[str, Any]:
+    """The Extras' face restorer keys, for each restorer that ran (visibility above 0), as
+    its scripts write them; a face_restore step writes them too where they say more than
+    its "Face restoration" does (the visibility below 1; CodeFormer's weight always). A
+    later step's value wins."""
+    out: dict[str, Any] = {}
+    for c in calls:
+        p = c.params
+        if c.kind == "upscale":
+            if p["gfpgan_visibility"] > 0:
+                out["GFPGAN visibility"] = number(round(p["gfpgan_visibility"], 3))
+            if p["codeformer_visibility"] > 0:
+                out["CodeFormer visibility"] = number(round(p["codeformer_visibility"], 3))
+                out["CodeFormer weight"] = number(round(p["codeformer_weight"], 3))
+        elif c.kind == "face_restore" and p["visibility"] > 0:
+            if p["visibility"] < 1:
+                out[f"{p['architecture']} visibility"] = number(round(p["visibility"], 3))
+            if p["architecture"] == "CodeFormer":
+                out["CodeFormer weight"] = number(round(p["weight"], 3))
     return out
+
+
+def face_restoration(calls: tuple[StageCall, ...]) -> str | None:
+    """txt2img's "Face restoration": the last face_restore step's model, by the WebUI's
+    name for its architecture (GFPGAN or CodeFormer)."""
+    step = next((c.params for c in reversed(calls)
+                 if c.kind == "face_restore" and c.params["visibility"] > 0), None)
+    return None if step is None else step["architecture"]
 
 
 def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> str:
@@ -141,6 +171,7 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
         "Schedule type": render.schedule_type,
         "CFG scale": number(render.cfg_scale),
         "Seed": render.seed,
+        "Face restoration": face_restoration(calls),
         "Size": "x".join(map(str, size)),
         "Model hash": spec.model_hash,
         "Model": spec.name,
@@ -167,10 +198,14 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
     return format_infotext(prompt, render.negative_prompt, params)
 
 
-def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> dict[str, Any]:
+def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...],
+           found: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything that made this image, as data; `device` says where (device, its name,
-    torch's thread count), which `sdbatch reproduce` needs to match bytes."""
+    torch's thread count), which `sdbatch reproduce` needs to match bytes. ``found`` adds
+    what a stage found to its record (a face restoration's ``faces``), by call key."""
     from sdbatch.models.stack import machine
+
+    found = found or {}
 
     return {
         "params": render.params(),
@@ -180,14 +215,16 @@ def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> dic
                   "embeddings": dict(_embedding_hashes(render, spec))}
         | ({"upscalers": upscaler_hashes(calls)} if upscaler_hashes(calls) else {}),
         "device": machine(spec.torch_device),
-        "stages": [{"kind": c.kind, "key": c.key, "input": c.input_key, "params": c.params}
-                   for c in calls],
+        "stages": [{"kind": c.kind, "key": c.key, "input": c.input_key, "params": c.params,
+                    **found.get(c.key, {})} for c in calls],
     }
 
 
 def png_recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...],
-               job: dict[str, Any]) -> dict[str, Any]:
+               job: dict[str, Any], found: dict[str, dict[str, Any]] | None = None
+               ) -> dict[str, Any]:
     """The PNG's `sdbatch` chunk: the recipe plus the seed-resolved job and the image's
     place in it, enough for `sdbatch reproduce` to render its batch again."""
-    return {"sdbatch": __version__, "index": render.index, "recipe": recipe(render, spec, calls),
+    return {"sdbatch": __version__, "index": render.index,
+            "recipe": recipe(render, spec, calls, found),
             "job": job}

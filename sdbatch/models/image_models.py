@@ -1,0 +1,45 @@
+"""The image model files of a run (face restorers: GFPGAN, CodeFormer), each identified
+(architecture, sha256) before any work and loaded once, on the run's device, when a stage
+first needs it. Files are read by spandrel_files, under the checkpoints' pickle rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdbatch.models import hashing, spandrel_files
+
+
+@dataclass(frozen=True)
+class ImageModelFile:
+    path: Path
+    sha256: str
+    architecture: str  # spandrel's id: "GFPGAN", "CodeFormer", ...
+
+
+def identify(path: Path, allow_pickle: bool) -> ImageModelFile:
+    """The file's architecture (spandrel reads it from the weights) and hash; a file
+    spandrel does not know, or that needs unpickling without the opt-in, is refused."""
+    architecture = spandrel_files.load(path, allow_pickle).architecture.id
+    return ImageModelFile(Path(path), hashing.sha256(path), architecture)
+
+
+class ImageModels:
+    """The run's image models by sha256, each loaded on first use and kept on ``device``."""
+
+    def __init__(self, files: dict[str, ImageModelFile], device: torch.device,
+                 allow_pickle: bool = False):
+        self.files = files
+        self.device = device
+        self.allow_pickle = allow_pickle
+        self.loaded: dict[str, Any] = {}
+
+    def get(self, sha256: str) -> torch.nn.Module:
+        if sha256 not in self.loaded:
+            descriptor = spandrel_files.load(self.files[sha256].path, self.allow_pickle)
+            self.loaded[sha256] = descriptor.to(self.device).model.eval()
+        return self.loaded[sha256]
