@@ -155,8 +155,8 @@ def hires_pairs(stack, prompt: str, seeds=SEEDS, denoise: float = 0.45):
     renders = matrix.expand(matrix.resolve_seeds(job, 0))
     plan = make_plan(renders, {"tiny": "tiny"}, 1, {}, {})
     bases = txt2img.run(stack, tuple(renders))
-    bigs = hires_fix.run(stack, [Item(r, chain[1].params, base) for r, chain, base in
-                                 zip(renders, plan.chains, bases, strict=True)])
+    bigs = hires_fix.run(stack, [Item(r, plan.chains[r.index][1].params, base)
+                                 for r, base in zip(renders, bases, strict=True)])
     return [(np.asarray(big.image, dtype=float),
              np.asarray(base.image.resize((128, 128), Image.LANCZOS), dtype=float))
             for big, base in zip(bigs, bases, strict=True)]
@@ -172,7 +172,10 @@ def high_frequency_energy(img: np.ndarray) -> float:
 def test_hires_fix_at_128_is_still_a_red_building_on_a_lawn_and_sharper(tiny_stack):
     """tiny learned 128 px scenes too: hires fix keeps what the first pass drew (a red
     building, a lawn, a blue sky) and adds the detail a Lanczos upscale cannot."""
-    for big, lanczos in hires_pairs(tiny_stack, "a red building in the centre, lawn, blue sky"):
+    pairs = hires_pairs(tiny_stack, "a red building in the centre, lawn, blue sky")
+    energies = [(high_frequency_energy(b), high_frequency_energy(lz)) for b, lz in pairs]
+    print("hires / lanczos high-frequency energy:", energies)
+    for big, lanczos in pairs:
         half = big.reshape(64, 2, 64, 2, 3).mean((1, 3))  # read at the 64 px layout
         counts = wall_colours(half)
         assert max(counts, key=counts.get) == "red", counts

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     report = record["report"]
     for part in PARTS:
         r = report[part]
+        if "reused" in r:
+            print(f"{part}: reused from {r['reused']}")
+            continue
         print(f"{part}: {r['steps_done']} steps, {r['steps_per_s']} steps/s, "
               f"loss {r['final_loss']:.4f}")
     print(f"total {report['total_s']} s; replay: {record['command']}")
