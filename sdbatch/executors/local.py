@@ -13,8 +13,8 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from sdbatch import seamless
-from sdbatch.executors.intermediates import Intermediates
+from sdbatch import control, seamless
+from sdbatch.executors.intermediates import ControlMaps, Intermediates
 from sdbatch.images import read_image
 from sdbatch.models import stack as stacks
 from sdbatch.plan import Batch, StageCall
@@ -44,6 +44,15 @@ def _items(batch: Batch, store: Intermediates) -> list[Item]:
             for r, c in zip(batch.renders, batch.calls, strict=True)]
 
 
+def _control(batch: Batch, stack: stacks.Stack,
+             networks: dict[tuple[str, str], stacks.NetworkFile],
+             maps: ControlMaps) -> list[control.Unit]:
+    """The batch's ControlNet units (its calls share them: plan groups on them)."""
+    return [control.Unit(u, stack.controlnet(networks[("controlnet", u["model"])].path),
+                         maps.get(u))
+            for u in batch.calls[0].params.get("controlnet", ())] if batch.calls else []
+
+
 def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             cache: stacks.StackCache,
             networks: dict[tuple[str, str], stacks.NetworkFile] | None = None,
@@ -51,7 +60,8 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             should_stop: Callable[[], bool] = lambda: False,
             store: Intermediates | None = None,
             consumers: dict[str, int] | None = None,
-            vae_tile_px: int = 1024) -> Iterator[BatchResult]:
+            vae_tile_px: int = 1024, maps: ControlMaps | None = None
+            ) -> Iterator[BatchResult]:
     """Render batches in order; a failing batch is reported and the next one goes on.
 
     Each batch's stack comes from the cache (loaded on first use, its LoRAs checked against
@@ -59,8 +69,10 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
     ``consumers`` counts the calls that take each key's output: such outputs go to
     ``store``, and leave its memory when their last consumer is done. Pictures with a side
     over ``vae_tile_px`` go through the VAE in tiles; a batch's ``tiling`` wraps the
-    model's convolutions for that batch only.
+    model's convolutions for that batch only. A batch's ControlNet units come with their
+    models (loaded once per stack) and their preprocessed maps (``maps``, once per run).
     """
+    maps = maps or ControlMaps(None)
     networks = networks or {}
     consumers = dict(consumers or {})
     by_identity = {s.identity: s for s in specs.values()}
@@ -100,11 +112,14 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
                 stack.use_networks([(networks[("lora", n)].path, w) for n, w in first.loras],
                                    [(networks[("hypernet", n)].path, w)
                                     for n, w in first.hypernetworks])
+                units = _control(batch, stack, networks, maps)
+                extra = {"control": units} if units else {}
                 with seamless.tiling([stack.pipe.unet, stack.pipe.vae], first.tiling):
                     if batch.kind == "txt2img":
-                        pictures = STAGES["txt2img"](stack, batch.renders, on_step)
+                        pictures = STAGES["txt2img"](stack, batch.renders, on_step, **extra)
                     else:
-                        pictures = STAGES[batch.kind](stack, _items(batch, store), on_step)
+                        pictures = STAGES[batch.kind](stack, _items(batch, store), on_step,
+                                                      **extra)
         except stacks.StackLoadError:
             raise
         except Exception as e:  # noqa: BLE001 - one batch's failure must not lose the others

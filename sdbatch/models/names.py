@@ -1,7 +1,8 @@
 """Model names -> files, as the WebUI finds them.
 
 A bare name ("dreamshaper_8", "LegoAlrev.safetensors", "sub/x") is looked up in the kind's
-subfolder of paths.models (Stable-diffusion/, VAE/, Lora/, embeddings/, hypernetworks/),
+subfolder of paths.models (Stable-diffusion/, VAE/, Lora/, embeddings/, hypernetworks/,
+ControlNet/),
 with or without its extension, in subfolders too; an existing path is taken as is. An
 unknown name fails up front with the nearest names that do exist.
 """
@@ -18,6 +19,7 @@ SUBFOLDERS = {
     "lora": ("Lora", "LyCORIS"),
     "embedding": ("embeddings",),
     "hypernetwork": ("hypernetworks",),
+    "controlnet": ("ControlNet",),
 }
 EXTENSIONS = {
     "checkpoint": (".safetensors", ".ckpt", ".pt", ".pth"),
@@ -25,8 +27,9 @@ EXTENSIONS = {
     "lora": (".safetensors", ".pt"),
     "embedding": (".pt", ".safetensors", ".bin"),
     "hypernetwork": (".pt",),
+    "controlnet": (".safetensors", ".pth", ".pt", ".ckpt", ".bin"),
 }
-FOLDERS_ALLOWED = ("checkpoint", "vae")  # diffusers folders
+FOLDERS_ALLOWED = ("checkpoint", "vae", "controlnet")  # diffusers folders
 
 
 class NameNotFound(LookupError):
@@ -42,7 +45,7 @@ def candidates(kind: str, models: Path | None) -> list[Path]:
         for folder, dirs, files in os.walk(models / sub):
             here = Path(folder)
             if kind in FOLDERS_ALLOWED and ({"model_index.json", "config.json"} & set(files)):
-                if "model_index.json" in files or kind == "vae":
+                if "model_index.json" in files or kind in ("vae", "controlnet"):
                     found.append(here)
                     dirs.clear()  # its weight files are parts, not models
                     continue

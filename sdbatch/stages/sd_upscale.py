@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from sdbatch import control as controlnet
 from sdbatch import denoise_steps, tiles, upscalers
 from sdbatch.models.stack import Stack
 from sdbatch.stages.common import Item, StepCallback, encode, sample_tail, stage_render
@@ -18,7 +19,10 @@ from sdbatch.stages.picture import Picture
 from sdbatch.stages.txt2img import decode
 
 
-def upscale_one(stack: Stack, item: Item, on_step: StepCallback | None = None) -> Picture:
+def upscale_one(stack: Stack, item: Item, on_step: StepCallback | None = None,
+                control: list | None = None) -> Picture:
+    """``control``: ControlNet units, each map fitted to the upscaled picture and cut with
+    the tiles, so every tile sees its own part of it."""
     p = item.params
     big = upscalers.upscale(item.source.image, p["scale"], p["upscaler"])
     grid = tiles.layout(*big.size, p["width"], p["height"], p["tile_overlap"])
@@ -27,6 +31,8 @@ def upscale_one(stack: Stack, item: Item, on_step: StepCallback | None = None) -
     if tail.run == 0:
         return Picture(tiles.blend(pieces, grid))
     seeds = tiles.tile_seeds(p["seed"], len(pieces), p["batch_size"])
+    units = control or []
+    maps = [controlnet.tile_maps(u, big.size, grid) for u in units]
     done: list = []
     for start in range(0, len(pieces), p["batch_size"]):
         part = pieces[start:start + p["batch_size"]]
@@ -34,10 +40,12 @@ def upscale_one(stack: Stack, item: Item, on_step: StepCallback | None = None) -
                                                     (grid.tile_w, grid.tile_h)), seed=seed)
                    for seed in seeds[start:start + len(part)]]
         latents = encode(stack.pipe, part, stack.device)
-        done += decode(stack.pipe, sample_tail(stack, renders, latents, tail, on_step))
+        rows = [m[start:start + len(part)] for m in maps]
+        done += decode(stack.pipe, sample_tail(stack, renders, latents, tail, on_step,
+                                               control=units, control_rows=rows))
     return Picture(tiles.blend(done, grid))
 
 
-def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None
-        ) -> list[Picture]:
-    return [upscale_one(stack, item, on_step) for item in items]
+def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None,
+        control: list | None = None) -> list[Picture]:
+    return [upscale_one(stack, item, on_step, control) for item in items]
