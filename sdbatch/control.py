@@ -62,7 +62,7 @@ class Active:
 
 def hint(maps: list[np.ndarray]) -> torch.Tensor:
     """Control maps -> (B, 3, H, W) floats in 0..1, as the extension hands them over."""
-    return torch.stack([torch.from_numpy(np.ascontiguousarray(m)).permute(2, 0, 1)
+    return torch.stack([torch.from_numpy(np.array(m)).permute(2, 0, 1)
                         for m in maps]).float() / 255.0
 
 

@@ -108,14 +108,24 @@ def misfit(path: str | os.PathLike, unet_config: Mapping[str, Any], stack: str) 
             "control_v11*_sd15_*; SDXL: *xl*; the tiny family: control_tiny_canny)")
 
 
-def config_from_unet(unet_config: Mapping[str, Any]) -> dict[str, Any]:
+def config_from_unet(unet_config: Mapping[str, Any],
+                     hint_channels: tuple[int, ...] = CONDITIONING_CHANNELS) -> dict[str, Any]:
     """A ControlNetModel config mirroring a UNet's encoder (diffusers' from_unet, without
     building the UNet); a 9-channel inpainting UNet's ControlNet takes the 4 latent channels
     (the extension hands it x[:, :4])."""
     config = {k: unet_config[k] for k in SHARED if k in unet_config}
     config["in_channels"] = unet_config.get("out_channels", unet_config["in_channels"])
-    config["conditioning_embedding_out_channels"] = CONDITIONING_CHANNELS
+    config["conditioning_embedding_out_channels"] = tuple(hint_channels)
     return config
+
+
+def hint_channels(sd: Mapping[str, Any]) -> tuple[int, ...]:
+    """The hint encoder's widths from diffusers-named weights: its first convolution, then
+    every second block (each level is a convolution, then a strided one to the next)."""
+    key = "controlnet_cond_embedding.blocks.{}.weight"
+    blocks = sum(1 for i in range(len(sd)) if key.format(i) in sd)
+    return (sd["controlnet_cond_embedding.conv_in.weight"].shape[0],
+            *(sd[key.format(i)].shape[0] for i in range(1, blocks, 2)))
 
 
 def _ldm_to_diffusers(sd: dict, config: dict[str, Any]) -> dict:
@@ -150,6 +160,7 @@ def load(path: str | os.PathLike, unet_config: Mapping[str, Any], dtype,
     config = config_from_unet(unet_config)
     if "time_embedding.linear_1.weight" not in sd:
         sd = _ldm_to_diffusers(sd, config)
+    config = config_from_unet(unet_config, hint_channels(sd))
     with torch.device("meta"):
         model = ControlNetModel.from_config(config)
     try:
