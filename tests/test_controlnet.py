@@ -252,9 +252,15 @@ def test_the_hint_is_encoded_once_per_batch(tiny_stack, models, edges, monkeypat
 
 
 def test_weight_zero_and_guidance_end_zero_give_the_image_without_the_unit(tmp_path, models,
-                                                                          edges):
+                                                                          edges, monkeypatch):
+    from sdbatch.models import controlnet as cn_module
+
+    loads = []
+    real = cn_module.load
+    monkeypatch.setattr(cn_module, "load", lambda *a, **k: (loads.append(a[0]), real(*a, **k))[1])
     plain = run_job({**BASE}, tmp_path / "plain")
     off = run_job(job(models, edges, [{"weight": [0.0, 1.0]}]), tmp_path / "w")
+    assert len(loads) == 1  # a weight axis never reloads the ControlNet
     ended = run_job(job(models, edges, [{"guidance_end": 0.0}]), tmp_path / "e")
     base = pixels(tmp_path / "plain", plain[0])
     assert np.array_equal(pixels(tmp_path / "w", off[0]), base)
@@ -289,19 +295,19 @@ def test_every_diffusion_stage_takes_units_loaded_once_per_stack(tmp_path, model
     m = np.zeros((128, 128), np.uint8)
     m[32:96, 40:100] = 255
     Image.fromarray(m).save(mask)
-    raw = job(models, edges, [{"weight": [0.6, 1.0]}], post=[
-        {"hires_fix": {"scale": 2, "steps": 2, "denoise": 0.5}},
+    raw = job(models, edges, [{"weight": 0.6}], post=[
+        {"hires_fix": {"scale": 1.5, "steps": 2, "denoise": 0.5}},
         {"img2img": {"denoise": 0.4, "steps": 3}},
         {"inpaint": {"mask": str(mask), "denoise": 0.6, "steps": 3,
                      "inpaint_area": "only_masked", "width": 64, "height": 64}},
         {"sd_upscale": {"scale": 2, "denoise": 0.3, "steps": 3, "width": 128, "height": 128,
-                        "tile_overlap": 32, "controlnet": [{"model": "control_other",
+                        "tile_overlap": 64, "controlnet": [{"model": "control_other",
                                                             "image": str(edges),
                                                             "preprocessor": "canny",
                                                             "processor_res": 64}]}}])
     done = run_job(raw, tmp_path / "r")
-    assert [e["status"] for e in done] == ["ok", "ok"]
-    assert pixels(tmp_path / "r", done[0]).shape == (256, 256, 3)
+    assert [e["status"] for e in done] == ["ok"]
+    assert pixels(tmp_path / "r", done[0]).shape == (192, 192, 3)
     assert sorted(p.name for p in loads) == ["control_other.safetensors",
                                              "control_rand.safetensors"]  # once each
     stages = done[0]["recipe"]["stages"]
