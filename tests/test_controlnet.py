@@ -345,3 +345,30 @@ def test_the_tiny_familys_controlnet_is_found_by_name():
         pytest.skip("control_tiny_canny is not trained yet (python -m sdbatch.tiny_train."
                     "controlnet)")
     assert names.resolve("controlnet", "control_tiny_canny", tiny.family_models()) == shipped
+
+
+@pytest.mark.slow
+def test_a_released_size_sd15_controlnet_file_loads_offline(tmp_path):
+    """A random-weight ControlNet in the released SD1.5 shapes (fp16, ~720 MB), written in the
+    original layout, loads through the shipped SD1.5 UNet config alone."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from sdbatch.models import families
+
+    config = UNet2DConditionModel.load_config(families.config_folder("sd15") / "unet")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        cn = ControlNetModel.from_config(controlnet.config_from_unet(config)).half()
+    keys = ("controlnet_cond_embedding.conv_in.weight", "controlnet_down_blocks.11.weight",
+            "down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k.weight",
+            "mid_block.resnets.1.conv2.weight")
+    samples = {k: cn.state_dict()[k].clone() for k in keys}
+    path = ldm_export.save_controlnet(cn, tmp_path / "control_v11p_sd15_random.safetensors")
+    del cn
+    assert 0.65e9 < path.stat().st_size < 0.8e9
+    assert controlnet.misfit(path, config, "sd15") is None
+    assert "SD1.x" in controlnet.signature(path).words()
+    loaded = controlnet.load(path, config, torch.float16)
+    assert sum(p.numel() for p in loaded.parameters()) > 3.5e8
+    for k, v in samples.items():
+        assert torch.equal(loaded.state_dict()[k], v), k
