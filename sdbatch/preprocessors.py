@@ -123,7 +123,9 @@ def _resize(x: np.ndarray, w: int, h: int) -> np.ndarray:
     stay lines. (The extension also thins one-pixel edges after growing; sdbatch does not.)"""
     if x.shape[0] == h and x.shape[1] == w:
         return x
-    colours = len(np.unique(x.reshape(-1, x.shape[2]), axis=0))
+    packed = (x[:, :, 0].astype(np.int32) << 16) | (x[:, :, 1].astype(np.int32) << 8) \
+        | x[:, :, 2]
+    colours = len(np.unique(packed))
     binary = colours == 2 and x.min() < 16 and x.max() > 240
     if 2 < colours < 200:
         interpolation = cv2.INTER_NEAREST

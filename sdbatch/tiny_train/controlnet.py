@@ -56,7 +56,7 @@ class ControlNetSettings:
     steps: int = 0  # fixed count: no clock
     seed: int = 0
     threads: int = 2
-    pool: int = 8192  # scenes drawn, encoded and edge-mapped once
+    pool: int = 4096  # scenes drawn, encoded and edge-mapped once
     batch: int = 32
     lr: float = 5e-4
     warmup: int = 50
