@@ -106,6 +106,19 @@ def test_an_sdxl_shaped_file_loads_with_its_added_embedding(tmp_path):
     loaded = controlnet.load(path, pipe.unet.config, torch.float32)
     want, got = cn.state_dict(), loaded.state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
+    # and it steers an SDXL txt2img (pooled text and size ids handed to it too)
+    from sdbatch.stages import txt2img
+    from tests.test_single_file import render, stack_of
+
+    stack = stack_of(pipe)
+    image = scenes.draw(scenes.Scene(position="left"), 64).image
+    unit = control.Unit({"weight": 1.0, "guidance_start": 0.0, "guidance_end": 1.0,
+                         "control_mode": "balanced", "preprocessor": "canny",
+                         "resize_mode": "crop_and_resize"}, loaded,
+                        preprocessors.run("canny", image, 64, 100, 200))
+    plain = txt2img.run(stack, (render(),))[0].image
+    steered = txt2img.run(stack, (render(),), control=[unit])[0].image
+    assert not np.array_equal(np.asarray(plain), np.asarray(steered))
 
 
 def meta_shapes(family: str) -> dict:
