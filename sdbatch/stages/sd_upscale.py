@@ -40,9 +40,10 @@ def upscale_one(stack: Stack, item: Item, on_step: StepCallback | None = None,
                                                     (grid.tile_w, grid.tile_h)), seed=seed)
                    for seed in seeds[start:start + len(part)]]
         latents = encode(stack.pipe, part, stack.device)
-        rows = [m[start:start + len(part)] for m in maps]
+        extra = {"control": units, "control_rows": [m[start:start + len(part)]
+                                                    for m in maps]} if units else {}
         done += decode(stack.pipe, sample_tail(stack, renders, latents, tail, on_step,
-                                               control=units, control_rows=rows))
+                                               **extra))
     return Picture(tiles.blend(done, grid))
 
 
