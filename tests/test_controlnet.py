@@ -96,6 +96,18 @@ def test_a_file_in_the_extensions_layout_loads_offline_weight_for_weight(tiny_st
     assert all(torch.equal(want[k], again[k]) for k in want)
 
 
+def test_a_diffusers_folder_is_found_by_name_and_loads(tiny_stack, tmp_path):
+    from sdbatch.models import names
+
+    cn = random_controlnet(tiny_stack.pipe.unet)
+    cn.save_pretrained(tmp_path / "ControlNet" / "control_folder")
+    path = names.resolve("controlnet", "control_folder", tmp_path)
+    assert path == tmp_path / "ControlNet" / "control_folder"
+    assert controlnet.misfit(path, tiny_stack.pipe.unet.config, "tiny") is None
+    got = controlnet.load(path, tiny_stack.pipe.unet.config, torch.float32).state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in cn.state_dict().items())
+
+
 def test_an_sdxl_shaped_file_loads_with_its_added_embedding(tmp_path):
     from tests.conftest import build_tiny_sdxl
 
