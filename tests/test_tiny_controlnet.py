@@ -51,10 +51,11 @@ def test_control_maps_are_binary_edges_at_64_px():
 def test_a_few_steps_write_a_control_tiny_canny_that_loads(tmp_path):
     torch.set_num_threads(1)
     record = train(tiny.family_models(), tmp_path, ControlNetSettings(
-        steps=2, pool=8, batch=4, threads=1))
+        steps=2, pool=8, batch=4, threads=1, hires_every=2, hires_pool=2))  # step 2: 128 px
     path = tmp_path / "ControlNet" / f"{NAME}.safetensors"
     assert path.stat().st_size < 5 * 2**20
-    assert record["command"].endswith("--steps 2") and "--pool 8" in record["command"]
+    assert record["command"].endswith("--steps 2") and "--pool 8 --hires-pool 2" in \
+        record["command"]
     saved = json.loads((tmp_path / "ControlNet" / f"{NAME}.json").read_text())
     assert saved["settings"]["steps"] == 2 and len(saved["loss_curve"]) == 1
     config = json.loads((tiny.model_folder() / "unet" / "config.json").read_text())

@@ -9,8 +9,9 @@ the position comes from the edges alone. The ControlNet is diffusers' ``from_une
 the frozen tiny UNet's encoder (zero convolutions start it as a no-op), trained on the
 UNet's own epsilon loss with the residuals added; the UNet, text encoder and VAE stay as
 shipped. The control maps are made as sdbatch makes them at render time (the extension's
-canny at a processor resolution of 64, 128 or 512, fitted back to 64 px), so every
-processor_res a user picks is one the network has seen.
+canny at a processor resolution of 64, 128 or 512, fitted back to the picture), so every
+processor_res a user picks is one the network has seen; every fourth step takes a quarter
+batch of 128 px scenes, so a unit in a hires fix pass steers too.
 
 The file is ``ControlNet/control_tiny_canny.safetensors`` in the original ControlNet layout
 (what sd-webui-controlnet loads), fp16, with ``controlnet_settings.json`` beside it. As
@@ -65,6 +66,11 @@ class ControlNetSettings:
     low: int = 100  # the extension's canny defaults
     high: int = 200
     processor_res: tuple[int, ...] = (64, 128, 512)
+    # hires fix runs the units at twice the size: every ``hires_every``-th step draws from a
+    # pool of ``hires_size`` scenes, a quarter of the batch (as the tiny UNet was trained)
+    hires_every: int = 4
+    hires_size: int = 128
+    hires_pool: int = 1024
     hint_channels: tuple[int, ...] = field(default=(16, 32, 64, 128))
 
 
@@ -81,13 +87,16 @@ def control_map(image: np.ndarray, res: int, low: int, high: int) -> np.ndarray:
     return preprocessors.fit(edges, "crop_and_resize", w, h)
 
 
-def make_pool(pipe, settings: ControlNetSettings):
-    """(latents scaled as the UNet sees them, control maps (N, 3, 64, 64) in 0..1, scenes)."""
+def make_pool(pipe, settings: ControlNetSettings, n_scenes: int, size: int = 64):
+    """(latents scaled as the UNet sees them, control maps (N, 3, size, size) in 0..1,
+    scenes)."""
     latents, maps, drawn = [], [], []
-    rng = np.random.default_rng(seed_of(settings.seed, "controlnet-res"))
-    for start in range(0, settings.pool, 256):
-        n = min(256, settings.pool - start)
-        images, _, sc = scenes.batch(seed_of(settings.seed, "controlnet-pool", start), n, 64)
+    rng = np.random.default_rng(seed_of(settings.seed, "controlnet-res", size))
+    chunk = 256 * 64 * 64 // (size * size)
+    for start in range(0, n_scenes, chunk):
+        n = min(chunk, n_scenes - start)
+        images, _, sc = scenes.batch(seed_of(settings.seed, "controlnet-pool", size, start), n,
+                                     size)
         with torch.no_grad():
             latents.append(pipe.vae.encode(to_tensor(images)).latent_dist.mean
                            * pipe.vae.config.scaling_factor)
@@ -110,9 +119,13 @@ def train(family: Path, out: Path, settings: ControlNetSettings) -> dict:
         for model in (pipe.unet, pipe.text_encoder, pipe.vae):
             model.requires_grad_(False)
         t0 = time.monotonic()
-        latents, hints, drawn = make_pool(pipe, settings)
+        pools = {False: make_pool(pipe, settings, settings.pool)}
+        hires = settings.hires_every > 0 and settings.hires_pool > 0
+        if hires:
+            pools[True] = make_pool(pipe, settings, settings.hires_pool, settings.hires_size)
         pool_s = round(time.monotonic() - t0, 1)
-        print(f"[controlnet] {len(drawn)} scenes and edge maps in {pool_s} s", flush=True)
+        print(f"[controlnet] {sum(len(p[2]) for p in pools.values())} scenes and edge maps "
+              f"in {pool_s} s", flush=True)
         torch.manual_seed(seed_of(settings.seed, "controlnet-init"))
         cn = ControlNetModel.from_unet(
             pipe.unet, conditioning_embedding_out_channels=settings.hint_channels).train()
@@ -120,15 +133,18 @@ def train(family: Path, out: Path, settings: ControlNetSettings) -> dict:
         diffusion = Diffusion(settings.min_snr)
         gen = torch.Generator().manual_seed(seed_of(settings.seed, "controlnet-noise"))
         order = np.random.default_rng(seed_of(settings.seed, "controlnet-order"))
-        queue: list[int] = []
+        queues: dict[bool, list[int]] = {False: [], True: []}
         total = settings.steps or 10**9
         start = time.monotonic()
         curve, losses = [], []
         i = 0
         while i < total:
-            while len(queue) < settings.batch:
-                queue += order.permutation(len(drawn)).tolist()
-            idx, queue = queue[:settings.batch], queue[settings.batch:]
+            big = hires and i % settings.hires_every == settings.hires_every - 1
+            latents, hints, drawn = pools[big]
+            n = max(1, settings.batch // 4) if big else settings.batch
+            while len(queues[big]) < n:
+                queues[big] += order.permutation(len(drawn)).tolist()
+            idx, queues[big] = queues[big][:n], queues[big][n:]
             rng = random.Random(seed_of(settings.seed, "controlnet-captions", i))
             texts = ["" if rng.random() < settings.empty else caption(drawn[j], rng)
                      for j in idx]
@@ -171,6 +187,7 @@ def train(family: Path, out: Path, settings: ControlNetSettings) -> dict:
     record = {
         "command": f"python -m sdbatch.tiny_train.controlnet --family {family} --out {out} "
                    f"--seed {settings.seed} --threads {settings.threads} --pool {settings.pool} "
+                   f"--hires-pool {settings.hires_pool} "
                    f"--steps {total}",
         "settings": {**asdict(settings), "steps": total}, "file": str(path.relative_to(out)),
         "bytes": path.stat().st_size, "parameters": sum(p.numel() for p in cn.parameters()),
@@ -201,10 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=ControlNetSettings.seed)
     p.add_argument("--threads", type=int, default=ControlNetSettings.threads)
     p.add_argument("--pool", type=int, default=ControlNetSettings.pool)
+    p.add_argument("--hires-pool", type=int, default=ControlNetSettings.hires_pool,
+                   help="128 px scenes (0: train at 64 px only)")
     args = p.parse_args(argv)
     record = train(args.family, args.out, ControlNetSettings(
         minutes=args.minutes, steps=args.steps, seed=args.seed, threads=args.threads,
-        pool=args.pool))
+        pool=args.pool, hires_pool=args.hires_pool))
     print(f"{record['file']}: {record['settings']['steps']} steps in {record['seconds']} s, "
           f"{record['bytes']} bytes; replay: {record['command']}")
     return 0
