@@ -189,7 +189,7 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     if stored is not None and "made_of" in stored:
         problems += _resume_problems(job, path, stored, made, renders, plan, keys,
                                      network_hashes, upscaler_records, origin, restorers,
-                                     controlnets)
+                                     controlnets, images)
     if problems:
         raise JobError(problems)
     return Prepared(path, fresh, nonce, specs, resolved, renders, plan, names, networks,
@@ -221,7 +221,8 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
                      renders: list[matrix.Render], plan: Plan, keys: dict[int, set[str]],
                      network_hashes: dict, upscaler_records: dict, origin: Origin,
                      restorers: dict[str, ImageModelFile] | None = None,
-                     controlnets: dict | None = None) -> list[Problem]:
+                     controlnets: dict | None = None,
+                     images: dict | None = None) -> list[Problem]:
     """Refuse a resume that would render over the images there with other pixels: a changed
     expanded job, file name pattern or model file, or (unless allowed) another device or
     dtype. When that is allowed, adds to ``keys`` the content keys images have from earlier
@@ -244,7 +245,7 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
         for session in stored.get("sessions", []):
             if checkpoints <= set(session.get("stacks", {})):
                 other = make_plan(renders, session["stacks"], job.params.batch_size,
-                                  network_hashes, None, upscaler_records, restorers,
+                                  network_hashes, images, upscaler_records, restorers,
                                   controlnets)
                 for index in keys:
                     keys[index].add(other.key(index))
