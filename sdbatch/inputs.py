@@ -1,5 +1,6 @@
-"""The image files a job reads (init images, inpaint masks): found, expanded, read and
-hashed before any work, so a missing or broken file stops the job with its key.
+"""The image files a job reads (init images, inpaint masks, ControlNet images): found,
+expanded, read and hashed before any work, so a missing or broken file stops the job with
+its key.
 
 A relative path is looked up in the folder sdbatch runs in, then beside the file that set
 the key (the job file); the job is rewritten with the path where it was found, so the
@@ -100,9 +101,35 @@ def locate(job: Job, origin: Origin) -> tuple[Job, list[Problem]]:
         if len(masks) == len(_values(step.inpaint.mask)):
             raw["post"][i]["inpaint"]["mask"] = (masks if isinstance(step.inpaint.mask, tuple)
                                                  else masks[0])
+    for where, units, raw_units in _unit_groups(job, raw):
+        for n, unit in enumerate(units):
+            key = f"{where}[{n}].image"
+            found_all = []
+            for text in _values(unit.image):
+                found = find(text, _bases(origin, key))
+                if found is None or len(found) != 1:
+                    problems.append(Problem(key, f"no control image at '{text}'" if found is None
+                                            else f"'{text}' names {len(found)} pictures; give "
+                                            "one file (a list of files is an axis)", origin(key)))
+                else:
+                    found_all.append(_shown(found[0]))
+            if len(found_all) == len(_values(unit.image)):
+                raw_units[n]["image"] = (found_all if isinstance(unit.image, tuple)
+                                         else found_all[0])
     if problems:
         return job, problems
     return schema.validate(raw, origin), []
+
+
+def _unit_groups(job: Job, raw: dict) -> list[tuple[str, tuple, list]]:
+    """(key, units, their raw dicts) for the job's ControlNet units and each step's own."""
+    groups = [("controlnet", job.controlnet, raw.get("controlnet") or [])]
+    for i, step in enumerate(job.post):
+        units = getattr(step.step, "controlnet", None)
+        if units:
+            groups.append((f"post[{i}].{step.kind}.controlnet", units,
+                           raw["post"][i][step.kind]["controlnet"]))
+    return groups
 
 
 def read(job: Job, origin: Origin) -> tuple[dict[str, InputImage], list[Problem]]:
@@ -114,6 +141,9 @@ def read(job: Job, origin: Origin) -> tuple[dict[str, InputImage], list[Problem]
         if step.kind == "inpaint":
             wanted += [(f"post[{i}].inpaint.mask", p, read_mask)
                        for p in _values(step.inpaint.mask)]
+    for where, units, _ in _unit_groups(job, schema.to_dict(job)):
+        wanted += [(f"{where}[{n}].image", p, read_image)
+                   for n, unit in enumerate(units) for p in _values(unit.image)]
     for key, path, reader in wanted:
         if path in out:
             continue

@@ -52,13 +52,34 @@ class Render:
     embeddings: tuple[str, ...] = ()  # triggers in the prompt, then the negative prompt
     init_image: str | None = None  # the chain starts from this picture, not from txt2img
     post: tuple[Step, ...] = ()
+    controlnet: tuple[Unit, ...] = ()  # the job's ControlNet units, one value per key
 
     def params(self) -> dict[str, Any]:
-        """The txt2img call's parameters."""
+        """The txt2img call's parameters (ControlNet units only where there are some, so
+        the keys of jobs without them stay as they were)."""
         d = dataclasses.asdict(self)
-        for name in ("index", "cell", "checkpoint", "init_image", "post"):
+        for name in ("index", "cell", "checkpoint", "init_image", "post", "controlnet"):
             del d[name]  # the stack's identity stands for the checkpoint; the rest are stages
+        if self.controlnet:
+            d["controlnet"] = unit_dicts(self.controlnet)
         return d
+
+
+Unit = tuple[tuple[str, Any], ...]  # one ControlNet unit: (key, value) pairs, sorted
+
+
+def unit_dicts(units: tuple[Unit, ...]) -> list[dict[str, Any]]:
+    return [dict(u) for u in units]
+
+
+def units_of(values: dict[str, Any], prefix: str, count: int) -> tuple[Unit, ...]:
+    """The ``count`` units whose keys are ``[prefix]controlnet.N.key`` in a cell's values."""
+    out = []
+    for n in range(count):
+        head = f"{prefix}controlnet.{n}."
+        out.append(tuple(sorted((k[len(head):], v) for k, v in values.items()
+                                if k.startswith(head))))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -70,14 +91,19 @@ class Step:
     values: tuple[tuple[str, Any], ...]
 
     def params(self) -> dict[str, Any]:
-        return dict(self.values)
+        d = dict(self.values)
+        if "controlnet" in d:
+            units = d.pop("controlnet")
+            if units:
+                d["controlnet"] = unit_dicts(units)
+        return d
 
     def __getitem__(self, key: str) -> Any:
         return dict(self.values)[key]
 
 
 def post_step(kind: str, given: dict[str, Any], base: Render, position: int,
-              batch_size: int = 1) -> Step:
+              batch_size: int = 1, units: tuple[Unit, ...] | None = None) -> Step:
     """A post-step's values for one image: unset sampling keys take the image's; a seed the
     step sets counts up within the cell as the image's seeds do. SD upscale's tiles are the
     image's processing size unless set, and go batch_size to a forward pass (which sets
@@ -86,6 +112,7 @@ def post_step(kind: str, given: dict[str, Any], base: Render, position: int,
     v = dict(given)
     if kind in ("upscale", "face_restore"):
         return Step(kind, tuple(sorted(v.items())))
+    v["controlnet"] = base.controlnet if units is None else units  # unset: the job's
     if kind == "sd_upscale":
         v["width"], v["height"] = v["width"] or base.width, v["height"] or base.height
         v["batch_size"] = batch_size
@@ -103,6 +130,12 @@ def post_step(kind: str, given: dict[str, Any], base: Render, position: int,
     if kind == "hires_fix" and v.get("checkpoint") is None:
         v["checkpoint"] = base.checkpoint
     return Step(kind, tuple(sorted(v.items())))
+
+
+def _step_units(step, values: dict[str, Any], n: int) -> tuple[Unit, ...] | None:
+    """A post-step's own ControlNet units, or None: it takes the job's."""
+    own = getattr(step.step, "controlnet", None)
+    return None if own is None else units_of(values, f"post.{n}.{step.kind}.", len(own))
 
 
 def checkpoints(job: Job) -> list[str]:
@@ -246,10 +279,12 @@ def expand(job: Job, picked: dict[int, tuple[str, str]] | None = None) -> list[R
                 tiling=values["params.tiling"],
                 loras=loras, hypernetworks=hypernets, embeddings=embeddings,
                 init_image=values["init_image"],
+                controlnet=units_of(values, "", len(job.controlnet)),
             )
             post = tuple(post_step(step.kind, {k.rsplit(".", 1)[1]: v for k, v in values.items()
-                                               if k.startswith(f"post.{n}.")}, base, i,
-                                   p.batch_size)
+                                               if k.startswith(f"post.{n}.")
+                                               and ".controlnet." not in k}, base, i,
+                                   p.batch_size, _step_units(step, values, n))
                          for n, step in enumerate(job.post))
             renders.append(dataclasses.replace(base, post=post))
     return renders

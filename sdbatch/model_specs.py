@@ -7,10 +7,11 @@ models/ loads what a spec says; this module is where the job's words meet it.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from sdbatch import faces
-from sdbatch.models import families, hub, names, tiny
+from sdbatch.models import families, hashing, hub, names, tiny
 from sdbatch.models.image_models import ImageModelFile, identify
 from sdbatch.models.single_file import ModelFileError
 from sdbatch.models.stack import EMBEDDED, NetworkFile, StackSpec
@@ -149,6 +150,70 @@ def resolve_face_restorers(job: Job, origin=lambda key: "the job"
             continue
         files[name] = file
     return files, problems
+
+
+def resolve_controlnets(job: Job, origin=lambda key: "the job"
+                        ) -> tuple[dict[tuple[str, str], NetworkFile], list[Problem]]:
+    """Every ControlNet model the job's units name -> its file, found before any work
+    (paths.models/ControlNet/, the tiny family's ControlNet/ on `tiny`, or a path)."""
+    from sdbatch.models.hashing import legacy_hash
+
+    roots = _roots(job)
+    files: dict[tuple[str, str], NetworkFile] = {}
+    problems: list[Problem] = []
+    groups = [("controlnet", job.controlnet)] + [
+        (f"post[{i}].{step.kind}.controlnet", getattr(step.step, "controlnet", None) or ())
+        for i, step in enumerate(job.post)]
+    for where, units in groups:
+        for n, unit in enumerate(units):
+            key = f"{where}[{n}].model"
+            for name in (unit.model if isinstance(unit.model, tuple) else (unit.model,)):
+                if ("controlnet", name) in files:
+                    continue
+                try:
+                    path = _find_in(roots, "controlnet", name)
+                except names.NameNotFound as e:
+                    problems.append(Problem(key, str(e), origin(key)))
+                    continue
+                files[("controlnet", name)] = NetworkFile(path, hashing.model_hash(path),
+                                                          legacy_hash(path))
+    return files, problems
+
+
+def unet_config(spec: StackSpec) -> dict:
+    """The stack's UNet config, read without loading it: a diffusers folder's own, or the
+    config a single file is built from (model.config, else its family's shipped one)."""
+    folder = spec.path if spec.path.is_dir() else (spec.config or
+                                                   families.config_folder(spec.family))
+    return json.loads((Path(folder) / "unet" / "config.json").read_text())
+
+
+def controlnet_problems(plan, specs: dict[str, StackSpec],
+                        files: dict[tuple[str, str], NetworkFile],
+                        origin=lambda key: "the job") -> list[Problem]:
+    """A ControlNet that does not fit the stack a stage runs it on (an SDXL ControlNet on
+    an SD1.x stack, or the reverse), found from shapes before any work."""
+    from sdbatch.models import controlnet
+
+    by_identity = {s.identity: s for s in specs.values() if s is not None}
+    problems: dict[tuple[str, str], Problem] = {}
+    for chain in plan.chains.values():
+        for depth, call in enumerate(chain):
+            spec = by_identity.get(call.stack)
+            for unit in call.params.get("controlnet", ()):
+                pair = (unit["model"], call.stack)
+                if spec is None or pair in problems:
+                    continue
+                where = "controlnet" if depth == 0 else f"post[{depth - 1}].{call.kind}"
+                try:
+                    why = controlnet.misfit(files[("controlnet", unit["model"])].path,
+                                            unet_config(spec), spec.name)
+                except ModelFileError as e:
+                    why = str(e)
+                if why:
+                    problems[pair] = Problem(f"{where}.controlnet", why,
+                                             origin(f"{where}.controlnet"))
+    return list(problems.values())
 
 
 def with_embeddings(specs: dict[str, StackSpec | None], renders, job: Job

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sdbatch import preprocessor_names
 from sdbatch.images import hires_size
 from sdbatch.matrix import Render
 from sdbatch.upscalers import scaled_size
@@ -114,16 +115,45 @@ def _networks(render: Render, networks: dict[tuple[str, str], str]) -> dict[str,
 UPSCALER_KEYS = ("upscaler", "upscaler_2")
 
 
+def control_units(units: list[dict[str, Any]], size: tuple[int, int],
+                  inputs: dict[str, InputImage], controlnets: dict[str, tuple[str, str]]
+                  ) -> list[dict[str, Any]]:
+    """A stage's ControlNet units as it runs them: the model's hashes, the image's sha256,
+    the thresholds and processor resolution in effect (pixel perfect: from the image's and
+    the stage's size), and ``map``, the content key of the preprocessed control image."""
+    out = []
+    for unit in units:
+        u = dict(unit)
+        image = inputs[u["image"]]
+        u["sha256"] = image.sha256
+        u["model_hash"], u["short_hash"] = controlnets.get(u["model"], ("", ""))
+        u["low_threshold"], u["high_threshold"] = preprocessor_names.thresholds(
+            u["preprocessor"], u["low_threshold"], u["high_threshold"])
+        if u["pixel_perfect"]:
+            u["processor_res"] = preprocessor_names.pixel_perfect_resolution(
+                *image.size, *size, u["resize_mode"])
+        made_of = [u[k] for k in ("sha256", "preprocessor", "processor_res", "low_threshold",
+                                  "high_threshold")]
+        u["map"] = content_key("control_map", {"of": made_of}, None, "")
+        out.append(u)
+    return out
+
+
 def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str], str],
           inputs: dict[str, InputImage] | None = None,
           upscalers: dict[str, dict[str, Any]] | None = None,
-          image_models: dict[str, ImageModelFile] | None = None) -> tuple[StageCall, ...]:
+          image_models: dict[str, ImageModelFile] | None = None,
+          controlnets: dict[str, tuple[str, str]] | None = None) -> tuple[StageCall, ...]:
     """The image's stage calls, each keyed on its input's key. ``upscalers`` maps each
     upscaler model name of the job to its record (the WebUI's name, the file's sha256, the
     tiles it runs in), which goes into the params as ``upscaler_model``; ``image_models``
-    each face restorer's name to its file: keys follow the files."""
+    each face restorer's name to its file; ``controlnets`` each ControlNet name to its
+    (AutoV2, old short) hashes: keys follow the files."""
     inputs, upscalers, image_models = inputs or {}, upscalers or {}, image_models or {}
     base = render.params() | _networks(render, networks)
+    if "controlnet" in base:
+        base["controlnet"] = control_units(base["controlnet"], (render.width, render.height),
+                                           inputs, controlnets or {})
     if render.init_image is None:
         first = StageCall("txt2img", base, None, stacks[render.checkpoint])
         size = (render.width, render.height)
@@ -138,6 +168,9 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
         params["input_size"] = list(size)
         size = output_size(step.kind, params, size)
         params["output_size"] = list(size)
+        if "controlnet" in params:
+            params["controlnet"] = control_units(params["controlnet"], size, inputs,
+                                                 controlnets or {})
         if step.kind == "inpaint":
             params["mask_sha256"] = inputs[params["mask"]].sha256
         for key in UPSCALER_KEYS:
@@ -174,13 +207,15 @@ def make_plan(renders: list[Render], stacks: dict[str, str], batch_size: int,
               networks: dict[tuple[str, str], str] | None = None,
               inputs: dict[str, InputImage] | None = None,
               upscalers: dict[str, dict[str, Any]] | None = None,
-              image_models: dict[str, ImageModelFile] | None = None) -> Plan:
+              image_models: dict[str, ImageModelFile] | None = None,
+              controlnets: dict[str, tuple[str, str]] | None = None) -> Plan:
     """``stacks`` maps each checkpoint name of the job to its stack identity, ``networks``
     each (kind, name) of a LoRA or hypernetwork to its file hash, ``inputs`` each input
     image path to its hash and size, ``upscalers`` each upscaler model name to its record
-    (see chain), ``image_models`` each face restorer's name to its file: keys follow the
-    files."""
-    chains = {r.index: chain(r, stacks, networks or {}, inputs, upscalers, image_models)
+    (see chain), ``image_models`` each face restorer's name to its file, ``controlnets``
+    each ControlNet name to its (AutoV2, old short) hashes: keys follow the files."""
+    chains = {r.index: chain(r, stacks, networks or {}, inputs, upscalers, image_models,
+                             controlnets)
               for r in renders}
     if not SHARE_PREFIXES:  # every image computes its own chain
         chains = {i: _unshared(c, i) for i, c in chains.items()}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdbatch import inputs, matrix, model_specs, schema
-from sdbatch.executors.intermediates import Intermediates
+from sdbatch.executors.intermediates import ControlMaps, Intermediates
 from sdbatch.executors.local import execute
 from sdbatch.models import stack as stacks
 from sdbatch.models.image_models import ImageModelFile, ImageModels
@@ -157,6 +157,9 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     problems += network_problems
     upscalers, upscaler_problems = model_specs.resolve_upscalers(normal, origin)
     problems += upscaler_problems
+    control_files, control_problems = model_specs.resolve_controlnets(normal, origin)
+    problems += control_problems
+    networks |= control_files
     specs = model_specs.with_embeddings(specs, renders, normal)
     restorers, restorer_problems = model_specs.resolve_face_restorers(normal, origin)
     problems += restorer_problems
@@ -169,10 +172,12 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
         raise JobError(problems)
     network_hashes = {k: f.hash for k, f in networks.items()}
     upscaler_records = upscaler_params(upscalers, job.executor)
+    controlnets = {name: (f.hash, f.short) for (kind, name), f in control_files.items()}
     plan = make_plan(renders, {c: s.identity for c, s in specs.items()}, job.params.batch_size,
-                     network_hashes, images, upscaler_records, restorers)
+                     network_hashes, images, upscaler_records, restorers, controlnets)
     problems += [Problem(key, message, origin(key))
                  for key, message in size_problems(plan, images)]
+    problems += model_specs.controlnet_problems(plan, specs, control_files, origin)
     if problems:
         raise JobError(problems)
     made = made_of(portable(normal), job.run.filename, {c: s.record for c, s in specs.items()},
@@ -183,7 +188,8 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     keys = {r.index: {plan.key(r.index)} for r in renders}
     if stored is not None and "made_of" in stored:
         problems += _resume_problems(job, path, stored, made, renders, plan, keys,
-                                     network_hashes, upscaler_records, origin, restorers)
+                                     network_hashes, upscaler_records, origin, restorers,
+                                     controlnets, images)
     if problems:
         raise JobError(problems)
     return Prepared(path, fresh, nonce, specs, resolved, renders, plan, names, networks,
@@ -214,7 +220,9 @@ def _refusal(path: Path, why: str, origin: Origin) -> Problem:
 def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
                      renders: list[matrix.Render], plan: Plan, keys: dict[int, set[str]],
                      network_hashes: dict, upscaler_records: dict, origin: Origin,
-                     restorers: dict[str, ImageModelFile] | None = None) -> list[Problem]:
+                     restorers: dict[str, ImageModelFile] | None = None,
+                     controlnets: dict | None = None,
+                     images: dict | None = None) -> list[Problem]:
     """Refuse a resume that would render over the images there with other pixels: a changed
     expanded job, file name pattern or model file, or (unless allowed) another device or
     dtype. When that is allowed, adds to ``keys`` the content keys images have from earlier
@@ -237,7 +245,8 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
         for session in stored.get("sessions", []):
             if checkpoints <= set(session.get("stacks", {})):
                 other = make_plan(renders, session["stacks"], job.params.batch_size,
-                                  network_hashes, None, upscaler_records, restorers)
+                                  network_hashes, images, upscaler_records, restorers,
+                                  controlnets)
                 for index in keys:
                     keys[index].add(other.key(index))
     entries = RunFolder.stored_entries(path)
@@ -279,7 +288,8 @@ def render_one(job: Job, origin: Origin, index: int,
                               p.networks, store=store, consumers=p.plan.consumers(),
                               vae_tile_px=job.executor.vae_tile_px,
                               upscalers=upscaler_models(p, job, device),
-                              restorers=_restorers(p, job, cache.device)):
+                              restorers=_restorers(p, job, cache.device),
+                              maps=ControlMaps(scratch)):
             for call, picture in zip(result.batch.calls, result.pictures or [], strict=False):
                 if call.key == final:
                     return p, next(r for r in p.renders if r.index == index), picture
@@ -317,6 +327,7 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
 
     done = {r.index for r in renders if folder.is_done(r.index, p.keys[r.index])}
     store = Intermediates(path, int(job.executor.intermediate_cache_gb * 2**30))
+    maps = ControlMaps(path)
     batches = needed(plan, done, store.has)
     finishes = finals(plan)
     by_index = {r.index: r for r in renders}
@@ -342,7 +353,7 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
                                       lambda: stop.requested, store, plan.consumers(),
                                       job.executor.vae_tile_px,
                                       upscaler_models(p, job, device),
-                                      _restorers(p, job, device)):
+                                      _restorers(p, job, device), maps):
                     per_image = result.seconds / len(result.batch.calls)
                     finished = [(i, by_index[index]) for i, call in enumerate(result.batch.calls)
                                 for index in finishes.get(call.key, ()) if index not in done]
@@ -354,6 +365,7 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
                                  "key": plan.key(r.index), "seed": r.seed,
                                  "recipe": records.recipe(r, spec, calls, found),
                                  "stack": spec.identity,
+                                 **records.control_maps(calls),
                                  "timings": {"render_s": round(per_image, 4),
                                              "batch_s": round(result.seconds, 4)}}
                         if result.error:

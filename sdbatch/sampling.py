@@ -89,8 +89,8 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
            start_step: int = 0, init_latents: torch.Tensor | None = None,
            on_step: Callable[[int, int], None] | None = None,
            on_latents: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-           mask: torch.Tensor | None = None, image_conditioning: torch.Tensor | None = None
-           ) -> torch.Tensor:
+           mask: torch.Tensor | None = None, image_conditioning: torch.Tensor | None = None,
+           control=None) -> torch.Tensor:
     """Denoise `noise` (B, C, H, W) over `steps` sampling steps; returns the final latents.
 
     `conditioning(call)` gives the text inputs for model call `call` (0-based). `seeds`
@@ -104,6 +104,10 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
     models), so the sampler steers the unmasked part to the picture; `image_conditioning`
     (B, 5, h, w: mask and masked-image latents) is concatenated to the UNet's input
     (9-channel models).
+
+    ``control`` (sdbatch.control.Control) adds its ControlNet units' residuals to every
+    model call whose sampling step lies in a unit's window (as a fraction of the steps
+    this run samples, from ``start_step``).
     """
     device = noise.device
     scheduler.set_timesteps(steps, device=device)
@@ -136,7 +140,8 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
         x_t = latents_in
         if image_conditioning is not None:
             latents_in = torch.cat([latents_in, image_conditioning.to(latents_in)], dim=1)
-        out = _unet(unet, latents_in, t, cond, guided, timestep_cond)
+        fraction = (done - start_step) / max(1, steps - start_step)
+        out = _unet(unet, latents_in, t, cond, guided, timestep_cond, control, x_t, fraction)
         if guided:
             out = guide(out, cond, cfg_scale)
         if mask is not None:
@@ -200,9 +205,11 @@ def _finish_step(done: int, steps: int, latents: torch.Tensor, on_step, on_laten
 
 
 def _unet(unet, latents: torch.Tensor, t, cond: Conditioning, guided: bool,
-          timestep_cond: torch.Tensor | None) -> torch.Tensor:
+          timestep_cond: torch.Tensor | None, control=None, x_t: torch.Tensor | None = None,
+          fraction: float = 0.0) -> torch.Tensor:
     """One model call. Guided: every row of the conditioning, each with its image's latents,
-    out in row order for guide(). Unguided: each image's only part, out in image order."""
+    out in row order for guide(). Unguided: each image's only part, out in image order.
+    ControlNets see ``x_t``, the latents without an inpainting model's extra channels."""
     batch = len(cond.parts)
     parts = [(i, row) for i, image_parts in enumerate(cond.parts) for row, _ in image_parts]
     pairs = [(i, i) for i in range(batch)] + parts if guided else parts
@@ -211,5 +218,14 @@ def _unet(unet, latents: torch.Tensor, t, cond: Conditioning, guided: bool,
     added = None
     if cond.pooled is not None:
         added = {"text_embeds": cond.pooled[rows], "time_ids": cond.time_ids[rows]}
+    residuals = {}
+    if control is not None:
+        down, mid = control.residuals((latents if x_t is None else x_t)[images], t,
+                                      cond.context[rows], images, batch if guided else 0,
+                                      fraction, added)
+        if down is not None:
+            residuals = {"down_block_additional_residuals": down,
+                         "mid_block_additional_residual": mid}
     return unet(latents[images], t, encoder_hidden_states=cond.context[rows],
-                timestep_cond=timestep_cond, added_cond_kwargs=added, return_dict=False)[0]
+                timestep_cond=timestep_cond, added_cond_kwargs=added, return_dict=False,
+                **residuals)[0]

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union
 
-from sdbatch import sampler_names
+from sdbatch import preprocessor_names, sampler_names
 from sdbatch.output.filenames import RESERVED, check_pattern
 
 T = TypeVar("T")
@@ -215,6 +215,40 @@ MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")
 INPAINT_AREAS = ("whole_picture", "only_masked")
 
 
+CONTROL_MODES = ("balanced", "my_prompt", "controlnet")
+CONTROL_RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
+
+
+def _preprocessor_word(v: Any) -> Any:
+    """The issue's words (brightness, tile, scribble) as the extension's module names."""
+    if isinstance(v, list | tuple):
+        return [_preprocessor_word(x) for x in v]
+    return preprocessor_names.canonical(v) if isinstance(v, str) else v
+
+
+@dataclass(frozen=True)
+class ControlNetUnit:
+    """One unit of the sd-webui-controlnet extension (several units: Multi-ControlNet).
+
+    control_mode: balanced ("Balanced"), my_prompt ("My prompt is more important"),
+    controlnet ("ControlNet is more important"). low_threshold / high_threshold are the
+    extension's Threshold A / B; unset, the preprocessor's defaults (canny: 100 / 200).
+    """
+
+    model: Axis[str] = spec()  # a name under paths.models/ControlNet/ (or tiny's), or a path
+    image: Axis[str] = spec()  # the picture the preprocessor reads
+    preprocessor: Axis[str] = spec("none", preprocessor_names.check, _preprocessor_word)
+    low_threshold: Axis[float] | None = spec(None)
+    high_threshold: Axis[float] | None = spec(None)
+    weight: Axis[float] = spec(1.0, _range(0, 2))
+    guidance_start: Axis[float] = spec(0.0, _range(0, 1))
+    guidance_end: Axis[float] = spec(1.0, _range(0, 1))
+    control_mode: Axis[str] = spec("balanced", _one_of(CONTROL_MODES))
+    resize_mode: Axis[str] = spec("crop_and_resize", _one_of(CONTROL_RESIZE_MODES))
+    processor_res: Axis[int] = spec(512, _range(64, 2048))
+    pixel_perfect: Axis[bool] = spec(False)  # processor_res from the image and stage size
+
+
 def _denoise(v: float) -> str | None:
     return _range(0, 1)(v)
 
@@ -233,6 +267,7 @@ class Sampling:
     prompt: Axis[str] | None = spec(None)
     negative_prompt: Axis[str] | None = spec(None)
     seed: Axis[int] | None = spec(None, _range(0, MAX_SEED))  # counts up like the image's
+    controlnet: tuple[ControlNetUnit, ...] | None = spec(None)  # unset: the job's units
 
 
 @dataclass(frozen=True)
@@ -344,6 +379,7 @@ class Job:
     prompt_file: str | None = spec(None)  # a recipe per line, like the WebUI's script
     init_image: Axis[str] | None = spec(None)  # start from this picture instead of txt2img
     post: tuple[PostStep, ...] = spec(())  # steps run in order, each on the previous image
+    controlnet: tuple[ControlNetUnit, ...] = spec(())  # units of every diffusion stage
     styles: tuple[str, ...] = spec(())  # names from paths.styles, applied to every prompt
     dynamic_prompts: DynamicPrompts = spec(default_factory=DynamicPrompts)
     params: Params = spec(default_factory=Params)
@@ -397,12 +433,20 @@ def post_axes(job: Job) -> list[str]:
         hints = _hints(type(step.step))
         out += [f"post.{i}.{kind}.{f.name}" for f in dataclasses.fields(step.step)
                 if _axis_type(hints[f.name])]
+        out += unit_axes(getattr(step.step, "controlnet", None) or (), f"post.{i}.{kind}.")
     return out
 
 
+def unit_axes(units: tuple[ControlNetUnit, ...], prefix: str = "") -> list[str]:
+    """The axis keys of ControlNet units, ``[prefix]controlnet.N.key``, in the order written."""
+    return [f"{prefix}controlnet.{n}.{f.name}" for n in range(len(units))
+            for f in dataclasses.fields(ControlNetUnit)]
+
+
 def all_axes(job: Job) -> dict[str, str]:
-    """Every axis of this job: the table's (short name -> dotted key) and its post-steps'."""
-    return axes() | {key: key for key in post_axes(job)}
+    """Every axis of this job: the table's (short name -> dotted key), its ControlNet
+    units' and its post-steps'."""
+    return axes() | {key: key for key in unit_axes(job.controlnet) + post_axes(job)}
 
 
 def knows(key: str) -> bool:
@@ -432,7 +476,7 @@ def validate(raw: Mapping[str, Any], origin: Origin = lambda key: "the job") -> 
     problems: list[Problem] = []
     job = _build(Job, raw, "", problems, origin)
     if not problems:
-        problems += _check_post(job, origin)
+        problems += _check_post(job, origin) + _check_controlnet(job, origin)
     if not problems:
         full = {v: v for v in all_axes(job).values()} | all_axes(job)
         job = dataclasses.replace(job, zip=tuple(tuple(full.get(n, n) for n in group)
@@ -481,6 +525,27 @@ def _check_post(job: Job, origin: Origin) -> list[Problem]:
             problems.append(Problem(f"{key}.inpaint.mask", "is required: the mask image "
                                     "(white repaints)", origin(f"{key}.inpaint.mask")))
     return problems
+
+
+def _check_controlnet(job: Job, origin: Origin) -> list[Problem]:
+    """Each unit's guidance window and thresholds, for every combination of its values."""
+    problems = []
+    groups = [("controlnet", job.controlnet)] + [
+        (f"post[{i}].{step.kind}.controlnet", getattr(step.step, "controlnet", None) or ())
+        for i, step in enumerate(job.post)]
+    for where, units in groups:
+        for n, unit in enumerate(units):
+            key = f"{where}[{n}]"
+            if any(s > e for s in _values(unit.guidance_start) for e in _values(unit.guidance_end)):
+                problems.append(Problem(f"{key}.guidance_start", "must not be after "
+                                        "guidance_end (both are fractions of the steps)",
+                                        origin(f"{key}.guidance_start")))
+            for name in _values(unit.preprocessor):
+                for low in _values(unit.low_threshold):
+                    for high in _values(unit.high_threshold):
+                        for msg in preprocessor_names.threshold_problems(name, low, high):
+                            problems.append(Problem(key, msg, origin(key)))
+    return list({str(p): p for p in problems}.values())
 
 
 def _resize_problems(step: PostStep, key: str, origin: Origin) -> list[Problem]:

@@ -148,3 +148,21 @@ def test_a_resume_that_would_change_the_images_is_refused(tmp_path: Path, capsys
     assert runner.run(validate(allowed), lambda key: "test", [], []) == 0
     assert "0 rendered, 1 already there" in capsys.readouterr().out
 
+
+
+def test_a_device_change_resume_of_a_job_from_an_init_image(tmp_path: Path, capsys):
+    """The allowed device change plans the earlier sessions again: with the job's input
+    images, which an init image's chain starts from."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "init.png")
+    raw = {"prompt": "a house", "init_image": str(tmp_path / "init.png"),
+           "params": {"sampler": "Euler", "steps": 2, "seed": 11, "width": 64, "height": 64},
+           "post": [{"img2img": {"denoise": 0.5}}],
+           "run": {"dir": str(tmp_path / "r"), "progress": "quiet"}}
+    assert runner.run(validate(raw), lambda key: "test", [], []) == 0
+    capsys.readouterr()
+    raw["model"] = {"dtype": "bfloat16"}
+    raw["run"]["allow_device_change"] = True
+    assert runner.run(validate(raw), lambda key: "test", [], []) == 0
+    assert "0 rendered, 1 already there" in capsys.readouterr().out

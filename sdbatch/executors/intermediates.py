@@ -15,6 +15,7 @@ import shutil
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, PngImagePlugin
 from safetensors.torch import load, save
 
@@ -83,3 +84,41 @@ class Intermediates:
         self._memory.move_to_end(key)
         while len(self._memory) > 1 and sum(map(_size, self._memory.values())) > self.budget:
             self._memory.popitem(last=False)
+
+
+CONTROL_FOLDER = "controlnet"
+
+
+class ControlMaps:
+    """Preprocessed ControlNet images, made once per content key (the image's hash and the
+    preprocessor's settings: plan.control_units) and shared by every image that uses them;
+    ``controlnet/<key>.png`` in the run folder (kept: the manifest names them), written
+    atomically, read back after a resume instead of preprocessing again."""
+
+    def __init__(self, run_dir: Path | None):
+        self.folder = None if run_dir is None else run_dir / CONTROL_FOLDER
+        self._memory: dict[str, np.ndarray] = {}
+
+    def get(self, unit: dict) -> np.ndarray:
+        key = unit["map"]
+        if key in self._memory:
+            return self._memory[key]
+        path = None if self.folder is None else self.folder / f"{key}.png"
+        if path is not None and path.exists():
+            with Image.open(path) as im:
+                detected = np.asarray(im.convert("RGB"))
+        else:
+            from sdbatch import preprocessors
+            from sdbatch.images import read_image
+
+            detected = preprocessors.run(unit["preprocessor"],
+                                         np.asarray(read_image(Path(unit["image"]))),
+                                         unit["processor_res"], unit["low_threshold"],
+                                         unit["high_threshold"])
+            if path is not None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                buf = io.BytesIO()
+                Image.fromarray(detected).save(buf, format="PNG")
+                atomic.write_bytes(path, buf.getvalue())
+        self._memory[key] = detected
+        return detected

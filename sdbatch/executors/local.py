@@ -13,8 +13,8 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from sdbatch import seamless
-from sdbatch.executors.intermediates import Intermediates
+from sdbatch import control, seamless
+from sdbatch.executors.intermediates import ControlMaps, Intermediates
 from sdbatch.images import read_image
 from sdbatch.models import stack as stacks
 from sdbatch.models.image_models import ImageModels
@@ -57,6 +57,15 @@ def _items(batch: Batch, store: Intermediates) -> list[Item]:
             for r, c in zip(batch.renders, batch.calls, strict=True)]
 
 
+def _control(batch: Batch, stack: stacks.Stack,
+             networks: dict[tuple[str, str], stacks.NetworkFile],
+             maps: ControlMaps) -> list[control.Unit]:
+    """The batch's ControlNet units (its calls share them: plan groups on them)."""
+    return [control.Unit(u, stack.controlnet(networks[("controlnet", u["model"])].path),
+                         maps.get(u))
+            for u in batch.calls[0].params.get("controlnet", ())] if batch.calls else []
+
+
 def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             cache: stacks.StackCache,
             networks: dict[tuple[str, str], stacks.NetworkFile] | None = None,
@@ -66,7 +75,8 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
             consumers: dict[str, int] | None = None,
             vae_tile_px: int = 1024,
             upscalers: UpscalerModels | None = None,
-            restorers: ImageModels | None = None) -> Iterator[BatchResult]:
+            restorers: ImageModels | None = None,
+            maps: ControlMaps | None = None) -> Iterator[BatchResult]:
     """Render batches in order; a failing batch is reported and the next one goes on.
 
     Each batch's stack comes from the cache (loaded on first use, its LoRAs checked against
@@ -77,18 +87,21 @@ def execute(batches: Iterable[Batch], specs: dict[str, stacks.StackSpec],
     model's convolutions for that batch only. ``upscalers`` holds the run's upscaler
     models, each loaded on first use and released when the batches are done; ``restorers``
     the face restorers. What a stage found about a picture is filed in its ``chain_found``
-    under its call key, after what the chain before it found.
+    under its call key, after what the chain before it found. A batch's ControlNet units
+    come with their models (loaded once per stack) and their preprocessed maps (``maps``,
+    once per run).
     """
     try:
         yield from _execute(batches, specs, cache, networks or {}, on_step, should_stop,
-                            store, dict(consumers or {}), vae_tile_px, upscalers, restorers)
+                            store, dict(consumers or {}), vae_tile_px, upscalers, restorers,
+                            maps or ControlMaps(None))
     finally:
         if upscalers is not None:
             upscalers.release()
 
 
 def _execute(batches, specs, cache, networks, on_step, should_stop, store, consumers,
-             vae_tile_px, upscalers, restorers) -> Iterator[BatchResult]:
+             vae_tile_px, upscalers, restorers, maps) -> Iterator[BatchResult]:
     by_identity = {s.identity: s for s in specs.values()}
     failed: dict[str, str] = {}
     checked: set[str] = set()
@@ -129,14 +142,16 @@ def _execute(batches, specs, cache, networks, on_step, should_stop, store, consu
                 stack.use_networks([(networks[("lora", n)].path, w) for n, w in first.loras],
                                    [(networks[("hypernet", n)].path, w)
                                     for n, w in first.hypernetworks])
+                units = _control(batch, stack, networks, maps)
+                extra = {"control": units} if units else {}
                 with seamless.tiling([stack.pipe.unet, stack.pipe.vae], first.tiling):
                     if batch.kind == "txt2img":
-                        pictures = STAGES["txt2img"](stack, batch.renders, on_step)
+                        pictures = STAGES["txt2img"](stack, batch.renders, on_step, **extra)
                     elif batch.kind in UPSCALING:
                         pictures = STAGES[batch.kind](stack, items, on_step,
-                                                      models=upscalers)
+                                                      models=upscalers, **extra)
                     else:
-                        pictures = STAGES[batch.kind](stack, items, on_step)
+                        pictures = STAGES[batch.kind](stack, items, on_step, **extra)
         except stacks.StackLoadError:
             raise
         except Exception as e:  # noqa: BLE001 - one batch's failure must not lose the others

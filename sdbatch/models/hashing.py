@@ -59,3 +59,14 @@ def model_hash(path: Path) -> str:
     path = Path(path)
     return (folder_sha256(path) if path.is_dir() else sha256(path))[:10]
 
+
+
+def legacy_hash(path: Path) -> str:
+    """The WebUI's old 8-digit model hash (sha256 of 64 KiB at 1 MiB into the file), which
+    sd-webui-controlnet writes after a ControlNet's name; a folder: its largest file's."""
+    path = Path(path)
+    if path.is_dir():
+        path = max((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]

@@ -199,3 +199,43 @@ def save_single_file(pipe, path: str | Path, dtype: torch.dtype | None = None) -
     else:
         torch.save({"state_dict": sd}, path)
     return path
+
+
+def controlnet_to_ldm(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict:
+    """A diffusers ControlNetModel state dict -> the original ControlNet keys (no prefix), as
+    the released control_*.pth / .safetensors files hold them: the UNet encoder's names, the
+    hint encoder ``input_hint_block.N`` (convolutions at even N), ``zero_convs.N.0`` and
+    ``middle_block_out.0``; SDXL's added embedding as ``label_emb``."""
+    own: dict[str, torch.Tensor] = {}
+    rest: dict[str, torch.Tensor] = {}
+    hint = {"conv_in": "0", "conv_out": str(2 * (len(config.get(
+        "conditioning_embedding_out_channels", (16, 32, 96, 256))) * 2 - 1))}
+    for key, value in sd.items():
+        head, _, leaf = key.rpartition(".")
+        parts = head.split(".")
+        if parts[0] == "controlnet_cond_embedding":
+            n = hint.get(parts[1]) if parts[1] != "blocks" else str(2 * (int(parts[2]) + 1))
+            own[f"input_hint_block.{n}.{leaf}"] = value
+        elif parts[0] == "controlnet_down_blocks":
+            own[f"zero_convs.{parts[1]}.0.{leaf}"] = value
+        elif parts[0] == "controlnet_mid_block":
+            own[f"middle_block_out.0.{leaf}"] = value
+        else:
+            rest[key] = value
+    return own | unet_to_ldm(rest, config)
+
+
+def save_controlnet(model, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """A ControlNetModel as one file in the original layout (what sd-webui-controlnet loads)."""
+    path = Path(path)
+    sd = controlnet_to_ldm(model.state_dict(), model.config)
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+          for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path), metadata={"format": "pt"})
+    else:
+        torch.save(sd, path)
+    return path

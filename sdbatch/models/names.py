@@ -2,7 +2,7 @@
 
 A bare name ("dreamshaper_8", "LegoAlrev.safetensors", "sub/x") is looked up in the kind's
 subfolder of paths.models (Stable-diffusion/, VAE/, Lora/, embeddings/, hypernetworks/,
-ESRGAN/ and the other upscaler folders),
+ESRGAN/ and the other upscaler folders, GFPGAN/, Codeformer/, ControlNet/),
 with or without its extension, in subfolders too; an existing path is taken as is. An
 unknown name fails up front with the nearest names that do exist.
 """
@@ -23,6 +23,7 @@ SUBFOLDERS = {
     # the WebUI's upscaler folders, then ComfyUI's
     "upscaler": ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "upscale_models"),
     "face_restorer": ("GFPGAN", "Codeformer"),
+    "controlnet": ("ControlNet",),
 }
 EXTENSIONS = {
     "checkpoint": (".safetensors", ".ckpt", ".pt", ".pth"),
@@ -32,10 +33,11 @@ EXTENSIONS = {
     "hypernetwork": (".pt",),
     "upscaler": (".safetensors", ".pth", ".pt"),
     "face_restorer": (".pth", ".safetensors", ".pt"),
+    "controlnet": (".safetensors", ".pth", ".pt", ".ckpt", ".bin"),
 }
 # the WebUI's face restorer names -> its folder and what its file's name holds there
 FACE_RESTORERS = {"GFPGAN": ("GFPGAN", "gfpgan"), "CodeFormer": ("Codeformer", "codeformer")}
-FOLDERS_ALLOWED = ("checkpoint", "vae")  # diffusers folders
+FOLDERS_ALLOWED = ("checkpoint", "vae", "controlnet")  # diffusers folders
 
 
 class NameNotFound(LookupError):
@@ -51,7 +53,7 @@ def candidates(kind: str, models: Path | None) -> list[Path]:
         for folder, dirs, files in os.walk(models / sub):
             here = Path(folder)
             if kind in FOLDERS_ALLOWED and ({"model_index.json", "config.json"} & set(files)):
-                if "model_index.json" in files or kind == "vae":
+                if "model_index.json" in files or kind in ("vae", "controlnet"):
                     found.append(here)
                     dirs.clear()  # its weight files are parts, not models
                     continue

@@ -79,7 +79,8 @@ class StackSpec:
 @dataclass(frozen=True)
 class NetworkFile:
     path: Path
-    hash: str  # as the WebUI writes it: "Lora hashes" / hypernet hash
+    hash: str  # as the WebUI writes it: "Lora hashes" / hypernet hash; a ControlNet's AutoV2
+    short: str = ""  # a ControlNet's old 8-digit hash, which the extension's infotext shows
 
 
 def pick_device(name: str) -> torch.device:
@@ -124,6 +125,18 @@ class Stack:
     device: torch.device
     dtype: torch.dtype
     triggers: dict[str, str] = field(default_factory=dict)  # embedding token -> TI hash
+    controlnets: dict[Path, Any] = field(default_factory=dict)  # loaded once per stack
+
+    def controlnet(self, path: Path):
+        """The ControlNet at ``path`` for this stack's UNet, loaded on first use and shared
+        by every batch after (a unit's weight or window never reloads it)."""
+        if path not in self.controlnets:
+            from sdbatch.models import controlnet
+
+            model = controlnet.load(path, self.pipe.unet.config, self.dtype,
+                                    self.spec.allow_pickle)
+            self.controlnets[path] = model.to(self.device)
+        return self.controlnets[path]
 
     def use_networks(self, loras: list[tuple[Path, float]],
                      hypernetworks: list[tuple[Path, float]]) -> None:
@@ -143,9 +156,10 @@ class Stack:
             check_lora(path, self.pipe)
 
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for name in ("unet", "vae", "text_encoder",
-                                                              "text_encoder_2")
-                   if (m := getattr(self.pipe, name, None)) is not None for p in m.parameters())
+        models = [m for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+                  if (m := getattr(self.pipe, name, None)) is not None]
+        return sum(p.numel() * p.element_size()
+                   for m in [*models, *self.controlnets.values()] for p in m.parameters())
 
 
 def load(spec: StackSpec, device: torch.device) -> Stack:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sdbatch import __version__
@@ -148,6 +149,41 @@ def face_restoration(calls: tuple[StageCall, ...]) -> str | None:
     return None if step is None else step["architecture"]
 
 
+CONTROL_MODE_WORDS = {"balanced": "Balanced", "my_prompt": "My prompt is more important",
+                      "controlnet": "ControlNet is more important"}
+RESIZE_MODE_WORDS = {"just_resize": "Just Resize", "crop_and_resize": "Crop and Resize",
+                     "resize_and_fill": "Resize and Fill"}
+
+
+def control_units(calls: tuple[StageCall, ...]) -> dict[str, str]:
+    """``ControlNet N`` entries as sd-webui-controlnet writes them (its unit.serialize():
+    Python's str of each value), for the units of the image's first stage that has some."""
+    units = next((c.params["controlnet"] for c in calls if c.params.get("controlnet")), [])
+    out = {}
+    for n, u in enumerate(units):
+        fields = {"Module": u["preprocessor"],
+                  "Model": f"{names.stem(Path(u['model']).name)} [{u['short_hash']}]",
+                  "Weight": float(u["weight"]),
+                  "Resize Mode": RESIZE_MODE_WORDS[u["resize_mode"]],
+                  "Processor Res": int(u["processor_res"]),
+                  "Threshold A": float(u["low_threshold"]),
+                  "Threshold B": float(u["high_threshold"]),
+                  "Guidance Start": float(u["guidance_start"]),
+                  "Guidance End": float(u["guidance_end"]),
+                  "Pixel Perfect": bool(u["pixel_perfect"]),
+                  "Control Mode": CONTROL_MODE_WORDS[u["control_mode"]]}
+        out[f"ControlNet {n}"] = ", ".join(f"{k}: {v}" for k, v in fields.items())
+    return out
+
+
+def control_maps(calls: tuple[StageCall, ...]) -> dict[str, list[str]]:
+    """The manifest's ``controlnet``: the preprocessed control images the image used,
+    relative to the run folder (none: no entry)."""
+    found = dict.fromkeys(f"controlnet/{u['map']}.png" for c in calls
+                          for u in c.params.get("controlnet", ()))
+    return {"controlnet": list(found)} if found else {}
+
+
 def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> str:
     """The WebUI's infotext, key by key in the order of its create_infotext
     (modules/processing.py, v1.10), extra generation parameters in the order the WebUI adds
@@ -189,6 +225,7 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
         "RNG": "CPU",  # sdbatch draws all noise on the CPU; the WebUI's default is GPU
         "Tiling": {"false": None, "true": "True"}.get(render.tiling, render.tiling),
         **post_params(render, spec, calls),
+        **control_units(calls),
         "Lora hashes": _hash_list(loras.items()),
         "TI hashes": _hash_list(embeddings),
         "Eta DDIM": (number(render.eta) if render.sampler == "DDIM" and render.eta

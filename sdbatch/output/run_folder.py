@@ -74,7 +74,8 @@ def made_of(job: dict[str, Any], filename: str, stacks: dict[str, dict[str, Any]
     without model.dtype, whose effect is the stacks' dtype), the file name pattern, each
     checkpoint's stack record (file hashes, device, dtype), each LoRA's or hypernetwork's
     hash, each input image's (init images, masks) sha256."""
-    job = {k: v for k, v in job.items() if k not in RESUME_IGNORES}
+    job = {k: v for k, v in job.items() if k not in RESUME_IGNORES
+           and not (k == "controlnet" and not v)}  # runs made before units existed resume
     job["model"] = {k: v for k, v in job["model"].items() if k != "dtype"}
     return {"job": job, "filename": filename, "models": stacks, "networks": networks,
             "inputs": inputs or {}}

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdbatch import control as controlnet
 from sdbatch import noise, samplers, sampling
 from sdbatch.denoise_steps import Tail
 from sdbatch.matrix import Render
@@ -82,13 +83,22 @@ def image_noise(render: Render, shape: tuple[int, int, int]) -> torch.Tensor:
 
 def sample_tail(stack: Stack, renders: list[Render], init: torch.Tensor, tail: Tail,
                 on_step: StepCallback | None = None, *, mask: torch.Tensor | None = None,
-                image_conditioning: torch.Tensor | None = None) -> torch.Tensor:
+                image_conditioning: torch.Tensor | None = None,
+                control: list[controlnet.Unit] | None = None,
+                control_rows: list[list[np.ndarray]] | None = None,
+                hires: bool = False) -> torch.Tensor:
     """Run the last ``tail.run`` steps of a ``tail.schedule``-step schedule from ``init``
     (B, C, h, w) for images of one forward pass; returns the sampled latents.
 
     Prompt schedules ([a:b:when], [a|b], AND) count from the first step run, over the
-    step's own steps, as the WebUI's second passes count them.
+    step's own steps, as the WebUI's second passes count them. ``control`` are the pass's
+    ControlNet units; ``control_rows[u]`` unit u's maps, one per image (default: the map
+    at the step's size for every image); ``hires`` marks a hires fix pass.
     """
+    units = control or []
+    if control_rows is None:
+        control_rows = [[controlnet.at_size(u, renders[0].width, renders[0].height)]
+                        * len(renders) for u in units]
     pipe = stack.pipe
     first = renders[0]
     init = init.to(stack.device, stack.dtype)
@@ -115,16 +125,21 @@ def sample_tail(stack: Stack, renders: list[Render], init: torch.Tensor, tail: T
             if on_step:
                 on_step(done - tail.start, tail.run)
 
-        out[group] = sampling.sample(
-            pipe.unet, scheduler, start_noise, tail.schedule,
-            lambda call, mine=mine, t=time_ids: batch_conditioning(mine, call - first_call, t),
-            first.cfg_scale,
-            step_kwargs={"generator": generators,
-                         "eta": first.eta if first.eta is not None else 0.0},
-            seeds=seeds, start_step=tail.start, init_latents=init[group], on_step=report,
-            timestep_cond=_guidance_embedding(pipe, first.cfg_scale, len(members),
-                                              stack.dtype, stack.device),
-            mask=None if mask is None else mask[group].to(stack.device, stack.dtype),
-            image_conditioning=(None if image_conditioning is None
-                                else image_conditioning[group].to(stack.device, stack.dtype)))
+        rows = [[maps[i] for i in group] for maps in control_rows]
+        with controlnet.stage(units, rows, stack.device, stack.dtype, hires) as ctrl:
+            out[group] = sampling.sample(
+                pipe.unet, scheduler, start_noise, tail.schedule,
+                lambda call, mine=mine, t=time_ids: batch_conditioning(mine, call - first_call,
+                                                                       t),
+                first.cfg_scale,
+                step_kwargs={"generator": generators,
+                             "eta": first.eta if first.eta is not None else 0.0},
+                seeds=seeds, start_step=tail.start, init_latents=init[group], on_step=report,
+                timestep_cond=_guidance_embedding(pipe, first.cfg_scale, len(members),
+                                                  stack.dtype, stack.device),
+                mask=None if mask is None else mask[group].to(stack.device, stack.dtype),
+                image_conditioning=(None if image_conditioning is None
+                                    else image_conditioning[group].to(stack.device,
+                                                                      stack.dtype)),
+                control=ctrl)
     return out

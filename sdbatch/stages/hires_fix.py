@@ -53,7 +53,9 @@ def upscaled_latents(stack: Stack, items: list[Item], upscaler: str, width: int,
 
 
 def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None,
-        models: UpscalerModels | None = None) -> list[Picture]:
+        models: UpscalerModels | None = None, control: list | None = None) -> list[Picture]:
+    """``models``: the run's upscaler models; ``control``: ControlNet units, their maps
+    fitted to the hires size."""
     p = items[0].params
     size = hires_size(*p["input_size"], p["scale"], p["resize_x"], p["resize_y"])
     latents = upscaled_latents(stack, items, p["upscaler"], size.width, size.height,
@@ -66,4 +68,5 @@ def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None,
         return pictures(stack.pipe, latents.to(stack.device, stack.dtype))
     renders = [stage_render(item.render, item.params, item.params["steps"], size.final)
                for item in items]
-    return pictures(stack.pipe, sample_tail(stack, renders, latents, tail, on_step))
+    return pictures(stack.pipe, sample_tail(stack, renders, latents, tail, on_step,
+                                            control=control, hires=True))

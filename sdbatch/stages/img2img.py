@@ -23,8 +23,8 @@ from sdbatch.stages.picture import Picture
 from sdbatch.stages.txt2img import pictures
 
 
-def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None
-        ) -> list[Picture]:
+def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None,
+        control: list | None = None) -> list[Picture]:
     first = items[0].params
     width, height = first["output_size"]
     mode = first["resize_mode"]
@@ -43,4 +43,4 @@ def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None
                                 for item in items], stack.device)
     renders = [stage_render(item.render, item.params, item.params["steps"], (width, height))
                for item in items]
-    return pictures(pipe, sample_tail(stack, renders, latents, tail, on_step))
+    return pictures(pipe, sample_tail(stack, renders, latents, tail, on_step, control=control))

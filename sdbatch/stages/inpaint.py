@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sdbatch import control as controlnet
 from sdbatch import denoise_steps, images, masks
 from sdbatch.models.stack import Stack
 from sdbatch.noise import randn
@@ -72,8 +73,10 @@ def region(item: Item) -> Region:
     return Region(base, sized, base, masks.overlay_mask(sized, False), None)
 
 
-def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None
-        ) -> list[Picture]:
+def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None,
+        control: list | None = None) -> list[Picture]:
+    """``control``: ControlNet units, each map fitted to the processing size (only masked:
+    fitted to the picture and cut with the repainted box, as the extension crops it)."""
     p = items[0].params
     regions = [region(item) for item in items]
     tail = denoise_steps.img2img(p["steps"], p["denoise"])
@@ -103,8 +106,13 @@ def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None
         small = F.interpolate(torch.stack([torch.from_numpy(m.astype(np.float32))[None]
                                            for m in hard]), size=(h, w))
         conditioning = torch.cat([small, encode(pipe, masked, stack.device).float()], dim=1)
+    units = control or []
+    rows = [[controlnet.at_size(u, *r.picture.size) if r.box is None else
+             controlnet.cropped(u, r.base.size, r.box, *r.picture.size) for r in regions]
+            for u in units]
     latents = sample_tail(stack, renders, init, tail, on_step,
-                          mask=None if nine else latent_mask, image_conditioning=conditioning)
+                          mask=None if nine else latent_mask, image_conditioning=conditioning,
+                          control=units, control_rows=rows)
     if not nine:
         latents = latents.float().cpu() * latent_mask + init * (1 - latent_mask)
     out = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from sdbatch import control as controlnet
 from sdbatch import denoise_steps, tiles, upscalers
 from sdbatch.models.stack import Stack
 from sdbatch.models.upscaler_models import UpscalerModels
@@ -20,7 +21,11 @@ from sdbatch.stages.txt2img import decode
 
 
 def upscale_one(stack: Stack, item: Item, on_step: StepCallback | None = None,
-                models: UpscalerModels | None = None) -> Picture:
+                models: UpscalerModels | None = None, control: list | None = None
+                ) -> Picture:
+    """``models``: the run's upscaler models; ``control``: ControlNet units, each map
+    fitted to the upscaled picture and cut with the tiles, so every tile sees its own part
+    of it."""
     p = item.params
     model = models.pass_of(p["upscaler"]) if models else None
     big = upscalers.upscale(item.source.image, p["scale"], p["upscaler"], model)
@@ -30,6 +35,8 @@ def upscale_one(stack: Stack, item: Item, on_step: StepCallback | None = None,
     if tail.run == 0:
         return Picture(tiles.blend(pieces, grid))
     seeds = tiles.tile_seeds(p["seed"], len(pieces), p["batch_size"])
+    units = control or []
+    maps = [controlnet.tile_maps(u, big.size, grid) for u in units]
     done: list = []
     for start in range(0, len(pieces), p["batch_size"]):
         part = pieces[start:start + p["batch_size"]]
@@ -37,10 +44,14 @@ def upscale_one(stack: Stack, item: Item, on_step: StepCallback | None = None,
                                                     (grid.tile_w, grid.tile_h)), seed=seed)
                    for seed in seeds[start:start + len(part)]]
         latents = encode(stack.pipe, part, stack.device)
-        done += decode(stack.pipe, sample_tail(stack, renders, latents, tail, on_step))
+        extra = {"control": units, "control_rows": [m[start:start + len(part)]
+                                                    for m in maps]} if units else {}
+        done += decode(stack.pipe, sample_tail(stack, renders, latents, tail, on_step,
+                                               **extra))
     return Picture(tiles.blend(done, grid))
 
 
 def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None,
-        models: UpscalerModels | None = None) -> list[Picture]:
-    return [upscale_one(stack, item, on_step, models) for item in items]
+        models: UpscalerModels | None = None, control: list | None = None) -> list[Picture]:
+    return [upscale_one(stack, item, on_step, models=models, control=control)
+            for item in items]

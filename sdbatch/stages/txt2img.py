@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
+from sdbatch import control as controlnet
 from sdbatch import noise, samplers, sampling
 from sdbatch.matrix import Render
 from sdbatch.models.embeddings import expand_triggers
@@ -232,9 +233,11 @@ def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
     return pipe.image_processor.postprocess(image, output_type="pil")
 
 
-def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None = None
-        ) -> list[Picture]:
+def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None = None,
+        control: list[controlnet.Unit] | None = None) -> list[Picture]:
+    """``control``: the batch's ControlNet units (every image of it has the same)."""
     first = renders[0]
+    units = control or []
     pipe = stack.pipe
     channels = pipe.vae.config.latent_channels
     if pipe.unet.config.in_channels != channels:
@@ -264,14 +267,19 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
                                 (r.seed_resize_from_w, r.seed_resize_from_h)) for r in members
         ]).to(stack.device, stack.dtype)
         generators = [noise.sampler_generator(r.seed, r.ensd, shape) for r in members]
-        latents = sampling.sample(
-            pipe.unet, scheduler, latents, first.steps,
-            lambda call, mine=mine: batch_conditioning(mine, call, time_ids), first.cfg_scale,
-            step_kwargs={"generator": generators,
-                         "eta": first.eta if first.eta is not None else 0.0},
-            seeds=seeds, on_step=on_step,
-            timestep_cond=_guidance_embedding(pipe, first.cfg_scale, len(members),
-                                              stack.dtype, stack.device))
+        rows = [[controlnet.at_size(u, first.width, first.height)] * len(members)
+                for u in units]
+        with controlnet.stage(units, rows, stack.device, stack.dtype) as ctrl:
+            latents = sampling.sample(
+                pipe.unet, scheduler, latents, first.steps,
+                lambda call, mine=mine: batch_conditioning(mine, call, time_ids),
+                first.cfg_scale,
+                step_kwargs={"generator": generators,
+                             "eta": first.eta if first.eta is not None else 0.0},
+                seeds=seeds, on_step=on_step,
+                timestep_cond=_guidance_embedding(pipe, first.cfg_scale, len(members),
+                                                  stack.dtype, stack.device),
+                control=ctrl)
         for i, picture in zip(group, pictures(pipe, latents), strict=True):
             out[i] = picture
     return out
