@@ -241,9 +241,11 @@ def test_lego_building_end_to_end(tmp_path: Path):
     assert params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras"
     assert params["CFG scale"] == "7" and params["Size"] == "64x64"
     assert params["Hires upscale"] == "2" and params["Mask blur"] == "4"
-    assert Image.open(run_dir / "images" / names[4]).size == (128, 128)
+    assert params["SD upscale upscaler"] == "2x-tiny-Compact"
+    assert Image.open(run_dir / "images" / names[4]).size == (256, 256)
     entry = json.loads((run_dir / "manifest.jsonl").read_text().splitlines()[4])
-    assert [s["kind"] for s in entry["recipe"]["stages"]] == ["txt2img", "hires_fix", "inpaint"]
+    assert [s["kind"] for s in entry["recipe"]["stages"]] == ["txt2img", "hires_fix", "inpaint",
+                                                            "sd_upscale"]
     assert not (run_dir / "intermediates").exists()
 
 
