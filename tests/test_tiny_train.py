@@ -139,7 +139,7 @@ def test_short_training_records_what_made_it(trained):
         assert report[part]["steps"] == report[part]["steps_done"] == STEPS[part]
         assert np.isfinite(report[part]["final_loss"])
     assert record["settings"]["seed"] == 0 and record["versions"]["torch"]
-    assert "--steps vae=2,unet=3,lora=3,ti=3" in record["command"]
+    assert "--steps vae=4,unet=4,lora=3,ti=3" in record["command"]
     assert "pool=64" in record["command"]
     assert sum(record["sizes_bytes"].values()) < 30e6
 
@@ -283,3 +283,19 @@ def test_outputs_load_through_sdbatch_own_loaders(trained):
     stack.use_networks([(lora, 0.0)], [])
     assert not torch.equal(on, bare)
     assert torch.allclose(predict(), bare, atol=1e-6)
+
+
+def test_a_few_upscaler_steps_write_a_2x_model_spandrel_reads(tmp_path):
+    """The tiny upscaler's trainer end to end on 2 steps: a file in ESRGAN/ that spandrel
+    identifies as a x2 super-resolution model, and the record that replays it."""
+    from sdbatch.models import spandrel_files
+    from sdbatch.tiny_train import upscaler
+
+    settings = upscaler.UpscalerSettings(steps=2, batch=2, threads=1)
+    record = upscaler.train(tmp_path, settings)
+    model = spandrel_files.load(tmp_path / record["file"])
+    assert record["file"] == "ESRGAN/2x-tiny-Compact.safetensors"
+    assert model.scale == 2 and model.architecture.name == "RealESRGAN Compact"
+    assert record["command"].endswith("--steps 2") and len(record["loss_curve"]) == 1
+    low, high = upscaler.pairs(settings, 0)
+    assert tuple(high.shape[2:]) == (2 * low.shape[2], 2 * low.shape[3])
