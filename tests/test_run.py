@@ -242,6 +242,7 @@ def test_lego_building_end_to_end(tmp_path: Path):
     assert params["CFG scale"] == "7" and params["Size"] == "64x64"
     assert params["Hires upscale"] == "2" and params["Mask blur"] == "4"
     assert params["SD upscale upscaler"] == "2x-tiny-Compact"
+    assert "Module: canny, Model: control_tiny_canny" in params["ControlNet 0"]
     assert Image.open(run_dir / "images" / names[4]).size == (256, 256)
     entry = json.loads((run_dir / "manifest.jsonl").read_text().splitlines()[4])
     assert [s["kind"] for s in entry["recipe"]["stages"]] == ["txt2img", "hires_fix", "inpaint",
