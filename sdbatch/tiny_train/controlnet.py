@@ -36,8 +36,8 @@ import torch
 from sdbatch import preprocessors
 from sdbatch.tiny_train import scenes
 from sdbatch.tiny_train.train import (
-    CALIBRATION_STEPS,
     Diffusion,
+    clocked_steps,
     load_shipped,
     lr_factor,
     seed_of,
@@ -134,11 +134,8 @@ def train(family: Path, out: Path, settings: ControlNetSettings) -> dict:
         gen = torch.Generator().manual_seed(seed_of(settings.seed, "controlnet-noise"))
         order = np.random.default_rng(seed_of(settings.seed, "controlnet-order"))
         queues: dict[bool, list[int]] = {False: [], True: []}
-        total = settings.steps or 10**9
-        start = time.monotonic()
-        curve, losses = [], []
-        i = 0
-        while i < total:
+
+        def step(i: int, total: int) -> float:
             big = hires and i % settings.hires_every == settings.hires_every - 1
             latents, hints, drawn = pools[big]
             n = max(1, settings.batch // 4) if big else settings.batch
@@ -165,20 +162,10 @@ def train(family: Path, out: Path, settings: ControlNetSettings) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)
             opt.step()
-            losses.append(float(loss.detach()))
-            i += 1
-            if i == 1:
-                timed = time.monotonic()
-            if not settings.steps and i == CALIBRATION_STEPS:
-                per_step = (time.monotonic() - timed) / (i - 1)
-                left = settings.minutes * 60 - (time.monotonic() - t0)
-                total = max(i, int(left / per_step) + i)
-                print(f"[controlnet] {per_step:.3f} s/step -> {total} steps", flush=True)
-            if i % 25 == 0 or i == total:
-                curve.append([i, round(float(np.mean(losses[-25:])), 5)])
-                if i % 200 == 0 or i == total:
-                    print(f"[controlnet] step {i}/{total} loss {curve[-1][1]:.4f}", flush=True)
-        seconds = round(time.monotonic() - start, 1)
+            return float(loss.detach())
+
+        total, curve, seconds = clocked_steps("controlnet", step, settings.steps,
+                                              settings.minutes, t0)
     finally:
         torch.set_num_threads(threads)
     cn.eval()

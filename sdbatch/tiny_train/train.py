@@ -192,6 +192,32 @@ def is_hires_step(i: int, settings: Settings) -> bool:
     return settings.hires_every > 0 and i % settings.hires_every == settings.hires_every - 1
 
 
+def clocked_steps(name: str, step: Callable[[int, int], float], fixed: int, minutes: float,
+                  since: float, label: str = "loss") -> tuple[int, list, float]:
+    """The small trainers' loop (upscaler, ControlNet): ``step(i, total)`` for ``fixed``
+    steps, or, with ``fixed`` 0, for as many as fit in ``minutes`` counted from ``since``
+    (measured over the first CALIBRATION_STEPS, then fixed). Returns the step count, the
+    loss curve (means over 25 steps) and the loop's seconds."""
+    total = fixed or 10**9
+    start = time.monotonic()
+    curve, losses = [], []
+    i = 0
+    while i < total:
+        losses.append(step(i, total))
+        i += 1
+        if i == 1:
+            timed = time.monotonic()
+        if not fixed and i == CALIBRATION_STEPS:
+            per_step = (time.monotonic() - timed) / (i - 1)
+            total = max(i, int((minutes * 60 - (time.monotonic() - since)) / per_step) + i)
+            print(f"[{name}] {per_step:.3f} s/step -> {total} steps", flush=True)
+        if i % 25 == 0 or i == total:
+            curve.append([i, round(float(np.mean(losses[-25:])), 5)])
+            if i % 200 == 0 or i == total:
+                print(f"[{name}] step {i}/{total} {label} {curve[-1][1]:.4f}", flush=True)
+    return total, curve, round(time.monotonic() - start, 1)
+
+
 def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for k, p in model.named_parameters():

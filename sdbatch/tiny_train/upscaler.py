@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from sdbatch.tiny_train import scenes
-from sdbatch.tiny_train.train import CALIBRATION_STEPS, lr_factor, seed_of, to_tensor, versions
+from sdbatch.tiny_train.train import clocked_steps, lr_factor, seed_of, to_tensor, versions
 
 NAME = "2x-tiny-Compact"
 
@@ -114,11 +114,8 @@ def train(out: Path, settings: UpscalerSettings) -> dict:
         torch.manual_seed(seed_of(settings.seed, "upscaler-init"))
         model = build(settings)
         opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
-        total = settings.steps or 10**9
-        start = time.monotonic()
-        curve, losses = [], []
-        i = 0
-        while i < total:
+
+        def step(i: int, total: int) -> float:
             low, high = pairs(settings, i)
             for g in opt.param_groups:
                 g["lr"] = settings.lr * lr_factor(i, total, settings.warmup)
@@ -127,20 +124,10 @@ def train(out: Path, settings: UpscalerSettings) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()))
-            i += 1
-            if i == 1:
-                timed = time.monotonic()
-            if not settings.steps and i == CALIBRATION_STEPS:
-                per_step = (time.monotonic() - timed) / (i - 1)
-                total = max(i, int((settings.minutes * 60 - (time.monotonic() - start))
-                                   / per_step) + i)
-                print(f"[upscaler] {per_step:.3f} s/step -> {total} steps", flush=True)
-            if i % 25 == 0 or i == total:
-                curve.append([i, round(float(np.mean(losses[-25:])), 5)])
-                if i % 200 == 0 or i == total:
-                    print(f"[upscaler] step {i}/{total} L1 {curve[-1][1]:.4f}", flush=True)
-        seconds = round(time.monotonic() - start, 1)
+            return float(loss.detach())
+
+        total, curve, seconds = clocked_steps("upscaler", step, settings.steps,
+                                              settings.minutes, time.monotonic(), "L1")
     finally:
         torch.set_num_threads(threads)
     model.eval()
