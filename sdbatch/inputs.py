@@ -89,36 +89,37 @@ def locate(job: Job, origin: Origin) -> tuple[Job, list[Problem]]:
         if step.kind != "inpaint":
             continue
         key = f"post[{i}].inpaint.mask"
-        masks = []
-        for text in _values(step.inpaint.mask):
-            found = find(text, _bases(origin, key))
-            if found is None or len(found) != 1:
-                problems.append(Problem(key, f"no mask picture at '{text}'" if found is None
-                                        else f"'{text}' names {len(found)} pictures; a mask is "
-                                        "one file", origin(key)))
-            else:
-                masks.append(_shown(found[0]))
-        if len(masks) == len(_values(step.inpaint.mask)):
-            raw["post"][i]["inpaint"]["mask"] = (masks if isinstance(step.inpaint.mask, tuple)
-                                                 else masks[0])
+        masks = _single_files(step.inpaint.mask, key, origin, problems, "mask picture",
+                              "a mask is one file")
+        if masks is not None:
+            raw["post"][i]["inpaint"]["mask"] = masks
     for where, units, raw_units in _unit_groups(job, raw):
         for n, unit in enumerate(units):
             key = f"{where}[{n}].image"
-            found_all = []
-            for text in _values(unit.image):
-                found = find(text, _bases(origin, key))
-                if found is None or len(found) != 1:
-                    problems.append(Problem(key, f"no control image at '{text}'" if found is None
-                                            else f"'{text}' names {len(found)} pictures; give "
-                                            "one file (a list of files is an axis)", origin(key)))
-                else:
-                    found_all.append(_shown(found[0]))
-            if len(found_all) == len(_values(unit.image)):
-                raw_units[n]["image"] = (found_all if isinstance(unit.image, tuple)
-                                         else found_all[0])
+            images = _single_files(unit.image, key, origin, problems, "control image",
+                                   "give one file (a list of files is an axis)")
+            if images is not None:
+                raw_units[n]["image"] = images
     if problems:
         return job, problems
     return schema.validate(raw, origin), []
+
+
+def _single_files(value, key: str, origin: Origin, problems: list, what: str, fix: str):
+    """Each path of ``value`` (one, or a tuple: an axis) found as exactly one file, in the
+    same shape, or None with a problem per path that is not."""
+    shown = []
+    for text in _values(value):
+        found = find(text, _bases(origin, key))
+        if found is None or len(found) != 1:
+            problems.append(Problem(key, f"no {what} at '{text}'" if found is None
+                                    else f"'{text}' names {len(found)} pictures; {fix}",
+                                    origin(key)))
+        else:
+            shown.append(_shown(found[0]))
+    if len(shown) != len(_values(value)):
+        return None
+    return shown if isinstance(value, tuple) else shown[0]
 
 
 def _unit_groups(job: Job, raw: dict) -> list[tuple[str, tuple, list]]:
