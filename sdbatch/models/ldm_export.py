@@ -187,8 +187,13 @@ def save_single_file(pipe, path: str | Path, dtype: torch.dtype | None = None) -
 
     dtype (e.g. torch.float16) halves the file as the WebUI's pruned checkpoints do.
     """
-    path = Path(path)
-    sd = pipeline_to_ldm(pipe)
+    return _write(pipeline_to_ldm(pipe), Path(path), dtype, wrap=True)
+
+
+def _write(sd: Mapping[str, torch.Tensor], path: Path, dtype: torch.dtype | None,
+           wrap: bool) -> Path:
+    """Cast floating tensors to ``dtype`` and write .safetensors, or a pickle (a checkpoint's
+    under {"state_dict": ...} when ``wrap``, as the WebUI's .ckpt files hold it)."""
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
           for k, v in sd.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +202,7 @@ def save_single_file(pipe, path: str | Path, dtype: torch.dtype | None = None) -
 
         save_file(sd, str(path), metadata={"format": "pt"})
     else:
-        torch.save({"state_dict": sd}, path)
+        torch.save({"state_dict": sd} if wrap else sd, path)
     return path
 
 
@@ -227,15 +232,5 @@ def controlnet_to_ldm(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any])
 
 def save_controlnet(model, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """A ControlNetModel as one file in the original layout (what sd-webui-controlnet loads)."""
-    path = Path(path)
-    sd = controlnet_to_ldm(model.state_dict(), model.config)
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-          for k, v in sd.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(sd, str(path), metadata={"format": "pt"})
-    else:
-        torch.save(sd, path)
-    return path
+    return _write(controlnet_to_ldm(model.state_dict(), model.config), Path(path), dtype,
+                  wrap=False)
