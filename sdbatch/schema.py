@@ -174,15 +174,48 @@ class Paths:
     styles: str = spec("styles.csv")  # the WebUI's styles.csv: name,prompt,negative_prompt
 
 
+EXECUTORS = ("local", "multi", "ray", "slurm")
+
+
 @dataclass(frozen=True)
 class Executor:
-    name: str = spec("local", _one_of(("local",)))
-    device: str = spec("auto")
+    """Where and how fast the plan runs; no key here changes a pixel except ``max_batch``
+    (recorded in run.json) and the speed switches the README names."""
+
+    name: str = spec("local", _one_of(EXECUTORS))  # a config group: executor=multi
+    device: str = spec("auto")  # local, ray, slurm: auto (cuda if present), cpu, cuda:1, mps
+    threads: int = spec(0, _range(0))  # torch threads per worker; 0 = torch's default
+    max_batch: int = spec(8, _range(1))  # images of one forward pass (seed/prompt/CFG differ)
     stack_cache_gb: float = spec(0.0, _range(0))  # loaded stacks kept beyond the one in use
     intermediate_cache_gb: float = spec(1.0, _range(0))  # post-step inputs kept in memory
     vae_tile_px: int = spec(1024, _range(64))  # VAE works in tiles above this many pixels a side
     upscaler_tile_px: int = spec(192, _range(0))  # upscaler models run in tiles this big; 0 = whole
     upscaler_tile_overlap: int = spec(8, _range(0, 256))  # px the tiles share, blended
+    compile: bool = spec(False)  # torch.compile the UNet (pays off on long GPU runs)
+    channels_last: bool = spec(False)  # UNet and VAE in channels_last memory format
+    deterministic: bool = spec(False)  # torch deterministic algorithms (CI renders; slower)
+    fuse_loras: bool = spec(False)  # fuse fixed LoRA weights into the model for a stretch
+    devices: tuple[str, ...] | None = spec(None)  # multi: one worker per device; None = every GPU
+    address: str | None = spec(None)  # ray: None = a local cluster for the run; auto; ray://h:p
+    workers: int = spec(0, _range(0))  # ray: actors; 0 = one per GPU of the cluster (or 1)
+    num_gpus: float = spec(1.0, _range(0))  # ray: GPUs per actor (0: CPU actors)
+    num_cpus: float = spec(1.0, _range(0))  # ray: CPUs per actor
+    shared_dir: str | None = spec(None)  # ray: actors write images here, the driver records
+    partition: str | None = spec(None)  # slurm: the partition to submit to
+    shards: int = spec(1, _range(1))  # slurm: array tasks the matrix is split into
+    cluster: str = spec("slurm", _one_of(("slurm", "local")))  # slurm: local = test array
+    timeout_min: int = spec(240, _range(1))  # slurm: each array task's time limit
+    gpus_per_task: int = spec(1, _range(0))  # slurm
+    cpus_per_task: int = spec(4, _range(1))  # slurm
+    mem_gb: float = spec(32.0, _range(1))  # slurm: memory per task
+
+
+EXECUTOR_KEYS = {  # keys that only one executor reads; set for another, they are refused
+    "multi": ("devices",),
+    "ray": ("address", "workers", "num_gpus", "num_cpus", "shared_dir"),
+    "slurm": ("partition", "shards", "cluster", "timeout_min", "gpus_per_task",
+              "cpus_per_task", "mem_gb"),
+}
 
 
 @dataclass(frozen=True)
@@ -476,7 +509,8 @@ def validate(raw: Mapping[str, Any], origin: Origin = lambda key: "the job") -> 
     problems: list[Problem] = []
     job = _build(Job, raw, "", problems, origin)
     if not problems:
-        problems += _check_post(job, origin) + _check_controlnet(job, origin)
+        problems += (_check_post(job, origin) + _check_controlnet(job, origin)
+                     + _check_executor(job.executor, origin))
     if not problems:
         full = {v: v for v in all_axes(job).values()} | all_axes(job)
         job = dataclasses.replace(job, zip=tuple(tuple(full.get(n, n) for n in group)
@@ -524,6 +558,25 @@ def _check_post(job: Job, origin: Origin) -> list[Problem]:
         if step.kind == "inpaint" and step.inpaint.mask is None:
             problems.append(Problem(f"{key}.inpaint.mask", "is required: the mask image "
                                     "(white repaints)", origin(f"{key}.inpaint.mask")))
+    return problems
+
+
+def _check_executor(executor: Executor, origin: Origin) -> list[Problem]:
+    """A key another executor reads is a mistake (executor=slurm forgotten), not a no-op."""
+    default = Executor()
+    problems = []
+    for name, keys in EXECUTOR_KEYS.items():
+        for key in keys:
+            if name != executor.name and getattr(executor, key) != getattr(default, key):
+                problems.append(Problem(
+                    f"executor.{key}", f"is read by executor={name}, and this job runs "
+                    f"executor={executor.name}: add executor={name} or remove the key",
+                    origin(f"executor.{key}")))
+    if executor.name == "multi" and executor.device != default.device:
+        problems.append(Problem("executor.device", "executor=multi runs one worker per "
+                                "device of executor.devices: give "
+                                f"'executor.devices=[{executor.device}]' instead",
+                                origin("executor.device")))
     return problems
 
 

@@ -146,3 +146,23 @@ def test_eta_as_a_list_still_applies_to_ddim_only():
     assert "params.eta" in p and "DDIM only" in p and "Euler" in p
     [p] = problems({"params": {"sampler": "DDIM", "eta": [0.5, 2]}})
     assert "params.eta" in p and "at most 1" in p
+
+
+def test_an_executor_key_of_another_executor_is_refused_with_the_group_to_choose():
+    [p] = problems({"executor": {"name": "multi", "partition": "gpu"}})
+    assert "executor.partition" in p and "executor=slurm" in p and "jobs/x.yaml" in p
+    [p] = problems({"executor": {"name": "multi", "device": "cuda:1"}})
+    assert "executor.devices=[cuda:1]" in p
+    job = validate({"executor": {"name": "slurm", "partition": "gpu", "shards": 4}})
+    assert job.executor.shards == 4
+    assert validate({"executor": {"name": "multi", "devices": ["cpu", "cpu"]}}
+                    ).executor.devices == ("cpu", "cpu")
+
+
+def test_every_executor_group_sets_its_name_and_only_keys_the_schema_knows():
+    from omegaconf import OmegaConf
+
+    folder = Path(schema.__file__).parents[1] / "conf" / "executor"
+    for name in schema.EXECUTORS:
+        raw = OmegaConf.to_container(OmegaConf.load(folder / f"{name}.yaml"))
+        assert validate({"executor": raw}).executor.name == name
