@@ -17,13 +17,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdbatch import inputs, matrix, model_specs, schema
+import torch
+
+from sdbatch import executors, inputs, matrix, model_specs, schema
+from sdbatch.executors.driver import drive
 from sdbatch.executors.intermediates import ControlMaps, Intermediates
-from sdbatch.executors.local import execute
+from sdbatch.executors.local import LocalPool
+from sdbatch.executors.worker import Setup, Worker
 from sdbatch.models import stack as stacks
-from sdbatch.models.image_models import ImageModelFile, ImageModels
-from sdbatch.models.stack import StackCache, StackLoadError
-from sdbatch.models.upscaler_models import UpscalerFile, UpscalerModels
+from sdbatch.models.image_models import ImageModelFile
+from sdbatch.models.stack import StackLoadError
+from sdbatch.models.upscaler_models import UpscalerFile
 from sdbatch.output import records, run_folder
 from sdbatch.output.filenames import file_name
 from sdbatch.output.lock import LOCK, NOTE, RunFolderBusy, RunLock
@@ -42,6 +46,7 @@ from sdbatch.schema import Job, JobError, Origin, Problem
 from sdbatch.stages.picture import Picture
 
 EXIT_OK, EXIT_FAILURES, EXIT_INTERRUPTED = 0, 1, 130
+FAILURES_SHOWN = 20  # the end-of-run summary names this many failed images
 
 
 def describe(job: Job) -> str:
@@ -73,23 +78,30 @@ def portable(job: Job) -> dict:
 
 
 class StopFlag:
-    """First Ctrl-C: stop after the current batch. Second: stop now (writes stay atomic)."""
+    """First Ctrl-C, or SIGTERM (SLURM's pre-emption, a container stopping): stop after the
+    batches in flight, writing what they made. A second Ctrl-C: stop now (writes stay
+    atomic). Either way the run can be resumed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
 
     def __enter__(self) -> StopFlag:
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.requested:
+            what = "Ctrl-C again to stop now" if signum == signal.SIGINT else "SIGTERM"
+            print(f"\nstopping after the batches in flight ({what})", file=sys.stderr)
         self.requested = True
-        print("\nstopping after the current batch (Ctrl-C again to stop now)", file=sys.stderr)
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 @dataclass
@@ -131,7 +143,7 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     specs = {}
     for checkpoint in dict.fromkeys(matrix.checkpoints(job)):
         spec, stack_problems = model_specs.resolve(job.model, job.paths, checkpoint, origin,
-                                              job.executor.device)
+                                                   executors.spec_device(job.executor))
         problems += stack_problems
         specs[checkpoint] = spec
     path = Path(job.run.dir) if job.run.dir else default_dir(job.job.name)
@@ -168,6 +180,8 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
         problems.append(Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "
                                 f"names to several images (e.g. {repeated[0]}); add [index]",
                                 origin("run.filename")))
+    if why := executors.device_problem(job.executor):
+        problems.append(Problem("executor.devices", why, origin("executor.devices")))
     if problems:
         raise JobError(problems)
     network_hashes = {k: f.hash for k, f in networks.items()}
@@ -204,11 +218,14 @@ def upscaler_params(files: dict[str, UpscalerFile], executor: schema.Executor) -
             for name, f in files.items()}
 
 
-def upscaler_models(p: Prepared, job: Job, device) -> UpscalerModels:
-    """The run's upscaler models, loaded on first use on the executor's device and dtype."""
-    return UpscalerModels(p.upscalers, device, stacks.pick_dtype(job.model.dtype, device),
-                          job.model.allow_pickle, job.executor.upscaler_tile_px,
-                          job.executor.upscaler_tile_overlap)
+def setup(p: Prepared, job: Job) -> Setup:
+    """What every worker of the run is given: the stacks, network files, upscaler models
+    and face restorers it may load, and the executor's tile settings."""
+    return Setup({s.identity: s for s in p.specs.values()}, p.networks, p.upscalers,
+                 {f.sha256: f for f in p.image_models.values()}, job.model.dtype,
+                 job.model.allow_pickle, job.executor.vae_tile_px,
+                 job.executor.upscaler_tile_px, job.executor.upscaler_tile_overlap,
+                 job.executor.stack_cache_gb)
 
 
 def _refusal(path: Path, why: str, origin: Origin) -> Problem:
@@ -264,12 +281,6 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
     return problems
 
 
-def _restorers(p: Prepared, job: Job, device) -> ImageModels:
-    """The run's face restorers, loaded on first use on the executor's device."""
-    return ImageModels({f.sha256: f for f in p.image_models.values()}, device,
-                       job.model.allow_pickle)
-
-
 def render_one(job: Job, origin: Origin, index: int,
                picked: dict[int, tuple[str, str]] | None = None
                ) -> tuple[Prepared, matrix.Render, Picture]:
@@ -281,20 +292,19 @@ def render_one(job: Job, origin: Origin, index: int,
         p = prepare(job, origin, picked)
         others = {r.index for r in p.renders} - {index}
         store = Intermediates(scratch, int(job.executor.intermediate_cache_gb * 2**30))
-        device = stacks.pick_device(job.executor.device)
-        cache = StackCache(device)
         final = p.plan.key(index)
-        for result in execute(needed(p.plan, others, lambda key: False), p.specs, cache,
-                              p.networks, store=store, consumers=p.plan.consumers(),
-                              vae_tile_px=job.executor.vae_tile_px,
-                              upscalers=upscaler_models(p, job, device),
-                              restorers=_restorers(p, job, cache.device),
-                              maps=ControlMaps(scratch)):
-            for call, picture in zip(result.batch.calls, result.pictures or [], strict=False):
-                if call.key == final:
-                    return p, next(r for r in p.renders if r.index == index), picture
-            if result.error and final in [c.key for c in result.batch.calls]:
-                raise ValueError(f"the render failed: {result.error}")
+        pool = LocalPool(Worker(setup(p, job), stacks.pick_device(job.executor.device)))
+        try:
+            for result in drive(needed(p.plan, others, lambda key: False), pool, store,
+                                p.plan.consumers(), ControlMaps(scratch)):
+                for call, picture in zip(result.batch.calls, result.pictures or [],
+                                         strict=False):
+                    if call.key == final:
+                        return p, next(r for r in p.renders if r.index == index), picture
+                if result.error and final in [c.key for c in result.batch.calls]:
+                    raise ValueError(f"the render failed: {result.error}")
+        finally:
+            pool.close()
         raise ValueError(f"image {index} was not rendered")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -336,24 +346,27 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
     print(f"{job.job.name}: {count} ({describe(p.resolved)}) -> {path}")
     if done:
         print(f"  resuming: {len(done)} already there, {len(renders) - len(done)} to render")
-    device = stacks.pick_device(job.executor.device)
+    if job.executor.threads and job.executor.name in ("local", "slurm"):
+        torch.set_num_threads(job.executor.threads)
+    device = stacks.pick_device(executors.spec_device(job.executor))
     first = next(iter(p.specs.values()))
-    folder.start_session({**stacks.machine(device), "dtype": first.record["dtype"]},
+    folder.start_session({**stacks.machine(device), "dtype": first.record["dtype"],
+                          **executors.session_record(job.executor)},
                          {c: s.identity for c, s in p.specs.items()}, argv)
     embedded_job = portable(p.resolved)
     progress = Progress(job.run.progress, len(renders), len(done))
     counts = Counter(rendered=0, skipped=len(done), failed=0)
+    failures: list[str] = []
     start = time.perf_counter()
     with StopFlag() as stop:
         writer = Writer(folder)
+        pool = None
         try:
             try:
-                cache = StackCache(device, job.executor.stack_cache_gb)
-                for result in execute(batches, p.specs, cache, p.networks, progress.step,
-                                      lambda: stop.requested, store, plan.consumers(),
-                                      job.executor.vae_tile_px,
-                                      upscaler_models(p, job, device),
-                                      _restorers(p, job, device), maps):
+                pool = executors.open_pool(job.executor, setup(p, job), device, progress.step,
+                                           f"{p.nonce:x}")
+                for result in drive(batches, pool, store, plan.consumers(), maps,
+                                    lambda: stop.requested):
                     per_image = result.seconds / len(result.batch.calls)
                     finished = [(i, by_index[index]) for i, call in enumerate(result.batch.calls)
                                 for index in finishes.get(call.key, ()) if index not in done]
@@ -367,10 +380,16 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
                                  "stack": spec.identity,
                                  **records.control_maps(calls),
                                  "timings": {"render_s": round(per_image, 4),
-                                             "batch_s": round(result.seconds, 4)}}
+                                             "batch_s": round(result.seconds, 4)},
+                                 **({"oom_retries": list(result.retries)}
+                                    if result.retries else {}),
+                                 **({"worker_restarts": result.restarts}
+                                    if result.restarts else {})}
                         if result.error:
                             writer.failure(entry, result.error)
                             counts["failed"] += 1
+                            failures.append(f"{r.index:05d} ({p.names[r.index]}): "
+                                            f"{result.error.splitlines()[0]}")
                             say(f"  image {r.index:05d} failed: {result.error.splitlines()[0]}")
                         else:
                             writer.image(p.names[r.index], result.pictures[i].image,
@@ -380,7 +399,11 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
                             counts["rendered"] += 1
                         progress.advance()
             finally:
-                writer.close()  # every image queued is written, after a Ctrl-C too
+                try:
+                    if pool is not None:
+                        pool.close()
+                finally:
+                    writer.close()  # every image queued is written, after a Ctrl-C too
         except KeyboardInterrupt:
             stop.requested = True
         except (StackLoadError, WriteError):
@@ -398,6 +421,12 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
         store.remove_all()
     print(f"{status}: {counts['rendered']} rendered, {counts['skipped']} already there, "
           f"{counts['failed']} failed, in {elapsed:.1f} s -> {path}")
+    if failures:
+        print(f"failed images ({len(failures)}; their errors are in {path / 'manifest.jsonl'}):")
+        for line in failures[:FAILURES_SHOWN]:
+            print(f"  {line}")
+        if len(failures) > FAILURES_SHOWN:
+            print(f"  ... and {len(failures) - FAILURES_SHOWN} more")
     if status != "complete":
         print(f"  to finish the run: sdbatch resume {path}")
     return {"complete": EXIT_OK, "failed": EXIT_FAILURES}.get(status, EXIT_INTERRUPTED)

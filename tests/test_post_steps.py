@@ -11,7 +11,7 @@ from PIL import Image
 
 from sdbatch import masks, matrix
 from sdbatch import run as runner
-from sdbatch.executors import local
+from sdbatch.executors import worker as local
 from sdbatch.output import png
 from sdbatch.output.infotext import parse_infotext
 from sdbatch.plan import make_plan

@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from sdbatch import run as runner
-from sdbatch.executors import local
+from sdbatch.executors import worker as local
 from sdbatch.models.stack import pick_device
 from sdbatch.output import png
 from sdbatch.output.infotext import parse_infotext
@@ -136,7 +136,7 @@ MANY_JOB = SMALL_JOB.replace("seed: 11", "seed: [1, 2, 3]")  # 12 images, one pe
 # Runs the CLI with a hook at a chosen image: the moment a test stops a run is exact.
 STOP_AT = """import os, signal, sys
 sys.path.insert(0, {repo!r})
-from sdbatch.executors import local
+from sdbatch.executors import worker as local
 from sdbatch.output.run_folder import RunFolder
 n, how = int(sys.argv.pop(1)), sys.argv.pop(1)
 if how == "kill":  # kill -9 as image n (0-based) is about to be written
@@ -186,7 +186,7 @@ def test_ctrl_c_stops_after_the_batch_and_says_how_to_resume(tmp_path: Path):
     write_job(tmp_path, "small", MANY_JOB)
     proc = stop_at(tmp_path, 3, "sigint", "+job=small", "run.dir=r")
     assert proc.returncode == runner.EXIT_INTERRUPTED, proc.stderr
-    assert "stopping after the current batch" in proc.stderr
+    assert "stopping after the batches in flight" in proc.stderr
     assert "interrupted: 3 rendered" in proc.stdout and "sdbatch resume r" in proc.stdout
     info = json.loads((tmp_path / "r/run.json").read_text())
     assert info["status"] == "interrupted" and info["counts"]["rendered"] == 3

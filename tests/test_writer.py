@@ -86,7 +86,7 @@ def test_ctrl_c_writes_every_rendered_image_before_the_run_ends(tmp_path, monkey
     """Ctrl-C (at once) right after the first batch, while the writer is still held inside
     the first image: the run waits for the queue, so every image of that batch is kept."""
     opened = threading.Event()
-    real_write, real_close, real_execute = RunFolder.write_image, Writer.close, runner.execute
+    real_write, real_close, real_execute = RunFolder.write_image, Writer.close, runner.drive
 
     def write_image(self, name, data, entry):
         assert opened.wait(30)
@@ -103,7 +103,7 @@ def test_ctrl_c_writes_every_rendered_image_before_the_run_ends(tmp_path, monkey
 
     monkeypatch.setattr(RunFolder, "write_image", write_image)
     monkeypatch.setattr(Writer, "close", close)
-    monkeypatch.setattr(runner, "execute", execute)
+    monkeypatch.setattr(runner, "drive", execute)
     raw = {"prompt": "a house", "params": {"sampler": "Euler", "steps": 2, "seed": 3,
                                            "batch_size": 2, "batch_count": 2,
                                            "width": 64, "height": 64},

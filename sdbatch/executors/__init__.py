@@ -1,1 +1,73 @@
-"""Executors take a plan's batches to devices: local (one device) for now."""
+"""Executors take a plan's batches to devices: a driver (driver.py) hands batches to a pool
+of workers (worker.py): one in this process (local.py), one process per device
+(multi.py), Ray actors (ray_actors.py); SLURM arrays run the local executor per shard."""
+
+from __future__ import annotations
+
+import torch
+
+from sdbatch.executors.driver import Pool
+from sdbatch.executors.worker import Setup, StepCallback, Worker
+from sdbatch.schema import Executor
+
+
+def devices(executor: Executor) -> list[str]:
+    """The devices executor=multi runs a worker on."""
+    from sdbatch.executors.multi import visible_devices
+
+    return list(executor.devices) if executor.devices else visible_devices()
+
+
+def spec_device(executor: Executor) -> str:
+    """The device the model stacks are specified for (it picks the dtype, and its type goes
+    into every content key): multi's devices share one type (checked up front)."""
+    if executor.name == "multi":
+        found = devices(executor)
+        return found[0] if found else "cuda"
+    return executor.device
+
+
+def device_problem(executor: Executor) -> str | None:
+    """Why executor=multi cannot run here, or None."""
+    if executor.name != "multi":
+        return None
+    found = devices(executor)
+    if not found:
+        return ("executor=multi found no GPU; give the devices to run on, e.g. "
+                "'executor.devices=[cpu, cpu]'")
+    kinds = {torch.device(d).type for d in found}
+    if len(kinds) > 1:
+        return (f"executor.devices mixes {' and '.join(sorted(kinds))}: images would differ by "
+                "the device that drew them; give devices of one type")
+    return None
+
+
+def open_pool(executor: Executor, setup: Setup, device: torch.device,
+              on_step: StepCallback | None, run_id: str) -> Pool:
+    if executor.name == "multi":
+        from sdbatch.executors.multi import ProcessPool
+
+        return ProcessPool(setup, devices(executor), executor.threads, on_step)
+    if executor.name == "ray":
+        from sdbatch.executors.ray_actors import RayPool
+
+        return RayPool(setup, executor, run_id)
+    from sdbatch.executors.local import LocalPool
+
+    return LocalPool(Worker(setup, device), on_step)
+
+
+def session_record(executor: Executor) -> dict:
+    """What run.json's session says of the executor: its name, its workers' devices and
+    threads (CPU kernels sum in another order on another thread count)."""
+    if executor.name == "multi":
+        from sdbatch.executors.multi import worker_threads
+
+        found = devices(executor)
+        return {"executor": "multi", "devices": found,
+                "threads": worker_threads(executor.threads, found)
+                or torch.get_num_threads()}
+    if executor.name == "ray":
+        return {"executor": "ray", "address": executor.address or "local",
+                "threads": executor.threads or max(1, int(executor.num_cpus))}
+    return {"executor": executor.name}

@@ -33,8 +33,8 @@ def _size(picture: Picture) -> int:
 
 
 class Intermediates:
-    def __init__(self, run_dir: Path, budget_bytes: int):
-        self.folder = run_dir / FOLDER
+    def __init__(self, run_dir: Path, budget_bytes: int, folder: Path | None = None):
+        self.folder = folder or run_dir / FOLDER
         self.budget = budget_bytes
         self._memory: OrderedDict[str, Picture] = OrderedDict()
 
