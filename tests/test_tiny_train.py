@@ -227,6 +227,20 @@ def test_embedding_is_a1111_and_loads_in_diffusers(trained):
     assert pipe.tokenizer.convert_tokens_to_ids("nightsky") == len(pipe.tokenizer) - 1
 
 
+def test_a_budget_of_seconds_trains_every_part_on_the_clock(tmp_path):
+    """--minutes 0.5 is all reserve: each part, the ControlNet too, runs its calibration
+    steps on the clock, and the record replays those counts."""
+    assert main(["--out", str(tmp_path), "--minutes", "0.5", "--threads", "1", "--no-samples",
+                 "--set", *SMALL]) == 0
+    record = json.loads((tmp_path / "train_settings.json").read_text())
+    n = train.CALIBRATION_STEPS
+    for part in train.PARTS:
+        assert record["report"][part]["steps_done"] == n and record["report"][part][
+            "budget_s"] == 0.0
+    assert f"ti={n},controlnet={n} " in record["command"]
+    assert (tmp_path / "ControlNet" / "control_tiny_canny.safetensors").is_file()
+
+
 def test_a_part_replays_bit_for_bit():
     settings = train.Settings(steps={"vae": 2}, vae_batch=2)
     threads = torch.get_num_threads()
