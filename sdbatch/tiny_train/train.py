@@ -145,8 +145,8 @@ class Clock:
 
     def start_part(self, part: str) -> float:
         """Fix ``part``'s share of the time left (its data preparation included)."""
-        left = PARTS[PARTS.index(part):]
-        share = self.settings.shares[part] / sum(self.settings.shares[p] for p in left)
+        left = sum(self.settings.shares[p] for p in PARTS[PARTS.index(part):])
+        share = self.settings.shares[part] / left if left else 0.0  # 0: calibration only
         now = time.monotonic()
         self.budgets[part] = max(0.0, (self.deadline - now - self.settings.reserve_s) * share)
         return now
