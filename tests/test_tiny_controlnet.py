@@ -1,7 +1,8 @@
 """control_tiny_canny: its training recipe (a few steps write a file sdbatch loads) and its
 proof, which the base model cannot give: canny edges of a building drawn at the left put
 the building at the left, at the right on the right. The semantic test needs the trained
-file (python -m sdbatch.tiny_train.controlnet); it is skipped only while that is absent."""
+file (python -m sdbatch.tiny_train, or .controlnet for it alone); it is skipped only while
+that is absent."""
 
 from __future__ import annotations
 
@@ -18,14 +19,7 @@ from sdbatch import run as runner
 from sdbatch.models import controlnet, tiny
 from sdbatch.schema import validate
 from sdbatch.tiny_train import scenes
-from sdbatch.tiny_train.controlnet import (
-    NAME,
-    POSITION_CLAUSES,
-    ControlNetSettings,
-    caption,
-    control_map,
-    train,
-)
+from sdbatch.tiny_train.controlnet import NAME, POSITION_CLAUSES, caption, control_map, main
 
 SHIPPED = tiny.family_models() / "ControlNet" / f"{NAME}.safetensors"
 
@@ -49,19 +43,29 @@ def test_control_maps_are_binary_edges_at_64_px():
 
 
 def test_a_few_steps_write_a_control_tiny_canny_that_loads(tmp_path):
-    torch.set_num_threads(1)
-    record = train(tiny.family_models(), tmp_path, ControlNetSettings(
-        steps=2, pool=8, batch=4, threads=1, hires_every=2, hires_pool=2))  # step 2: 128 px
-    path = tmp_path / "ControlNet" / f"{NAME}.safetensors"
+    """The standalone command: only the ControlNet, against the shipped tiny."""
+    assert main(["--out", str(tmp_path), "--steps", "2", "--pool", "8", "--hires-pool", "2",
+                 "--threads", "1", "--set", "controlnet_batch=4", "hires_every=2"]) == 0
+    path = tmp_path / "ControlNet" / f"{NAME}.safetensors"  # step 2 was at 128 px
     assert path.stat().st_size < 5 * 2**20
-    assert record["command"].endswith("--steps 2") and "--pool 8 --hires-pool 2" in \
-        record["command"]
     saved = json.loads((tmp_path / "ControlNet" / f"{NAME}.json").read_text())
-    assert saved["settings"]["steps"] == 2 and len(saved["loss_curve"]) == 1
+    assert "--pool 8 --hires-pool 2 --steps 2 --set controlnet_batch=4 hires_every=2" in \
+        saved["command"]
+    assert saved["steps"] == saved["steps_done"] == 2 and len(saved["loss_curve"]) == 1
+    assert saved["settings"]["controlnet_batch"] == 4
+    assert saved["tiny_unet_sha256"] == json.loads(SHIPPED.with_suffix(".json").read_text())[
+        "tiny_unet_sha256"]
     config = json.loads((tiny.model_folder() / "unet" / "config.json").read_text())
     assert controlnet.misfit(path, config, "tiny") is None
     model = controlnet.load(path, config, torch.float32)
     assert model.config.conditioning_embedding_out_channels == (16, 32, 64, 128)
+
+
+def test_the_standalone_command_refuses_what_the_controlnet_does_not_read(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--steps", "2", "--set", "unet_batch=4"])
+    assert "unet_batch: not a setting of the ControlNet" in capsys.readouterr().err
+    assert not (tmp_path / "ControlNet").exists()
 
 
 def red_centre(picture: np.ndarray) -> tuple[float, int]:

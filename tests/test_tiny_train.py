@@ -16,9 +16,10 @@ from sdbatch.tiny_train import scenes, train
 from sdbatch.tiny_train.__main__ import main, parse_steps
 from sdbatch.tiny_train.vocab import write_tokenizer
 
-STEPS = {"vae": 4, "unet": 4, "lora": 3, "ti": 3}  # 4: one step at hires_size
+STEPS = {"vae": 4, "unet": 4, "lora": 3, "ti": 3, "controlnet": 4}  # 4: one at hires_size
 SMALL = ["vae_batch=4", "pool=64", "unet_batch=4", "lora_pool=16", "lora_batch=4",
-         "ti_batch=4", "hires_pool=8"]
+         "ti_batch=4", "hires_pool=8", "controlnet_pool=8", "controlnet_hires_pool=2",
+         "controlnet_batch=4"]
 
 
 def nearest_colour(pixels: np.ndarray, palette: dict) -> np.ndarray:
@@ -139,7 +140,7 @@ def test_short_training_records_what_made_it(trained):
         assert report[part]["steps"] == report[part]["steps_done"] == STEPS[part]
         assert np.isfinite(report[part]["final_loss"])
     assert record["settings"]["seed"] == 0 and record["versions"]["torch"]
-    assert "--steps vae=4,unet=4,lora=3,ti=3" in record["command"]
+    assert "--steps vae=4,unet=4,lora=3,ti=3,controlnet=4" in record["command"]
     assert "pool=64" in record["command"]
     assert sum(record["sizes_bytes"].values()) < 30e6
 
@@ -166,6 +167,27 @@ def test_trained_folder_loads_and_renders_through_the_stack(trained):
     assert images.shape == (2, 64, 64, 3)
     again = train.render(stack.pipe, ["a red house", "a blue tower"], seed=3, steps=3)
     assert np.array_equal(images, again)
+
+
+def test_controlnet_is_trained_in_the_same_run_against_its_tiny(trained):
+    """control_tiny_canny beside the other parts, for the UNet this run made, after the
+    fixed --steps count; its own record replays it with the standalone command."""
+    from sdbatch.models import controlnet, tiny
+    from sdbatch.tiny_train.controlnet import NAME
+
+    out, record = trained
+    path = out / "ControlNet" / f"{NAME}.safetensors"
+    assert record["sizes_bytes"][f"ControlNet/{NAME}.safetensors"] == path.stat().st_size
+    config = json.loads((out / "tiny" / "unet" / "config.json").read_text())
+    assert controlnet.misfit(path, config, "tiny") is None
+    copy = controlnet.load(path, config, torch.float32).conv_in.weight
+    ours = train.load_shipped(out / "tiny").unet.conv_in.weight  # its start: a few steps away
+    shipped = train.load_shipped(tiny.model_folder()).unet.conv_in.weight
+    assert (copy - ours).abs().max() < 0.01 < (copy - shipped).abs().max()
+    saved = json.loads((out / "ControlNet" / f"{NAME}.json").read_text())
+    assert saved["steps"] == saved["steps_done"] == record["report"]["controlnet"]["steps"] == 4
+    assert f"--family {out} --out {out}" in saved["command"]
+    assert "--pool 8 --hires-pool 2 --steps 4 --set controlnet_batch=4" in saved["command"]
 
 
 def test_lora_file_is_kohya_and_loads_in_diffusers(trained):
@@ -205,6 +227,20 @@ def test_embedding_is_a1111_and_loads_in_diffusers(trained):
     assert pipe.tokenizer.convert_tokens_to_ids("nightsky") == len(pipe.tokenizer) - 1
 
 
+def test_a_budget_of_seconds_trains_every_part_on_the_clock(tmp_path):
+    """--minutes 0.5 is all reserve: each part, the ControlNet too, runs its calibration
+    steps on the clock, and the record replays those counts."""
+    assert main(["--out", str(tmp_path), "--minutes", "0.5", "--threads", "1", "--no-samples",
+                 "--set", *SMALL]) == 0
+    record = json.loads((tmp_path / "train_settings.json").read_text())
+    n = train.CALIBRATION_STEPS
+    for part in train.PARTS:
+        assert record["report"][part]["steps_done"] == n and record["report"][part][
+            "budget_s"] == 0.0
+    assert f"ti={n},controlnet={n} " in record["command"]
+    assert (tmp_path / "ControlNet" / "control_tiny_canny.safetensors").is_file()
+
+
 def test_a_part_replays_bit_for_bit():
     settings = train.Settings(steps={"vae": 2}, vae_batch=2)
     threads = torch.get_num_threads()
@@ -222,7 +258,7 @@ def test_time_budget_fixes_the_step_count_up_front(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(train, "time", SimpleNamespace(monotonic=lambda: now[0]))
     settings = train.Settings(minutes=10 / 60, reserve_s=0.0)  # all of it for "vae"
-    settings.shares = {"vae": 1.0, "unet": 0.0, "lora": 0.0, "ti": 0.0}
+    settings.shares = {"vae": 1.0, "unet": 0.0, "lora": 0.0, "ti": 0.0, "controlnet": 0.0}
     clock, report, totals = train.Clock(settings), {}, []
 
     def step(i, total):
@@ -234,6 +270,20 @@ def test_time_budget_fixes_the_step_count_up_front(monkeypatch):
     assert totals[train.CALIBRATION_STEPS:] == [40] * (40 - train.CALIBRATION_STEPS)
     assert report["vae"]["steps"] == report["vae"]["steps_done"] == 40
     assert report["vae"]["budget_s"] == pytest.approx(10.0)
+
+
+def test_a_default_hour_gives_the_controlnet_the_18_minutes_it_shipped_with(monkeypatch):
+    """Each part, in turn, takes the share it was given of the time left: with the default
+    shares the ControlNet, trained last, gets about 18 minutes of 60, the UNet 22."""
+    now = [0.0]
+    monkeypatch.setattr(train, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    clock = train.Clock(train.Settings())
+    for part in train.PARTS:
+        clock.start_part(part)
+        now[0] += clock.budgets[part]
+    minutes = {part: clock.budgets[part] / 60 for part in train.PARTS}
+    assert 17.5 < minutes["controlnet"] < 18.5 and 21.5 < minutes["unet"] < 22.5
+    assert sum(minutes.values()) == pytest.approx(60 - 0.5)  # reserve_s: 30 s
 
 
 def test_kohya_names():

@@ -21,7 +21,8 @@ def parse_pairs(text: str, kind: type) -> dict:
 
 
 def parse_steps(text: str) -> tuple[dict, dict]:
-    """``vae=900,unet=7000:6500``: a part's step count, and where it stopped if cut short."""
+    """``vae=900,unet=7000:6500,controlnet=2062``: a part's step count, and where it
+    stopped if cut short."""
     counts = parse_pairs(text, str)
     try:
         steps = {k: int(v.partition(":")[0]) for k, v in counts.items()}
@@ -57,10 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=Settings.threads,
                    help="torch threads; at most the free cores (default %(default)s)")
     p.add_argument("--steps", type=parse_steps, default=({}, {}),
-                   help="fixed step counts, e.g. vae=900,unet=7000,lora=1200,ti=600 "
+                   help="fixed step counts, e.g. vae=900,unet=7000,lora=1200,ti=600,"
+                        "controlnet=2062 "
                         "(as train_settings.json's command has them): replays a run, no clock")
     p.add_argument("--shares", type=lambda s: parse_pairs(s, float), default=None,
-                   help="budget shares, e.g. vae=0.15,unet=0.6,lora=0.15,ti=0.1")
+                   help="budget shares, e.g. unet=0.5 (default: "
+                        + ",".join(f"{k}={v}" for k, v in Settings().shares.items()) + ")")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="any other setting of sdbatch.tiny_train.train.Settings")
     p.add_argument("--no-samples", action="store_true", help="skip samples.png")

@@ -1,4 +1,5 @@
-"""Train the tiny family on toy scenes: VAE, text encoder + UNet, a LoRA, an embedding.
+"""Train the tiny family on toy scenes: VAE, text encoder + UNet, a LoRA, an embedding and
+a canny ControlNet (controlnet.py).
 
 One command, one time budget. Each part gets a share of the budget; it runs a few steps to
 measure its speed, fixes its step count from that (so its learning-rate schedule is known
@@ -30,7 +31,8 @@ from sdbatch.models.tiny import MODEL_INDEX, SCHEDULER
 from sdbatch.tiny_train import scenes
 from sdbatch.tiny_train.vocab import write_tokenizer
 
-PARTS = ("vae", "unet", "lora", "ti")
+PARTS = ("vae", "unet", "lora", "ti", "controlnet")  # in training order: the clock
+# shares out the time left among a part and those after it
 CALIBRATION_STEPS = 8  # measured, then the step count is fixed; all within warmup
 
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
@@ -55,8 +57,10 @@ class Settings:
     seed: int = 0
     size: int = 64
     threads: int = 2
+    # a 60 minute run gives the ControlNet about the 18 minutes control_tiny_canny had; the
+    # others keep their old proportions (vae 0.22, unet 0.53, lora 0.15, ti 0.10) scaled by 0.7
     shares: dict[str, float] = field(default_factory=lambda: {
-        "vae": 0.22, "unet": 0.53, "lora": 0.15, "ti": 0.10})
+        "vae": 0.15, "unet": 0.37, "lora": 0.11, "ti": 0.07, "controlnet": 0.30})
     steps: dict[str, int] = field(default_factory=dict)  # fixed counts: no clock
     stop: dict[str, int] = field(default_factory=dict)  # replays a part cut short in time
     reserve_s: float = 30.0  # kept back for saving, checks and the sample sheet
@@ -98,6 +102,15 @@ class Settings:
     ti_vectors: int = 1
     ti_batch: int = 32
     ti_lr: float = 5e-3
+    # ControlNet (control_tiny_canny): canny edges of scenes whose captions never say where
+    # the building stands; its steps at 128 px follow hires_every / hires_size
+    controlnet_pool: int = 4096  # scenes drawn, encoded and edge-mapped once
+    controlnet_hires_pool: int = 1024  # 0: train at ``size`` only
+    controlnet_batch: int = 32
+    controlnet_lr: float = 5e-4
+    controlnet_empty: float = 0.3  # empty captions: the edges alone must place the building
+    canny_low: int = 100  # the extension's canny defaults
+    canny_high: int = 200
     samples: bool = True
 
     def asdict(self) -> dict:
@@ -132,8 +145,8 @@ class Clock:
 
     def start_part(self, part: str) -> float:
         """Fix ``part``'s share of the time left (its data preparation included)."""
-        left = PARTS[PARTS.index(part):]
-        share = self.settings.shares[part] / sum(self.settings.shares[p] for p in left)
+        left = sum(self.settings.shares[p] for p in PARTS[PARTS.index(part):])
+        share = self.settings.shares[part] / left if left else 0.0  # 0: calibration only
         now = time.monotonic()
         self.budgets[part] = max(0.0, (self.deadline - now - self.settings.reserve_s) * share)
         return now
@@ -194,9 +207,9 @@ def is_hires_step(i: int, settings: Settings) -> bool:
 
 def clocked_steps(name: str, step: Callable[[int, int], float], fixed: int, minutes: float,
                   since: float, label: str = "loss") -> tuple[int, list, float]:
-    """The small trainers' loop (upscaler, ControlNet): ``step(i, total)`` for ``fixed``
-    steps, or, with ``fixed`` 0, for as many as fit in ``minutes`` counted from ``since``
-    (measured over the first CALIBRATION_STEPS, then fixed). Returns the step count, the
+    """The upscaler's loop: ``step(i, total)`` for ``fixed`` steps, or, with ``fixed`` 0,
+    for as many as fit in ``minutes`` counted from ``since`` (measured over the first
+    CALIBRATION_STEPS, then fixed). Returns the step count, the
     loss curve (means over 25 steps) and the loop's seconds."""
     total = fixed or 10**9
     start = time.monotonic()
@@ -767,7 +780,8 @@ def replay_command(out: Path, settings: Settings, report: dict) -> str:
 
 
 def train(out: Path, settings: Settings) -> dict:
-    """The whole family into ``out``: tiny/, Lora/, embeddings/, train_settings.json."""
+    """The whole family into ``out``: tiny/, Lora/, embeddings/, ControlNet/,
+    train_settings.json."""
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
@@ -778,6 +792,8 @@ def train(out: Path, settings: Settings) -> dict:
 
 def _train(out: Path, settings: Settings) -> dict:
     from transformers import CLIPTokenizer
+
+    from sdbatch.tiny_train.controlnet import HINT_CHANNELS, PROCESSOR_RES, train_controlnet
 
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock(settings)
@@ -796,13 +812,17 @@ def _train(out: Path, settings: Settings) -> dict:
     del vae, unet, te
     lora = train_lora(settings, clock, report, folder, out)
     embedding = train_ti(settings, clock, report, folder, out, pool_scenes, pool)
+    del pool, pool_scenes
+    train_controlnet(settings, clock, report, out, out)
     if settings.samples:
         sample_sheet(out, settings, report, lora, embedding)
     report["total_s"] = round(time.monotonic() - clock.start, 1)
     record = {
         "command": replay_command(out, settings, report),
-        "settings": settings.asdict(), "architecture": {"vae": VAE, "unet": UNET,
-                                                        "text_encoder": TEXT},
+        "settings": settings.asdict(),
+        "architecture": {"vae": VAE, "unet": UNET, "text_encoder": TEXT,
+                         "controlnet": {"hint_channels": HINT_CHANNELS,
+                                        "processor_res": PROCESSOR_RES}},
         "lora_targets": {"unet": LORA_UNET_TARGETS, "text_encoder": LORA_TE_TARGETS},
         "vocabulary": words, "scenes_version": scenes.VERSION, "versions": versions(),
         "sizes_bytes": {str(p.relative_to(out)): p.stat().st_size
