@@ -329,7 +329,18 @@ def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
 
 
 def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int:
-    """The run itself, with the run folder locked."""
+    """The run itself, with the run folder locked, in executor.threads torch threads where
+    this process renders (local, a SLURM task)."""
+    previous = torch.get_num_threads()
+    if job.executor.threads and job.executor.name in ("local", "slurm"):
+        torch.set_num_threads(job.executor.threads)
+    try:
+        return _render_run(job, p, overrides, argv)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int:
     path, renders, plan = p.path, p.renders, p.plan
     folder = (RunFolder.create(path, schema.to_dict(job), overrides, p.nonce, len(renders),
                                p.made_of)
@@ -346,8 +357,6 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
     print(f"{job.job.name}: {count} ({describe(p.resolved)}) -> {path}")
     if done:
         print(f"  resuming: {len(done)} already there, {len(renders) - len(done)} to render")
-    if job.executor.threads and job.executor.name in ("local", "slurm"):
-        torch.set_num_threads(job.executor.threads)
     device = stacks.pick_device(executors.spec_device(job.executor))
     first = next(iter(p.specs.values()))
     folder.start_session({**stacks.machine(device), "dtype": first.record["dtype"],
@@ -376,7 +385,8 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
                         found = {} if result.error else result.pictures[i].chain_found
                         entry = {"index": r.index, "id": f"{r.index:05d}",
                                  "key": plan.key(r.index), "seed": r.seed,
-                                 "recipe": records.recipe(r, spec, calls, found),
+                                 "recipe": records.recipe(r, spec, calls, found,
+                                                          result.machine),
                                  "stack": spec.identity,
                                  **records.control_maps(calls),
                                  "timings": {"render_s": round(per_image, 4),
@@ -395,7 +405,7 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
                             writer.image(p.names[r.index], result.pictures[i].image,
                                          records.infotext(r, spec, calls),
                                          records.png_recipe(r, spec, calls, embedded_job,
-                                                            found), entry)
+                                                            found, result.machine), entry)
                             counts["rendered"] += 1
                         progress.advance()
             finally:

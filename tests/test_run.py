@@ -147,12 +147,13 @@ if how == "kill":  # kill -9 as image n (0-based) is about to be written
             os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
         return write(self, *a)
     RunFolder.write_image = write_image
-else:  # Ctrl-C while batch n (1-based) is rendered
+else:  # Ctrl-C (or SIGTERM: a pre-emption) while batch n (1-based) is rendered
     stage, count = local.STAGES["txt2img"], []
+    sig = signal.SIGTERM if how == "sigterm" else signal.SIGINT
     def txt2img(*a, **k):
         count.append(1)
         if len(count) == n:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
         return stage(*a, **k)
     local.STAGES["txt2img"] = txt2img
 from sdbatch.cli import main
@@ -182,9 +183,12 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path: Path):
     assert files == sorted(p.name for p in (tmp_path / "full/images").iterdir())
 
 
-def test_ctrl_c_stops_after_the_batch_and_says_how_to_resume(tmp_path: Path):
+@pytest.mark.parametrize("how", ["sigint", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_after_the_batch_and_says_how_to_resume(tmp_path: Path, how):
+    """SIGTERM (SLURM's pre-emption) stops as a first Ctrl-C does: the batch in flight is
+    finished and written, and the run resumes from there."""
     write_job(tmp_path, "small", MANY_JOB)
-    proc = stop_at(tmp_path, 3, "sigint", "+job=small", "run.dir=r")
+    proc = stop_at(tmp_path, 3, how, "+job=small", "run.dir=r")
     assert proc.returncode == runner.EXIT_INTERRUPTED, proc.stderr
     assert "stopping after the batches in flight" in proc.stderr
     assert "interrupted: 3 rendered" in proc.stdout and "sdbatch resume r" in proc.stdout

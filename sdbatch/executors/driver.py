@@ -38,6 +38,7 @@ class BatchResult:
     seconds: float
     retries: tuple[str, ...] = ()  # what running out of memory took: "split", "vae_tiling"
     restarts: int = 0  # workers that died running this batch before it was done
+    machine: dict | None = None  # where the worker drew it: device, name, torch threads
 
 
 @dataclass(frozen=True)
@@ -202,4 +203,4 @@ def _finish(batch: Batch, event: Done, state: _State, store: Intermediates | Non
                 if holder is not None and call.input_key in state.on_worker[holder]:
                     forget[holder].append(call.input_key)
     return BatchResult(batch, outcome.pictures, None, outcome.seconds, outcome.retries,
-                       restarts)
+                       restarts, outcome.machine)

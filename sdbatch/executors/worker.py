@@ -85,6 +85,7 @@ class Outcome:
     error: str | None
     seconds: float
     retries: tuple[str, ...] = ()  # "split", "vae_tiling": what running out of memory took
+    machine: dict[str, Any] | None = None  # where it was drawn: device, name, threads
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -139,7 +140,8 @@ class Worker:
                                        **({call.key: picture.found} if picture.found else {})}
             if call.key in task.keep:
                 self.kept[call.key] = picture
-        return Outcome(pictures, None, time.perf_counter() - start, retries)
+        return Outcome(pictures, None, time.perf_counter() - start, retries,
+                       stacks.machine(self.device))
 
     def release(self) -> None:
         self.upscalers.release()

@@ -236,10 +236,12 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
 
 
 def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...],
-           found: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+           found: dict[str, dict[str, Any]] | None = None,
+           device: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything that made this image, as data; `device` says where (device, its name,
-    torch's thread count), which `sdbatch reproduce` needs to match bytes. ``found`` adds
-    what a stage found to its record (a face restoration's ``faces``), by call key."""
+    torch's thread count: the worker's that drew it, by default this process's), which
+    `sdbatch reproduce` needs to match bytes. ``found`` adds what a stage found to its
+    record (a face restoration's ``faces``), by call key."""
     from sdbatch.models.stack import machine
 
     found = found or {}
@@ -251,17 +253,17 @@ def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...],
                   "hypernetworks": _networks(calls)["hypernetworks"],
                   "embeddings": dict(_embedding_hashes(render, spec))}
         | ({"upscalers": upscaler_hashes(calls)} if upscaler_hashes(calls) else {}),
-        "device": machine(spec.torch_device),
+        "device": device or machine(spec.torch_device),
         "stages": [{"kind": c.kind, "key": c.key, "input": c.input_key, "params": c.params,
                     **found.get(c.key, {})} for c in calls],
     }
 
 
 def png_recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...],
-               job: dict[str, Any], found: dict[str, dict[str, Any]] | None = None
-               ) -> dict[str, Any]:
+               job: dict[str, Any], found: dict[str, dict[str, Any]] | None = None,
+               device: dict[str, Any] | None = None) -> dict[str, Any]:
     """The PNG's `sdbatch` chunk: the recipe plus the seed-resolved job and the image's
     place in it, enough for `sdbatch reproduce` to render its batch again."""
     return {"sdbatch": __version__, "index": render.index,
-            "recipe": recipe(render, spec, calls, found),
+            "recipe": recipe(render, spec, calls, found, device),
             "job": job}

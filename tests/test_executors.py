@@ -1,0 +1,153 @@
+"""Executors: the bytes of every image do not depend on the executor or its worker count;
+workers that die, batches that run out of memory, images that keep failing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from sdbatch import run as runner
+from sdbatch.executors import driver
+from sdbatch.executors import worker as workers
+from sdbatch.schema import validate
+
+from .conftest import REPO, write_job
+
+PLAIN = {"prompt": ["a red house", "a blue tower"], "negative_prompt": "blurry",
+         "params": {"sampler": "Euler a", "steps": 3, "seed": [1, 2], "width": 64,
+                    "height": 64}}
+POST = {"prompt": "a red house on a lawn",
+        "params": {"sampler": "Euler a", "steps": 3, "seed": [1, 2], "width": 64,
+                   "height": 64},
+        "post": [{"hires_fix": {"scale": 1.5, "denoise": [0.3, 0.6], "steps": 2}}]}
+EXECUTORS = {
+    "local": {"name": "local", "threads": 1},
+    "multi": {"name": "multi", "devices": ["cpu", "cpu"], "threads": 1},
+    "ray": {"name": "ray", "workers": 2, "num_gpus": 0, "num_cpus": 1, "threads": 1},
+}
+
+
+def run_job(raw: dict, folder: Path, executor: dict) -> int:
+    raw = {**raw, "executor": executor, "run": {"dir": str(folder), "progress": "quiet"}}
+    return runner.run(validate(raw), lambda key: "test", [], ["test"])
+
+
+def entries(folder: Path) -> list[dict]:
+    return [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+def file_shas(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((folder / "images").iterdir())}
+
+
+@pytest.mark.parametrize("job", [PLAIN, POST], ids=["txt2img", "post-steps"])
+def test_the_bytes_of_every_image_do_not_depend_on_the_executor(tmp_path: Path, job):
+    found = {}
+    for name, executor in EXECUTORS.items():
+        assert run_job(job, tmp_path / name, executor) == 0, name
+        found[name] = file_shas(tmp_path / name)
+        info = json.loads((tmp_path / name / "run.json").read_text())
+        assert info["executor"] == name
+    assert len(found["local"]) == 4
+    assert found["multi"] == found["local"] and found["ray"] == found["local"]
+
+
+def test_multi_refuses_devices_of_two_types_and_no_gpu_before_any_work(tmp_path: Path):
+    from sdbatch.schema import JobError
+
+    raw = {**PLAIN, "executor": {"name": "multi", "devices": ["cpu", "cuda:0"]},
+           "run": {"dir": str(tmp_path / "r")}}
+    with pytest.raises(JobError, match="mixes cpu and cuda"):
+        runner.run(validate(raw), lambda key: "test", [], ["test"])
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_worker_killed_mid_batch_has_its_batch_rendered_again(tmp_path: Path):
+    job = {**PLAIN, "params": {**PLAIN["params"], "steps": 8, "seed": [1, 2, 3]}}
+    write_job(tmp_path, "six", "# @package _global_\n" + json.dumps(job))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdbatch", "+job=six", "run.dir=r", "executor=multi",
+         "executor.devices=[cpu,cpu]", "executor.threads=1", "executor.max_batch=1",
+         "params.batch_size=1", "run.progress=quiet"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    manifest = tmp_path / "r" / "manifest.jsonl"
+    deadline = time.monotonic() + 240
+    while not (manifest.exists() and manifest.read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    workers_now = [c for c in psutil.Process(proc.pid).children()
+                   if "resource_tracker" not in " ".join(c.cmdline())]
+    assert len(workers_now) == 2
+    workers_now[0].send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+    found = entries(tmp_path / "r")
+    assert len(found) == 6 and all(e["status"] == "ok" for e in found)
+    assert any(e.get("worker_restarts") == 1 for e in found)
+
+
+def test_out_of_memory_splits_the_batch_then_tiles_the_vae(tmp_path: Path, monkeypatch):
+    """A batch of two runs out of memory whole: it is run in halves and says so. An image
+    that runs out even alone is drawn with the VAE in tiles."""
+    real = workers.STAGES["txt2img"]
+
+    def tight(stack, renders, on_step=None, **kw):
+        tiled = stack.pipe.vae.tile_sample_min_size <= workers.OOM_VAE_TILE_PX
+        if len(renders) > 1 or (renders[0].prompt == "a blue tower" and not tiled):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(stack, renders, on_step, **kw)
+
+    monkeypatch.setitem(workers.STAGES, "txt2img", tight)
+    job = {**PLAIN, "params": {**PLAIN["params"], "batch_size": 2, "seed": [1, 3]}}
+    assert run_job(job, tmp_path / "r", {**EXECUTORS["local"], "max_batch": 2}) == 0
+    retries = {e["recipe"]["params"]["prompt"]: e["oom_retries"] for e in entries(tmp_path / "r")}
+    assert retries == {"a red house": ["split"], "a blue tower": ["split", "vae_tiling"]}
+    assert len(entries(tmp_path / "r")) == 8
+
+
+def test_an_image_that_keeps_failing_is_named_at_the_end_and_the_run_goes_on(
+        tmp_path: Path, monkeypatch, capsys):
+    real = workers.STAGES["txt2img"]
+
+    def broken(stack, renders, on_step=None, **kw):
+        if any(r.prompt == "a blue tower" for r in renders):
+            raise torch.OutOfMemoryError("CUDA out of memory, always")
+        return real(stack, renders, on_step, **kw)
+
+    monkeypatch.setitem(workers.STAGES, "txt2img", broken)
+    assert run_job(PLAIN, tmp_path / "r", EXECUTORS["local"]) == runner.EXIT_FAILURES
+    found = entries(tmp_path / "r")
+    assert sorted(e["status"] for e in found) == ["failed", "failed", "ok", "ok"]
+    out = capsys.readouterr().out
+    assert "failed images (2;" in out and "OutOfMemoryError: CUDA out of memory, always" in out
+    assert "sdbatch resume" in out
+
+
+def test_the_driver_prefers_the_worker_that_holds_the_stack_and_the_input():
+    from sdbatch.plan import Batch, StageCall
+
+    def batch(stack: str, input_key: str | None = None) -> Batch:
+        return Batch("txt2img", (None,), (StageCall("txt2img", {"s": stack, "i": input_key},
+                                                    input_key, stack),))
+
+    a1, b1, a2 = batch("A"), batch("B"), batch("A", "k")
+    holds = {0: "A", 1: "B"}.get
+    assert driver.pick([b1, a1], 0, holds, [1], {}) is a1  # its stack first
+    assert driver.pick([b1, a1], 1, holds, [0], {}) is b1
+    assert driver.pick([a1, a2], 0, holds, [1], {"k": 0}) is a2  # its stack and its input
+    assert driver.pick([a1], 1, holds, [0], {}) is a1  # nothing for B: take what is ready
+    c = batch("C")
+    assert driver.pick([a1, c], 1, holds, [0], {}) is c  # a stack nobody holds before A
