@@ -416,7 +416,7 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str]) ->
                     writer.close()  # every image queued is written, after a Ctrl-C too
         except KeyboardInterrupt:
             stop.requested = True
-        except (StackLoadError, WriteError):
+        except (StackLoadError, WriteError, executors.PoolError):
             progress.close()
             folder.finish_session("failed", dict(counts))
             raise

@@ -11,6 +11,10 @@ from sdbatch.executors.worker import Setup, StepCallback, Worker
 from sdbatch.schema import Executor
 
 
+class PoolError(RuntimeError):
+    """The workers cannot start (Ray missing, a cluster without the GPUs asked for)."""
+
+
 def devices(executor: Executor) -> list[str]:
     """The devices executor=multi runs a worker on."""
     from sdbatch.executors.multi import visible_devices

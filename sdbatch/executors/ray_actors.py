@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sdbatch.executors import PoolError
 from sdbatch.executors.driver import Died, Done
 from sdbatch.executors.intermediates import Intermediates
 from sdbatch.executors.worker import Outcome, Setup, Task, Worker
@@ -54,18 +55,25 @@ class RayPool:
         try:
             import ray
         except ImportError:
-            raise ImportError("executor=ray needs Ray: pip install 'sdbatch[ray]' "
-                              "(or pip install ray)") from None
+            raise PoolError("executor=ray needs Ray: pip install 'sdbatch[ray]' "
+                            "(or pip install ray)") from None
         self.ray = ray
+        self.actors: dict = {}
+        self.shared = None
         self.started = not ray.is_initialized()
         if self.started:
             local = executor.address is None
             need = max(1, executor.workers) * executor.num_cpus
             ray.init(address=executor.address, include_dashboard=False, log_to_driver=False,
                      **({"num_cpus": max(need, 1)} if local else {}))
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if executor.num_gpus > gpus:
+            self.close()
+            raise PoolError(f"the Ray cluster has {gpus:g} GPUs and each actor asks for "
+                            f"executor.num_gpus={executor.num_gpus:g}: give "
+                            "executor.num_gpus=0 for CPU actors, or join a cluster with GPUs")
         count = executor.workers
         if not count:
-            gpus = ray.cluster_resources().get("GPU", 0)
             count = max(1, int(gpus // executor.num_gpus)) if executor.num_gpus else 1
         self.actor_class = ray.remote(num_gpus=executor.num_gpus,
                                       num_cpus=executor.num_cpus)(RayWorker)
