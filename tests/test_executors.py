@@ -74,13 +74,30 @@ def test_multi_refuses_devices_of_two_types_and_no_gpu_before_any_work(tmp_path:
     assert not (tmp_path / "r").exists()
 
 
-def test_a_worker_killed_mid_batch_has_its_batch_rendered_again(tmp_path: Path):
+KILLABLE = {
+    "multi": ["executor=multi", "executor.devices=[cpu,cpu]"],
+    "ray": ["executor=ray", "executor.workers=2", "executor.num_gpus=0"],
+}
+
+
+def _workers(executor: str, driver_pid: int) -> list[psutil.Process]:
+    if executor == "multi":
+        return [c for c in psutil.Process(driver_pid).children()
+                if "resource_tracker" not in " ".join(c.cmdline())]
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if "RayWorker" in " ".join(p.info["cmdline"] or []):
+            found.append(p)
+    return found
+
+
+@pytest.mark.parametrize("executor", list(KILLABLE))
+def test_a_worker_killed_mid_batch_has_its_batch_rendered_again(tmp_path: Path, executor):
     job = {**PLAIN, "params": {**PLAIN["params"], "steps": 8, "seed": [1, 2, 3]}}
     write_job(tmp_path, "six", "# @package _global_\n" + json.dumps(job))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sdbatch", "+job=six", "run.dir=r", "executor=multi",
-         "executor.devices=[cpu,cpu]", "executor.threads=1", "executor.max_batch=1",
-         "params.batch_size=1", "run.progress=quiet"],
+        [sys.executable, "-m", "sdbatch", "+job=six", "run.dir=r", *KILLABLE[executor],
+         "executor.threads=1", "executor.max_batch=1", "run.progress=quiet"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)})
     manifest = tmp_path / "r" / "manifest.jsonl"
@@ -88,10 +105,9 @@ def test_a_worker_killed_mid_batch_has_its_batch_rendered_again(tmp_path: Path):
     while not (manifest.exists() and manifest.read_text().strip()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.2)
-    workers_now = [c for c in psutil.Process(proc.pid).children()
-                   if "resource_tracker" not in " ".join(c.cmdline())]
-    assert len(workers_now) == 2
-    workers_now[0].send_signal(signal.SIGKILL)
+    running = _workers(executor, proc.pid)
+    assert len(running) == 2
+    running[0].send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, out + err
     found = entries(tmp_path / "r")
