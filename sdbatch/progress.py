@@ -27,6 +27,11 @@ class Progress:
                               dynamic_ncols=True, file=sys.stderr)
         self.steps.update(1)
 
+    def stage(self, kind: str, stack: str) -> None:
+        """The stage (and model stack) of the batch just started, beside the bar."""
+        if self.images is not None:
+            self.images.set_postfix_str(f"{kind} on {stack}" if stack else kind, refresh=False)
+
     def advance(self, n: int = 1) -> None:
         if self.images is not None:
             self.images.update(n)

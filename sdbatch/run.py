@@ -374,8 +374,11 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str]) ->
             try:
                 pool = executors.open_pool(job.executor, setup(p, job), device, progress.step,
                                            f"{p.nonce:x}")
+                stack_names = {s.identity: s.name for s in p.specs.values()}
                 for result in drive(batches, pool, store, plan.consumers(), maps,
-                                    lambda: stop.requested):
+                                    lambda: stop.requested,
+                                    lambda b: progress.stage(
+                                        b.kind, stack_names.get(b.calls[0].stack, ""))):
                     per_image = result.seconds / len(result.batch.calls)
                     finished = [(i, by_index[index]) for i, call in enumerate(result.batch.calls)
                                 for index in finishes.get(call.key, ()) if index not in done]
@@ -429,8 +432,9 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str]) ->
     folder.finish_session(status, dict(counts))
     if status == "complete" and not job.run.keep_intermediates:
         store.remove_all()
+    rate = f", {counts['rendered'] / elapsed:.2f} images/s" if counts["rendered"] else ""
     print(f"{status}: {counts['rendered']} rendered, {counts['skipped']} already there, "
-          f"{counts['failed']} failed, in {elapsed:.1f} s -> {path}")
+          f"{counts['failed']} failed, in {elapsed:.1f} s{rate} -> {path}")
     if failures:
         print(f"failed images ({len(failures)}; their errors are in {path / 'manifest.jsonl'}):")
         for line in failures[:FAILURES_SHOWN]:

@@ -106,9 +106,11 @@ def pick(ready: list[Batch], worker: int, holds: Callable[[int], str | None],
 
 def drive(batches: Iterable[Batch], pool: Pool, store: Intermediates | None,
           consumers: dict[str, int], maps: ControlMaps,
-          should_stop: Callable[[], bool] = lambda: False) -> Iterator[BatchResult]:
+          should_stop: Callable[[], bool] = lambda: False,
+          on_start: Callable[[Batch], None] | None = None) -> Iterator[BatchResult]:
     """Render ``batches`` on ``pool``; results come in the order batches finish. After
-    ``should_stop`` the batches in flight finish and nothing more is handed out."""
+    ``should_stop`` the batches in flight finish and nothing more is handed out.
+    ``on_start`` hears of each batch handed out (the progress bar shows its stage)."""
     state = _State(list(batches), set(), on_worker={w: set() for w in pool.workers})
     state.produced = {c.key for b in state.pending for c in b.calls}
     consumers = dict(consumers)
@@ -129,6 +131,8 @@ def drive(batches: Iterable[Batch], pool: Pool, store: Intermediates | None,
                                           forget))
                 state.busy[worker] = batch
                 state.sent[worker] = time.perf_counter()
+                if on_start:
+                    on_start(batch)
         if not state.busy:
             if state.pending and not should_stop():
                 raise RuntimeError("the plan has batches whose inputs are never made")
