@@ -136,7 +136,7 @@ def hydra_entry(cfg: DictConfig) -> None:
 
 
 def resume(args: list[str]) -> None:
-    from sdbatch.output.run_folder import RunFolder
+    from sdbatch.output.run_folder import RunFolder, recorded_max_batch
 
     parser = argparse.ArgumentParser(prog="sdbatch resume")
     parser.add_argument("run_dir", type=Path)
@@ -146,6 +146,9 @@ def resume(args: list[str]) -> None:
     if stored is None:
         fail(f"{ns.run_dir} is not an sdbatch run folder (no config.yaml)")
     stored["run"]["dir"] = str(ns.run_dir)
+    info = RunFolder.stored_info(ns.run_dir) if (ns.run_dir / "run.json").exists() else {}
+    if "made_of" in info:  # the passes its images were made in, whatever the defaults now
+        stored.setdefault("executor", {})["max_batch"] = recorded_max_batch(info["made_of"])
     if ns.progress:
         stored["run"]["progress"] = ns.progress
     label = f"{ns.run_dir / 'config.yaml'}"

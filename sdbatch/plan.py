@@ -6,10 +6,14 @@ stack's identity, so equal work has an equal key: calls with one key are compute
 run (one base image under three hires variants is drawn once), a resumed run recognises
 what is done, and an intermediate saved under its key is found again.
 
-Calls of one kind that differ only in seed or prompt (and in their input) are grouped into
-forward passes of batch_size; the grouping depends on the job alone, never on how many
-workers run it, so bytes reproduce. Batches are ordered so that every call comes after its
-input and each image is finished as early as the graph allows.
+Calls of one kind that differ only in seed, prompt, negative prompt or CFG scale (and in
+their input) share forward passes of up to max_batch (executor.max_batch): small latents
+are bound by streaming the weights, so a pass of 8 costs little more than a pass of 1.
+params.batch_size keeps its WebUI meaning (images per cell, seeds counting up) and does not
+size the passes. The grouping depends on the job and max_batch alone, never on free memory
+or how many workers run it, so bytes reproduce (a pass's composition moves pixels by a
+rounding level, so run.json records max_batch). Batches are ordered so that every call comes
+after its input and each image is finished as early as the graph allows.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from sdbatch.upscalers import scaled_size
 if TYPE_CHECKING:
     from sdbatch.models.image_models import ImageModelFile
 
-# what may differ inside one forward pass: it changes the noise or the text, not the pass
+# what may differ inside one forward pass: it changes the noise, the text or the guidance
+# scale of an image, not the pass
 PER_IMAGE = ("seed", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
-             "ensd", "prompt", "negative_prompt", "mask_sha256", "mask", "path", "sha256")
+             "ensd", "prompt", "negative_prompt", "cfg_scale", "mask_sha256", "mask", "path",
+             "sha256")
 # what a post-step call takes over from its image (it changes the noise or the model)
 INHERITED = ("subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h",
              "ensd", "eta", "clip_skip", "tiling", "loras", "hypernetworks")
@@ -203,7 +209,7 @@ def output_size(kind: str, params: dict[str, Any], size: tuple[int, int]) -> tup
     return (params["width"] or size[0], params["height"] or size[1])
 
 
-def make_plan(renders: list[Render], stacks: dict[str, str], batch_size: int,
+def make_plan(renders: list[Render], stacks: dict[str, str], max_batch: int,
               networks: dict[tuple[str, str], str] | None = None,
               inputs: dict[str, InputImage] | None = None,
               upscalers: dict[str, dict[str, Any]] | None = None,
@@ -213,7 +219,8 @@ def make_plan(renders: list[Render], stacks: dict[str, str], batch_size: int,
     each (kind, name) of a LoRA or hypernetwork to its file hash, ``inputs`` each input
     image path to its hash and size, ``upscalers`` each upscaler model name to its record
     (see chain), ``image_models`` each face restorer's name to its file, ``controlnets``
-    each ControlNet name to its (AutoV2, old short) hashes: keys follow the files."""
+    each ControlNet name to its (AutoV2, old short) hashes: keys follow the files. Calls
+    that may share a pass go up to ``max_batch`` to one, in image order."""
     chains = {r.index: chain(r, stacks, networks or {}, inputs, upscalers, image_models,
                              controlnets)
               for r in renders}
@@ -228,8 +235,8 @@ def make_plan(renders: list[Render], stacks: dict[str, str], batch_size: int,
         groups.setdefault(call.group() + str(depth), []).append((call, r, depth))
     batches = []
     for members in groups.values():
-        for i in range(0, len(members), batch_size):
-            part = members[i:i + batch_size]
+        for i in range(0, len(members), max_batch):
+            part = members[i:i + max_batch]
             batches.append(Batch(part[0][0].kind, tuple(r for _, r, _ in part),
                                  tuple(c for c, _, _ in part), part[0][2]))
     return Plan(chains, schedule(batches))

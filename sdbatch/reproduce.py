@@ -1,11 +1,12 @@
 """`sdbatch reproduce IMAGE.png`: render an image again from the recipe in its PNG and say
 whether the bytes match.
 
-The PNG carries the seed-resolved job and the image's index, so the very batch the image was
-rendered in is rendered again: batch composition changes kernel numerics by a level or so,
-and reproducing means the same forward pass. It runs with the recorded dtype and torch
-thread count; on another device (or GPU model, or CPU architecture) kernels round
-differently, so bytes cannot match: it says so and compares pixels within TOLERANCE.
+The PNG carries the seed-resolved job (with executor.max_batch) and the image's index, so
+the very batch the image was rendered in is rendered again: batch composition changes
+kernel numerics by a level or so, and reproducing means the same forward pass. It runs with
+the recorded dtype and torch thread count; on another device (or GPU model, or CPU
+architecture) kernels round differently, so bytes cannot match: it says so and compares
+pixels within TOLERANCE.
 """
 
 from __future__ import annotations
@@ -38,8 +39,13 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
         torch.set_num_threads(made["threads"])
     tiles = [stage["params"][f"{key}_model"]["tile"] for stage in data["recipe"].get("stages", [])
              for key in ("upscaler", "upscaler_2") if f"{key}_model" in stage["params"]]
+    # the passes of the run: PNGs of versions before executor.max_batch made passes of
+    # params.batch_size
+    raw["executor"] = {"max_batch": raw.get("executor", {}).get(
+        "max_batch", raw["params"]["batch_size"])}
     if tiles:  # the upscaler tiles of the run (an executor setting, not in the job)
-        raw["executor"] = {"upscaler_tile_px": tiles[0][0], "upscaler_tile_overlap": tiles[0][1]}
+        raw["executor"] |= {"upscaler_tile_px": tiles[0][0],
+                            "upscaler_tile_overlap": tiles[0][1]}
     job = schema.validate(raw, lambda key: label)
     here = stacks.machine(stacks.pick_device(job.executor.device))
     moved = made is not None and (made["device"], made["device_name"]) != \

@@ -36,6 +36,7 @@ from sdbatch.output.run_folder import (
     default_dir,
     differences,
     made_of,
+    recorded_max_batch,
     resume_changes,
 )
 from sdbatch.output.writer import WriteError, Writer
@@ -70,10 +71,11 @@ def describe(job: Job) -> str:
 
 
 def portable(job: Job) -> dict:
-    """The job as embedded in PNGs: without run/executor, which change no pixel."""
+    """The job as embedded in PNGs: without run and executor, which change no pixel, but
+    for executor.max_batch (which images share a pass, so reproduce makes the same passes)."""
     d = schema.to_dict(job)
     d.pop("run")
-    d.pop("executor")
+    d["executor"] = {"max_batch": job.executor.max_batch}
     return d
 
 
@@ -187,7 +189,8 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     network_hashes = {k: f.hash for k, f in networks.items()}
     upscaler_records = upscaler_params(upscalers, job.executor)
     controlnets = {name: (f.hash, f.short) for (kind, name), f in control_files.items()}
-    plan = make_plan(renders, {c: s.identity for c, s in specs.items()}, job.params.batch_size,
+    plan = make_plan(renders, {c: s.identity for c, s in specs.items()},
+                     job.executor.max_batch,
                      network_hashes, images, upscaler_records, restorers, controlnets)
     problems += [Problem(key, message, origin(key))
                  for key, message in size_problems(plan, images)]
@@ -198,7 +201,8 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
                    {f"{kind}:{name}": digest for (kind, name), digest in network_hashes.items()}
                    | {f"upscaler:{name}": f.sha256 for name, f in upscalers.items()}
                    | {f"face_restorer:{name}": f.sha256 for name, f in restorers.items()},
-                   {path: image.sha256 for path, image in images.items()})
+                   {path: image.sha256 for path, image in images.items()},
+                   job.executor.max_batch)
     keys = {r.index: {plan.key(r.index)} for r in renders}
     if stored is not None and "made_of" in stored:
         problems += _resume_problems(job, path, stored, made, renders, plan, keys,
@@ -255,13 +259,21 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
             path, f"its images were rendered on {was['device']} in {was['dtype']}, this "
             f"session would render on {now['device']} in {now['dtype']}, and the pixels would "
             "differ; set run.allow_device_change=true to go on anyway", origin))
+    was = recorded_max_batch(stored["made_of"])
+    if was != job.executor.max_batch:
+        problems.append(Problem(
+            "executor.max_batch", f"{path} was rendered in forward passes of up to {was} "
+            f"images, this session would make passes of up to {job.executor.max_batch}, and "
+            f"an image's pixels depend on its pass by a rounding level; give "
+            f"executor.max_batch={was} (`sdbatch resume {path}` does), or a new run.dir",
+            origin("executor.max_batch")))
     if problems:
         return problems
     checkpoints = {r.checkpoint for r in renders}
     if job.run.allow_device_change:
         for session in stored.get("sessions", []):
             if checkpoints <= set(session.get("stacks", {})):
-                other = make_plan(renders, session["stacks"], job.params.batch_size,
+                other = make_plan(renders, session["stacks"], job.executor.max_batch,
                                   network_hashes, images, upscaler_records, restorers,
                                   controlnets)
                 for index in keys:

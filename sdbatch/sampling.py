@@ -9,6 +9,10 @@ both are right for every sampler. Guidance is the WebUI's composable form (`AND`
 
     guided = uncond + sum_i weight_i * cfg * (cond_i - uncond)
 
+Each image of a pass has its own CFG scale, so images that differ only in it share the
+pass. An image at CFG 1 with one plain part needs no negative: its negative row is left
+out of the model call and its output is its prompt's alone, as if it ran by itself.
+
 Later stages start the same loop part way (`start_step` with `init_latents`, img2img) and
 re-impose latents after every step (`on_latents`, inpainting).
 """
@@ -16,7 +20,7 @@ re-impose latents after every step (`on_latents`, inpainting).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +40,10 @@ class Conditioning:
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
 
-    @property
-    def plain(self) -> bool:
-        """One part of weight 1 per image: guidance at scale 1 is the prompt alone."""
-        return all(len(p) == 1 and p[0][1] == 1.0 for p in self.parts)
+    def plain(self, image: int) -> bool:
+        """One part of weight 1: guidance at scale 1 is the prompt alone."""
+        parts = self.parts[image]
+        return len(parts) == 1 and parts[0][1] == 1.0
 
 
 def calls_per_step(scheduler) -> int:
@@ -47,17 +51,32 @@ def calls_per_step(scheduler) -> int:
     return getattr(scheduler, "order", 1)
 
 
-def guide(out: torch.Tensor, cond: Conditioning, cfg_scale: float) -> torch.Tensor:
-    """The WebUI's combine_denoised: each image's negative plus its weighted, scaled parts."""
-    batch = len(cond.parts)
-    uncond = out[:batch]
-    guided = uncond.clone()
+def needs_negative(cond: Conditioning, cfg_scales: Sequence[float]) -> tuple[bool, ...]:
+    """Per image: does its guidance need its negative prompt's pass (not CFG 1 on a plain
+    prompt)?"""
+    return tuple(not (cfg == 1.0 and cond.plain(i)) for i, cfg in enumerate(cfg_scales))
+
+
+def guide(out: torch.Tensor, cond: Conditioning, cfg_scales: Sequence[float],
+          negatives: Sequence[bool]) -> torch.Tensor:
+    """The WebUI's combine_denoised, per image with its own CFG scale: its negative plus its
+    weighted, scaled parts. ``out`` holds the model's rows as _unet orders them: the
+    negatives of the images marked in ``negatives``, then every image's parts; an image
+    without a negative is its one part."""
+    batch, first = len(cond.parts), sum(negatives)
+    uncond_row = {i: k for k, i in enumerate(i for i in range(batch) if negatives[i])}
+    guided = []
     for i, parts in enumerate(cond.parts):
-        for row, weight in parts:
-            guided[i] += (out[row] - uncond[i]) * (weight * cfg_scale)
-    return guided
-
-
+        rows = [row - batch + first for row, _ in parts]  # context row -> out row
+        if not negatives[i]:
+            guided.append(out[rows[0]])
+            continue
+        uncond = out[uncond_row[i]]
+        image = uncond.clone()
+        for row, (_, weight) in zip(rows, parts, strict=True):
+            image += (out[row] - uncond) * (weight * cfg_scales[i])
+        guided.append(image)
+    return torch.stack(guided)
 def brownian_noise(scheduler, latents: torch.Tensor, seeds: list[int]
                    ) -> Callable[[int], torch.Tensor]:
     """Per-image Brownian-tree noise for a multistep SDE scheduler (DPM++ 2M/3M SDE), as the
@@ -83,7 +102,8 @@ def uses_variance_noise(scheduler) -> bool:
 
 @torch.no_grad()
 def sample(unet, scheduler, noise: torch.Tensor, steps: int,
-           conditioning: Callable[[int], Conditioning], cfg_scale: float, *,
+           conditioning: Callable[[int], Conditioning], cfg_scale: float | Sequence[float],
+           *,
            step_kwargs: dict | None = None, seeds: list[int] | None = None,
            timestep_cond: torch.Tensor | None = None,
            start_step: int = 0, init_latents: torch.Tensor | None = None,
@@ -93,7 +113,8 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
            control=None) -> torch.Tensor:
     """Denoise `noise` (B, C, H, W) over `steps` sampling steps; returns the final latents.
 
-    `conditioning(call)` gives the text inputs for model call `call` (0-based). `seeds`
+    `conditioning(call)` gives the text inputs for model call `call` (0-based); `cfg_scale`
+    is one scale for every image or one per image. `seeds`
     (one per image) seed the Brownian trees of the SDE samplers. With `start_step`, the
     first steps are skipped and `init_latents` noised to where sampling starts (img2img).
     `on_step(done, steps)` reports each finished sampling step; `on_latents(step, x)`
@@ -125,6 +146,8 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
     kwargs = dict(step_kwargs or {})
     accepted = set(inspect.signature(scheduler.step).parameters)
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    scales = ([float(cfg_scale)] * len(noise) if isinstance(cfg_scale, int | float)
+              else [float(c) for c in cfg_scale])
     variance = (brownian_noise(scheduler, latents, seeds)
                 if uses_variance_noise(scheduler) and seeds is not None else None)
 
@@ -135,15 +158,17 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
             done += 1
             latents = _finish_step(done, steps, latents, on_step, on_latents)
         cond = conditioning(call)
-        guided = not (cfg_scale == 1.0 and cond.plain) and timestep_cond is None
+        negatives = ((False,) * len(cond.parts) if timestep_cond is not None
+                     else needs_negative(cond, scales))
         latents_in = scheduler.scale_model_input(latents, t)
         x_t = latents_in
         if image_conditioning is not None:
             latents_in = torch.cat([latents_in, image_conditioning.to(latents_in)], dim=1)
         fraction = (done - start_step) / max(1, steps - start_step)
-        out = _unet(unet, latents_in, t, cond, guided, timestep_cond, control, x_t, fraction)
-        if guided:
-            out = guide(out, cond, cfg_scale)
+        out = _unet(unet, latents_in, t, cond, negatives, timestep_cond, control, x_t,
+                    fraction)
+        if any(negatives):
+            out = guide(out, cond, scales, negatives)
         if mask is not None:
             alpha, sigma = noise_level(scheduler, latents, x_t, t)
             if sigma > 1e-4:  # at no noise (a last midpoint) the input is its own prediction
@@ -204,15 +229,16 @@ def _finish_step(done: int, steps: int, latents: torch.Tensor, on_step, on_laten
     return latents
 
 
-def _unet(unet, latents: torch.Tensor, t, cond: Conditioning, guided: bool,
+def _unet(unet, latents: torch.Tensor, t, cond: Conditioning, negatives: Sequence[bool],
           timestep_cond: torch.Tensor | None, control=None, x_t: torch.Tensor | None = None,
           fraction: float = 0.0) -> torch.Tensor:
-    """One model call. Guided: every row of the conditioning, each with its image's latents,
-    out in row order for guide(). Unguided: each image's only part, out in image order.
-    ControlNets see ``x_t``, the latents without an inpainting model's extra channels."""
+    """One model call: the negative rows of the images marked in ``negatives``, then every
+    image's parts, each row with its image's latents, out in that order for guide() (with
+    no negatives: each image's only part, in image order). ControlNets see ``x_t``, the
+    latents without an inpainting model's extra channels."""
     batch = len(cond.parts)
     parts = [(i, row) for i, image_parts in enumerate(cond.parts) for row, _ in image_parts]
-    pairs = [(i, i) for i in range(batch)] + parts if guided else parts
+    pairs = [(i, i) for i in range(batch) if negatives[i]] + parts
     images = [i for i, _ in pairs]
     rows = torch.tensor([row for _, row in pairs], device=cond.context.device)
     added = None
@@ -221,7 +247,7 @@ def _unet(unet, latents: torch.Tensor, t, cond: Conditioning, guided: bool,
     residuals = {}
     if control is not None:
         down, mid = control.residuals((latents if x_t is None else x_t)[images], t,
-                                      cond.context[rows], images, batch if guided else 0,
+                                      cond.context[rows], images, sum(negatives),
                                       fraction, added)
         if down is not None:
             residuals = {"down_block_additional_residuals": down,

@@ -61,6 +61,6 @@ def test_images_that_differ_in_eta_never_share_a_forward_pass():
     from sdbatch.plan import make_plan
 
     rs = renders({"params": {"sampler": "DDIM", "seed": 1, "eta": [0, 0.5], "ensd": [0, 7]}})
-    plan = make_plan(rs, {"tiny": "stack"}, batch_size=4)
+    plan = make_plan(rs, {"tiny": "stack"}, max_batch=4)
     assert [[r.eta for r in b.renders] for b in plan.batches] == [[0.0, 0.0], [0.5, 0.5]]
     assert [[r.ensd for r in b.renders] for b in plan.batches] == [[0, 7], [0, 7]]

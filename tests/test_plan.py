@@ -1,24 +1,46 @@
 import hashlib
+import math
+
+import pytest
 
 from sdbatch import matrix
 from sdbatch.plan import content_key, make_plan
 from sdbatch.schema import validate
 
 
-def plan_of(raw, batch_size=2):
+def plan_of(raw, max_batch=2):
     job = validate(raw)
     rs = matrix.expand(matrix.resolve_seeds(job, 0))
-    return rs, make_plan(rs, {"tiny": "stack-a"}, batch_size)
+    return rs, make_plan(rs, {"tiny": "stack-a"}, max_batch)
 
 
-def test_calls_differing_only_in_seed_or_prompt_share_a_batch():
-    rs, plan = plan_of({"prompt": ["a", "b", "c"], "params": {"seed": 1, "cfg_scale": [5, 7]}})
+@pytest.mark.parametrize("max_batch", [1, 5, 8, 24])
+def test_calls_differing_in_seed_prompt_negative_or_cfg_share_passes_of_max_batch(max_batch):
+    """2 prompts x 2 negatives x 2 CFG x 3 seeds: 24 calls that may all share a pass, so
+    ceil(24 / max_batch) passes, each full but the last, in image order."""
+    rs, plan = plan_of({"prompt": ["a", "b"], "negative_prompt": ["x", "y"],
+                        "params": {"seed": [1, 2, 3], "cfg_scale": [5, 7]}}, max_batch)
+    sizes = [len(b.renders) for b in plan.batches]
+    assert len(sizes) == math.ceil(24 / max_batch) and max(sizes) == min(max_batch, 24)
+    assert [r.index for b in plan.batches for r in b.renders] == list(range(24))
+    first = plan.batches[0].renders
+    assert len({(r.prompt, r.negative_prompt, r.cfg_scale, r.seed) for r in first}) == \
+        min(max_batch, 24)
+
+
+def test_params_batch_size_makes_images_not_passes():
+    """batch_size keeps its WebUI meaning: 2 cells x 3 images; the 6 share one pass."""
+    rs, plan = plan_of({"prompt": ["a", "b"], "params": {"seed": 10, "batch_size": 3}}, 8)
+    assert [r.seed for r in rs] == [10, 11, 12, 10, 11, 12]
+    assert [[r.index for r in b.renders] for b in plan.batches] == [list(range(6))]
+
+
+def test_calls_differing_in_what_the_pass_shares_never_share_one():
+    rs, plan = plan_of({"prompt": "a", "params": {"seed": [1, 2], "steps": [4, 6],
+                                                  "sampler": ["Euler", "DDIM"]}}, 8)
     for batch in plan.batches:
-        assert len({r.cfg_scale for r in batch.renders}) == 1
-        assert len(batch.renders) <= 2
-    assert sorted(r.index for b in plan.batches for r in b.renders) == list(range(6))
-    cfg5 = [b for b in plan.batches if b.renders[0].cfg_scale == 5]
-    assert [len(b.renders) for b in cfg5] == [2, 1]
+        assert len({(r.steps, r.sampler) for r in batch.renders}) == 1
+    assert len(plan.batches) == 4
 
 
 def test_grouping_is_a_function_of_the_job():

@@ -73,6 +73,26 @@ def test_one_base_under_three_hires_variants_is_drawn_once(tmp_path, counting):
     assert not (tmp_path / "r/intermediates").exists()  # removed when the run completes
 
 
+def test_hires_variants_of_other_cfg_share_a_pass_each_with_its_own(tmp_path, monkeypatch):
+    """Two hires CFG scales on one base: one hires pass of two, each image within a level
+    of what its own CFG gives in a pass of its own."""
+    passes = []
+    real = local.STAGES["hires_fix"]
+    monkeypatch.setitem(local.STAGES, "hires_fix", lambda stack, batch, *a, **kw: (
+        passes.append(len(batch)), real(stack, batch, *a, **kw))[1])
+    job = {**BASE, "post": [{"hires_fix": {"scale": 2, "steps": 3, "denoise": 0.6,
+                                           "cfg_scale": [1, 9]}}]}
+    run_job(job, tmp_path / "shared")
+    assert passes == [2]
+    run_job({**job, "executor": {"max_batch": 1}}, tmp_path / "alone")
+    assert passes == [2, 1, 1]
+    shared, alone = entries(tmp_path / "shared"), entries(tmp_path / "alone")
+    for a, b in zip(shared, alone, strict=True):
+        assert np.abs(image(tmp_path / "shared", a) - image(tmp_path / "alone", b)).max() <= 1
+    assert np.abs(image(tmp_path / "shared", shared[0])
+                  - image(tmp_path / "shared", shared[1])).max() > 3
+
+
 def test_a_run_stopped_after_its_base_pass_resumes_without_drawing_it_again(
         tmp_path, monkeypatch, counting):
     job = {**BASE, "post": [{"hires_fix": {"scale": 2, "steps": 3, "denoise": [0.3, 0.6]}}]}

@@ -84,15 +84,17 @@ def test_same_job_twice_gives_the_same_bytes(tmp_path: Path):
 
 
 @pytest.mark.parametrize("sampler", ["Euler a", "DPM++ SDE Karras"])
-def test_an_image_does_not_depend_on_its_batch(tmp_path: Path, sampler):
-    job = {**SMALL, "params": {**SMALL["params"], "sampler": sampler, "cfg_scale": 7,
-                               "batch_count": 3}}
-    run_job(job, tmp_path / "one")
-    run_job({**job, "params": {**job["params"], "batch_count": 1, "batch_size": 3}},
-            tmp_path / "three")
-    for name in sorted(p.name for p in (tmp_path / "one/images").iterdir()):
+def test_an_image_does_not_depend_on_its_pass(tmp_path: Path, sampler):
+    """One image a pass, or the 12 (2 prompts x 2 CFG x 3 seeds) in passes of 8 and 4: the
+    same pictures within a rounding level."""
+    job = {**SMALL, "params": {**SMALL["params"], "sampler": sampler, "batch_size": 3}}
+    run_job({**job, "executor": {"max_batch": 1}}, tmp_path / "one")
+    run_job(job, tmp_path / "eight")
+    names = sorted(p.name for p in (tmp_path / "one/images").iterdir())
+    assert len(names) == 12
+    for name in names:
         a = np.asarray(Image.open(tmp_path / "one/images" / name), dtype=int)
-        b = np.asarray(Image.open(tmp_path / "three/images" / name), dtype=int)
+        b = np.asarray(Image.open(tmp_path / "eight/images" / name), dtype=int)
         assert np.abs(a - b).max() <= 1, name
 
 
@@ -131,7 +133,33 @@ def test_a_run_folder_of_another_job_is_refused(tmp_path: Path):
         run_job({**SMALL, "params": {**SMALL["params"], "steps": 5}}, tmp_path / "r")
 
 
-MANY_JOB = SMALL_JOB.replace("seed: 11", "seed: [1, 2, 3]")  # 12 images, one per batch
+def test_max_batch_is_recorded_and_a_resume_with_another_is_refused(tmp_path: Path):
+    """Which images share a pass moves pixels by a rounding level, so a run keeps its
+    max_batch: another is refused naming the fix, and `sdbatch resume` uses the recorded
+    one (for runs made before it was recorded: params.batch_size, their pass size)."""
+    r = tmp_path / "r"
+    run_job({**SMALL, "executor": {"max_batch": 3}}, r)
+    info = json.loads((r / "run.json").read_text())
+    assert info["made_of"]["max_batch"] == 3
+    [first] = r.glob("images/00000-*.png")
+    assert png.read_recipe(first)["job"]["executor"] == {"max_batch": 3}
+    with pytest.raises(runner.JobError, match=r"passes of up to 3 images.*up to 8.*"
+                                              r"give executor.max_batch=3"):
+        run_job(SMALL, r)
+    assert run_job({**SMALL, "executor": {"max_batch": 3}}, r) == 0
+    # a run made before max_batch was recorded: its passes were params.batch_size (1)
+    del info["made_of"]["max_batch"]
+    (r / "run.json").write_text(json.dumps(info))
+    config = yaml.safe_load((r / "config.yaml").read_text())
+    del config["executor"]["max_batch"]
+    (r / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(runner.JobError, match="give executor.max_batch=1"):
+        run_job(SMALL, r)
+    assert "complete: 0 rendered, 4 already there" in sdbatch(tmp_path, "resume", "r").stdout
+
+
+# 12 images in passes of 4
+MANY_JOB = SMALL_JOB.replace("seed: 11", "seed: [1, 2, 3]") + "executor:\n  max_batch: 4\n"
 
 # Runs the CLI with a hook at a chosen image: the moment a test stops a run is exact.
 STOP_AT = """import os, signal, sys
@@ -188,22 +216,22 @@ def test_ctrl_c_or_sigterm_stops_after_the_batch_and_says_how_to_resume(tmp_path
     """SIGTERM (SLURM's pre-emption) stops as a first Ctrl-C does: the batch in flight is
     finished and written, and the run resumes from there."""
     write_job(tmp_path, "small", MANY_JOB)
-    proc = stop_at(tmp_path, 3, how, "+job=small", "run.dir=r")
+    proc = stop_at(tmp_path, 2, how, "+job=small", "run.dir=r")
     assert proc.returncode == runner.EXIT_INTERRUPTED, proc.stderr
     assert "stopping after the batches in flight" in proc.stderr
-    assert "interrupted: 3 rendered" in proc.stdout and "sdbatch resume r" in proc.stdout
+    assert "interrupted: 8 rendered" in proc.stdout and "sdbatch resume r" in proc.stdout
     info = json.loads((tmp_path / "r/run.json").read_text())
-    assert info["status"] == "interrupted" and info["counts"]["rendered"] == 3
-    assert len(shas(tmp_path / "r")) == 3
+    assert info["status"] == "interrupted" and info["counts"]["rendered"] == 8
+    assert len(shas(tmp_path / "r")) == 8
     out = sdbatch(tmp_path, "+job=small", "run.dir=r").stdout  # re-running the job resumes
-    assert "complete: 9 rendered, 3 already there" in out
+    assert "complete: 4 rendered, 8 already there" in out
     assert len(shas(tmp_path / "r")) == 12
 
 
 def test_reproduce_matches_bytes(tmp_path: Path):
-    job = {**SMALL, "params": {**SMALL["params"], "batch_size": 2}}
+    job = {**SMALL, "params": {**SMALL["params"], "batch_size": 2}, "executor": {"max_batch": 3}}
     run_job(job, tmp_path / "r")
-    [image] = (tmp_path / "r/images").glob("00003-*.png")  # second of a batch of two
+    [image] = (tmp_path / "r/images").glob("00004-*.png")  # the middle of a pass of three
     proc = sdbatch(tmp_path, "reproduce", str(image))
     assert "matches byte for byte" in proc.stdout
     image.write_bytes(png.encode(Image.new("RGB", (64, 64)), "x",

@@ -188,3 +188,61 @@ def test_sampling_can_start_part_way_from_init_latents(tiny_stack):
                     on_step=lambda done, total: steps.append(done))
     # 4 Heun steps are calls 0-1, 2-3, 4-5 and 6: starting at step 2 is starting at call 4
     assert calls == [4, 5, 6] and steps == [3, 4]
+
+
+
+def test_guide_gives_each_image_its_own_cfg_scale():
+    """Rows as _unet orders them: the negatives of the images that need one, then every
+    image's parts. Image 1 (CFG 1, one plain part) has no negative and is its part alone."""
+    from sdbatch import sampling
+
+    # context rows: negatives 0-2, image 0's parts 3 and 4, image 1's 5, image 2's 6
+    cond = sampling.Conditioning(torch.zeros(7, 1),
+                                 (((3, 1.0), (4, 0.5)), ((5, 1.0),), ((6, 1.0),)))
+    scales = [7.0, 1.0, 3.0]
+    negatives = sampling.needs_negative(cond, scales)
+    assert negatives == (True, False, True)
+    u0, u2, a0, b0, p1, p2 = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = sampling.guide(torch.stack([u0, u2, a0, b0, p1, p2]), cond, scales, negatives)
+    expected = torch.stack([u0 + (a0 - u0) * 7 + (b0 - u0) * 3.5, p1, u2 + (p2 - u2) * 3])
+    torch.testing.assert_close(out, expected)
+    # CFG 1 with AND parts still needs its negative (uncond + sum of weighted parts)
+    assert sampling.needs_negative(cond, [1.0, 1.0, 1.0]) == (True, False, False)
+
+
+def test_each_image_of_a_pass_gets_what_its_own_cfg_gives_alone(tiny_stack, monkeypatch):
+    """Seeds, prompts and CFG scales (1 among them) differ inside one pass; each image is
+    the one its own CFG gives it rendered alone, within the rounding of another batch."""
+    rs = [render(seed=7, cfg_scale=1.0), render(seed=8, prompt="a blue tower", cfg_scale=5.0),
+          render(seed=7, cfg_scale=9.0, negative_prompt="blurry")]
+    pipe, rows = tiny_stack.pipe, []
+    real = pipe.unet.forward
+
+    def spy(sample, t, encoder_hidden_states=None, **kwargs):
+        rows.append(encoder_hidden_states.shape[0])
+        return real(sample, t, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+    monkeypatch.setattr(pipe.unet, "forward", spy)
+    together = pixels(tiny_stack, *rs)
+    assert set(rows) == {5}  # 2 negatives (the CFG 1 image needs none) + 3 prompts
+    alone = [pixels(tiny_stack, r)[0] for r in rs]
+    for i, (a, b) in enumerate(zip(together, alone, strict=True)):
+        assert np.abs(a - b).max() <= 1, i
+    assert np.abs(together[0] - together[2]).max() > 3  # the CFG scale mattered
+
+
+def test_guidance_embedding_is_each_images_own():
+    """Guidance-distilled (LCM) UNets: each image's CFG scale becomes its own embedding."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(time_cond_proj_dim=32)),
+                           get_guidance_scale_embedding=lambda w, embedding_dim:
+                           StableDiffusionPipeline.get_guidance_scale_embedding(
+                               None, w, embedding_dim))
+    both = txt2img._guidance_embedding(pipe, [3.0, 8.0], torch.float32, torch.device("cpu"))
+    for row, cfg in zip(both, [3.0, 8.0], strict=True):
+        assert torch.equal(row, txt2img._guidance_embedding(pipe, [cfg], torch.float32,
+                                                            torch.device("cpu"))[0])
+    assert not torch.equal(both[0], both[1])

@@ -113,4 +113,4 @@ def test_checkpoint_axis_loads_each_stack_once(tmp_path, tiny_stack, tiny_spec, 
                        "model": {"checkpoint": ["tiny", "copy"], "config": str(tiny_spec.path)}},
                       tmp_path / "r")
     assert [e["recipe"]["model"]["name"] for e in entries] == ["tiny", "tiny", "copy", "copy"]
-    assert loads == ["tiny", "copy"]  # two batches each, one load each
+    assert loads == ["tiny", "copy"]  # one load each

@@ -107,6 +107,7 @@ def test_ctrl_c_writes_every_rendered_image_before_the_run_ends(tmp_path, monkey
     raw = {"prompt": "a house", "params": {"sampler": "Euler", "steps": 2, "seed": 3,
                                            "batch_size": 2, "batch_count": 2,
                                            "width": 64, "height": 64},
+           "executor": {"max_batch": 2},
            "run": {"dir": str(tmp_path / "r"), "progress": "quiet"}}
     assert runner.run(validate(raw), lambda key: "test", [], ["test"]) == runner.EXIT_INTERRUPTED
     written = manifest.read(tmp_path / "r" / "manifest.jsonl")

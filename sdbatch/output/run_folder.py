@@ -68,17 +68,25 @@ def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def made_of(job: dict[str, Any], filename: str, stacks: dict[str, dict[str, Any]],
-            networks: dict[str, str], inputs: dict[str, str] | None = None) -> dict[str, Any]:
+            networks: dict[str, str], inputs: dict[str, str] | None = None,
+            max_batch: int = 1) -> dict[str, Any]:
     """What a run's images are made of, as a resume compares it: the expanded job (prompt
     file, styles and combinatorial wildcards written in; without run and executor, and
     without model.dtype, whose effect is the stacks' dtype), the file name pattern, each
     checkpoint's stack record (file hashes, device, dtype), each LoRA's or hypernetwork's
-    hash, each input image's (init images, masks) sha256."""
+    hash, each input image's (init images, masks) sha256, and executor.max_batch (which
+    images share a forward pass, and so their last rounding)."""
     job = {k: v for k, v in job.items() if k not in RESUME_IGNORES
            and not (k == "controlnet" and not v)}  # runs made before units existed resume
     job["model"] = {k: v for k, v in job["model"].items() if k != "dtype"}
     return {"job": job, "filename": filename, "models": stacks, "networks": networks,
-            "inputs": inputs or {}}
+            "inputs": inputs or {}, "max_batch": max_batch}
+
+
+def recorded_max_batch(made: dict[str, Any]) -> int:
+    """The executor.max_batch a run's images were rendered with. Runs made before it was
+    recorded made passes of params.batch_size."""
+    return made.get("max_batch", made["job"]["params"]["batch_size"])
 
 
 def resume_changes(stored: dict[str, Any], current: dict[str, Any]

@@ -114,7 +114,7 @@ def sample_tail(stack: Stack, renders: list[Render], init: torch.Tensor, tail: T
         mine = [timelines[i] for i in group]
         scheduler = samplers.make_scheduler(stack.scheduler_config, first.sampler,
                                             first.schedule_type)
-        seeds = [r.seed for r in members]
+        seeds, cfg_scales = [r.seed for r in members], [r.cfg_scale for r in members]
         if hasattr(scheduler, "noise_sampler_seed"):
             scheduler.noise_sampler_seed = seeds
         start_noise = torch.stack([image_noise(r, shape) for r in members]).to(
@@ -131,12 +131,12 @@ def sample_tail(stack: Stack, renders: list[Render], init: torch.Tensor, tail: T
                 pipe.unet, scheduler, start_noise, tail.schedule,
                 lambda call, mine=mine, t=time_ids: batch_conditioning(mine, call - first_call,
                                                                        t),
-                first.cfg_scale,
+                cfg_scales,
                 step_kwargs={"generator": generators,
                              "eta": first.eta if first.eta is not None else 0.0},
                 seeds=seeds, start_step=tail.start, init_latents=init[group], on_step=report,
-                timestep_cond=_guidance_embedding(pipe, first.cfg_scale, len(members),
-                                                  stack.dtype, stack.device),
+                timestep_cond=_guidance_embedding(pipe, cfg_scales, stack.dtype,
+                                                  stack.device),
                 mask=None if mask is None else mask[group].to(stack.device, stack.dtype),
                 image_conditioning=(None if image_conditioning is None
                                     else image_conditioning[group].to(stack.device,

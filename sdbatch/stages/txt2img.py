@@ -193,14 +193,14 @@ def _time_ids(pipe, render: Render, dtype: torch.dtype, device: torch.device
     return torch.tensor([[*size, 0, 0, *size]], dtype=dtype, device=device)
 
 
-def _guidance_embedding(pipe, cfg_scale: float, batch: int, dtype: torch.dtype,
+def _guidance_embedding(pipe, cfg_scales: list[float], dtype: torch.dtype,
                         device: torch.device) -> torch.Tensor | None:
-    """Guidance-distilled UNets (LCM) take the CFG scale as an embedding instead of an
-    unconditional pass, as the diffusers pipelines give it."""
+    """Guidance-distilled UNets (LCM) take each image's CFG scale as an embedding instead
+    of an unconditional pass, as the diffusers pipelines give it."""
     dim = pipe.unet.config.time_cond_proj_dim
     if dim is None:
         return None
-    scale = torch.tensor(cfg_scale - 1).repeat(batch)
+    scale = torch.tensor([cfg - 1 for cfg in cfg_scales], dtype=torch.float32)
     return pipe.get_guidance_scale_embedding(scale, embedding_dim=dim).to(device, dtype)
 
 
@@ -259,7 +259,7 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
         mine = [timelines[i] for i in group]
         scheduler = samplers.make_scheduler(stack.scheduler_config, first.sampler,
                                             first.schedule_type)
-        seeds = [r.seed for r in members]
+        seeds, cfg_scales = [r.seed for r in members], [r.cfg_scale for r in members]
         if hasattr(scheduler, "noise_sampler_seed"):
             scheduler.noise_sampler_seed = seeds
         latents = torch.stack([
@@ -273,12 +273,12 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
             latents = sampling.sample(
                 pipe.unet, scheduler, latents, first.steps,
                 lambda call, mine=mine: batch_conditioning(mine, call, time_ids),
-                first.cfg_scale,
+                cfg_scales,
                 step_kwargs={"generator": generators,
                              "eta": first.eta if first.eta is not None else 0.0},
                 seeds=seeds, on_step=on_step,
-                timestep_cond=_guidance_embedding(pipe, first.cfg_scale, len(members),
-                                                  stack.dtype, stack.device),
+                timestep_cond=_guidance_embedding(pipe, cfg_scales, stack.dtype,
+                                                  stack.device),
                 control=ctrl)
         for i, picture in zip(group, pictures(pipe, latents), strict=True):
             out[i] = picture
