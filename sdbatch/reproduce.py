@@ -38,8 +38,11 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
         torch.set_num_threads(made["threads"])
     tiles = [stage["params"][f"{key}_model"]["tile"] for stage in data["recipe"].get("stages", [])
              for key in ("upscaler", "upscaler_2") if f"{key}_model" in stage["params"]]
+    executor = {name: True for name in data["recipe"]["model"].get("switches", ())}
     if tiles:  # the upscaler tiles of the run (an executor setting, not in the job)
-        raw["executor"] = {"upscaler_tile_px": tiles[0][0], "upscaler_tile_overlap": tiles[0][1]}
+        executor |= {"upscaler_tile_px": tiles[0][0], "upscaler_tile_overlap": tiles[0][1]}
+    if executor:  # what of the executor's settings made the pixels
+        raw["executor"] = executor
     job = schema.validate(raw, lambda key: label)
     here = stacks.machine(stacks.pick_device(job.executor.device))
     moved = made is not None and (made["device"], made["device_name"]) != \

@@ -131,7 +131,8 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     specs = {}
     for checkpoint in dict.fromkeys(matrix.checkpoints(job)):
         spec, stack_problems = model_specs.resolve(job.model, job.paths, checkpoint, origin,
-                                              job.executor.device)
+                                                   job.executor.device,
+                                                   model_specs.speed_switches(job.executor))
         problems += stack_problems
         specs[checkpoint] = spec
     path = Path(job.run.dir) if job.run.dir else default_dir(job.job.name)
@@ -235,9 +236,9 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
         checkpoint = device[0].split(".")[1]
         was, now = stored["made_of"]["models"][checkpoint], made["models"][checkpoint]
         problems.append(_refusal(
-            path, f"its images were rendered on {was['device']} in {was['dtype']}, this "
-            f"session would render on {now['device']} in {now['dtype']}, and the pixels would "
-            "differ; set run.allow_device_change=true to go on anyway", origin))
+            path, f"its images were rendered on {_how(was)}, this session would render on "
+            f"{_how(now)}, and the pixels would differ; set run.allow_device_change=true to "
+            "go on anyway", origin))
     if problems:
         return problems
     checkpoints = {r.checkpoint for r in renders}
@@ -262,6 +263,13 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
                                  f"differently (image {i:05d}: "
                                  f"{', '.join(what) or 'its model stack'})", origin))
     return problems
+
+
+def _how(record: dict) -> str:
+    """'cuda in float16 with compile, fuse_loras': where a stack record computes."""
+    switches = record.get("switches")
+    return f"{record['device']} in {record['dtype']}" + (
+        f" with {', '.join(switches)}" if switches else "")
 
 
 def _restorers(p: Prepared, job: Job, device) -> ImageModels:
@@ -338,7 +346,8 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
         print(f"  resuming: {len(done)} already there, {len(renders) - len(done)} to render")
     device = stacks.pick_device(job.executor.device)
     first = next(iter(p.specs.values()))
-    folder.start_session({**stacks.machine(device), "dtype": first.record["dtype"]},
+    folder.start_session({**stacks.machine(device), "dtype": first.record["dtype"],
+                          "switches": list(first.switches)},
                          {c: s.identity for c, s in p.specs.items()}, argv)
     embedded_job = portable(p.resolved)
     progress = Progress(job.run.progress, len(renders), len(done))
