@@ -185,3 +185,17 @@ def test_switches_are_recorded_and_a_resume_or_reproduce_follows_them(tmp_path, 
     assert png.read_recipe(image)["recipe"]["model"]["switches"] == ["fuse_loras"]
     assert reproduce.reproduce(image)
     assert seen[0].fuse_loras
+
+
+def test_bench_measures_sdbatch_next_to_diffusers(capsys):
+    from sdbatch import bench
+
+    bench.main(["--steps", "1", "--repeats", "1", "--batch-size", "1", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "sdbatch bench: tiny, 64x64, 1 steps Euler" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[1:2] in (["sdbatch"],
+                                                                              ["diffusers"])]
+    assert [(r[0], r[1]) for r in rows] == [("1", "sdbatch"), ("1", "diffusers"),
+                                           ("2", "sdbatch"), ("2", "diffusers")]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 and r[5] == "GiB" for r in rows)
+    assert out.count("sdbatch / diffusers wall:") == 2
