@@ -14,11 +14,26 @@ from sdbatch import faces
 from sdbatch.models import families, hashing, hub, names, tiny
 from sdbatch.models.image_models import ImageModelFile, identify
 from sdbatch.models.single_file import ModelFileError
-from sdbatch.models.stack import EMBEDDED, NetworkFile, StackSpec
+from sdbatch.models.stack import (
+    EMBEDDED,
+    SWITCHES,
+    NetworkFile,
+    StackSpec,
+    dtype_problem,
+    pick_device,
+)
 from sdbatch.models.upscaler_models import UpscalerFile
 from sdbatch.plan import EXTRAS_RESTORERS
 from sdbatch.prompts.parser import extract_extra_networks
-from sdbatch.schema import IMAGE_UPSCALERS, LATENT_UPSCALERS, Job, Model, Paths, Problem
+from sdbatch.schema import (
+    IMAGE_UPSCALERS,
+    LATENT_UPSCALERS,
+    Executor,
+    Job,
+    Model,
+    Paths,
+    Problem,
+)
 
 
 def _models_dir(paths: Paths) -> Path | None:
@@ -26,10 +41,14 @@ def _models_dir(paths: Paths) -> Path | None:
 
 
 def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the job",
-            device: str = "auto") -> tuple[StackSpec | None, list[Problem]]:
+            device: str = "auto", switches: tuple[str, ...] = ()
+            ) -> tuple[StackSpec | None, list[Problem]]:
     """The spec for one checkpoint of a job's model section, to run on ``device`` (the
-    executor's), or the problems that stop it."""
+    executor's) with the speed ``switches`` that are on (see speed_switches), or the
+    problems that stop it."""
     problems: list[Problem] = []
+    if why := dtype_problem(model.dtype, pick_device(device)):
+        problems.append(Problem("model.dtype", why, origin("model.dtype")))
     models = _models_dir(paths)
     if models is not None and not models.is_dir():
         problems.append(Problem("paths.models", f"no such folder: {models}; give your A1111 "
@@ -77,7 +96,12 @@ def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the
     name = (checkpoint if checkpoint in EMBEDDED or hub.is_hub_id(checkpoint)
             else names.stem(path.name))
     return StackSpec(name, path, model.dtype, family, vae, embeddings, model.allow_pickle,
-                     config, device), []
+                     config, device, switches), []
+
+
+def speed_switches(executor: Executor) -> tuple[str, ...]:
+    """The executor's speed switches that are on: they go into every stack's identity."""
+    return tuple(name for name in SWITCHES if getattr(executor, name))
 
 
 def resolve_networks(job: Job, renders, origin=lambda key: "the job"

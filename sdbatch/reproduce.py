@@ -40,9 +40,10 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
     tiles = [stage["params"][f"{key}_model"]["tile"] for stage in data["recipe"].get("stages", [])
              for key in ("upscaler", "upscaler_2") if f"{key}_model" in stage["params"]]
     # the passes of the run: PNGs of versions before executor.max_batch made passes of
-    # params.batch_size
+    # params.batch_size; and what of the executor's settings made the pixels
     raw["executor"] = {"max_batch": raw.get("executor", {}).get(
         "max_batch", raw["params"]["batch_size"])}
+    raw["executor"] |= {name: True for name in data["recipe"]["model"].get("switches", ())}
     if tiles:  # the upscaler tiles of the run (an executor setting, not in the job)
         raw["executor"] |= {"upscaler_tile_px": tiles[0][0],
                             "upscaler_tile_overlap": tiles[0][1]}

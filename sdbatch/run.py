@@ -145,7 +145,8 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     specs = {}
     for checkpoint in dict.fromkeys(matrix.checkpoints(job)):
         spec, stack_problems = model_specs.resolve(job.model, job.paths, checkpoint, origin,
-                                                   executors.spec_device(job.executor))
+                                                   executors.spec_device(job.executor),
+                                                   model_specs.speed_switches(job.executor))
         problems += stack_problems
         specs[checkpoint] = spec
     path = Path(job.run.dir) if job.run.dir else default_dir(job.job.name)
@@ -256,9 +257,9 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
         checkpoint = device[0].split(".")[1]
         was, now = stored["made_of"]["models"][checkpoint], made["models"][checkpoint]
         problems.append(_refusal(
-            path, f"its images were rendered on {was['device']} in {was['dtype']}, this "
-            f"session would render on {now['device']} in {now['dtype']}, and the pixels would "
-            "differ; set run.allow_device_change=true to go on anyway", origin))
+            path, f"its images were rendered on {_how(was)}, this session would render on "
+            f"{_how(now)}, and the pixels would differ; set run.allow_device_change=true to "
+            "go on anyway", origin))
     was = recorded_max_batch(stored["made_of"])
     if was != job.executor.max_batch:
         problems.append(Problem(
@@ -291,6 +292,13 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
                                  f"differently (image {i:05d}: "
                                  f"{', '.join(what) or 'its model stack'})", origin))
     return problems
+
+
+def _how(record: dict) -> str:
+    """'cuda in float16 with compile, fuse_loras': where a stack record computes."""
+    switches = record.get("switches")
+    return f"{record['device']} in {record['dtype']}" + (
+        f" with {', '.join(switches)}" if switches else "")
 
 
 def render_one(job: Job, origin: Origin, index: int,
@@ -372,6 +380,7 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str]) ->
     device = stacks.pick_device(executors.spec_device(job.executor))
     first = next(iter(p.specs.values()))
     folder.start_session({**stacks.machine(device), "dtype": first.record["dtype"],
+                          "switches": list(first.switches),
                           **executors.session_record(job.executor)},
                          {c: s.identity for c, s in p.specs.items()}, argv)
     embedded_job = portable(p.resolved)

@@ -60,9 +60,11 @@ def test_the_run_goes_on_while_the_writer_writes_and_close_writes_everything(tmp
     lines = [json.loads(x) for x in (folder.path / "manifest.jsonl").read_text().splitlines()]
     assert [(e["index"], e["status"]) for e in lines] == [(0, "ok"), (1, "ok"), (2, "failed"),
                                                            (3, "ok")]
+    reopened = RunFolder(folder.path)
     for e in lines:
         if e["status"] == "ok":
-            assert folder.is_done(e["index"], e["key"])
+            assert reopened.is_done(e["index"], e["key"])
+    assert folder.done == {}  # a run keeps no line it wrote: its memory stays flat
 
 
 @pytest.mark.parametrize("threaded", [True, False])

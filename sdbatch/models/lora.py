@@ -282,6 +282,8 @@ def check_lora(path: Path, pipe) -> None:
 class _PipeLoras:
     adapters: dict[Path, str] = field(default_factory=dict)  # resolved file -> adapter name
     active: dict[str, float] | None = None  # what the pipeline is set to now (None: unknown)
+    fused: dict[str, float] | None = None  # the adapters fused into the weights now
+    saved: dict = field(default_factory=dict)  # fused layer -> its own weight, kept on the CPU
 
 
 _per_pipe: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -331,17 +333,60 @@ class LoraSet:
         self._state.active = None  # loading may change which adapters are active
         return name
 
-    def apply(self, loras: Iterable[tuple[Path, float]]) -> None:
+    def apply(self, loras: Iterable[tuple[Path, float]], fuse: bool = False) -> None:
         """Make exactly these LoRAs active with these weights; an empty set disables LoRA.
 
         Weights of a file named twice add up (the WebUI applies it twice); weight 0 is left
-        out, so it costs nothing and gives the image without that LoRA.
+        out, so it costs nothing and gives the image without that LoRA. With ``fuse`` the
+        LoRAs' deltas are added into the layers' own weights, which then run alone (no
+        extra LoRA matmuls a call) until the set or a weight changes: then every fused
+        layer gets its own weight back exactly (a copy, not a subtraction, so an image
+        never depends on which batches ran before it) and the new set is fused.
         """
         weights: dict[str, float] = {}
         for path, weight in loras:
             name = self.load(path)
             weights[name] = weights.get(name, 0.0) + float(weight)
         active = {n: w for n, w in weights.items() if w != 0.0}
+        if fuse and active == self._state.fused:
+            return
+        self._unfuse()
+        self._activate(active)
+        if fuse and active:
+            self._fuse(active)
+
+    def _lora_layers(self) -> Iterator[torch.nn.Module]:
+        from peft.tuners.lora import LoraLayer
+
+        for attr in ("unet", "text_encoder", "text_encoder_2"):
+            model = getattr(self.pipe, attr, None)
+            if model is not None:
+                yield from (m for m in model.modules() if isinstance(m, LoraLayer))
+
+    @torch.no_grad()
+    def _fuse(self, active: dict[str, float]) -> None:
+        """Add the active adapters' deltas (at the weights set_adapters gave them) into
+        their layers' weights, then switch the adapters off: the layers run alone."""
+        for layer in self._lora_layers():
+            names = [a for a in layer.active_adapters if a in layer.lora_A]
+            if not names:
+                continue
+            weight = layer.get_base_layer().weight
+            self._state.saved[layer] = weight.detach().to("cpu", copy=True)
+            delta = sum(layer.get_delta_weight(a).float() for a in names)
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+        self.pipe.disable_lora()
+        self._state.active = {}
+        self._state.fused = active
+
+    @torch.no_grad()
+    def _unfuse(self) -> None:
+        for layer, weight in self._state.saved.items():
+            layer.get_base_layer().weight.copy_(weight)
+        self._state.saved.clear()
+        self._state.fused = None
+
+    def _activate(self, active: dict[str, float]) -> None:
         if active == self._state.active:
             return
         if not active:

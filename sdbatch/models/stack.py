@@ -8,6 +8,7 @@ This module knows nothing of jobs: it loads what a spec says.
 from __future__ import annotations
 
 import gc
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,6 +22,10 @@ from sdbatch.models.embeddings import load_embedding
 from sdbatch.models.single_file import load_single_file, load_vae
 
 EMBEDDED = {"tiny": tiny.model_folder}
+# executor keys that make a stack compute differently: each can move a pixel by a level
+# (other kernels, fused ops, fused weights, other algorithms), so a stack's identity
+# and record name those that are on, and a resume or reproduce follows them
+SWITCHES = ("channels_last", "compile", "deterministic", "fuse_loras")
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class StackSpec:
     allow_pickle: bool = False
     config: Path | None = None
     device: str = "auto"  # executor.device: where it will run, which picks the dtype too
+    switches: tuple[str, ...] = ()  # the SWITCHES that are on, in SWITCHES' order
 
     @cached_property
     def model_hash(self) -> str:
@@ -62,18 +68,21 @@ class StackSpec:
 
     @cached_property
     def record(self) -> dict[str, Any]:
-        """What makes the stack's pixels: its files' hashes, and the device type and dtype
-        it computes in (kernels differ between devices and precisions)."""
+        """What makes the stack's pixels: its files' hashes, the device type and dtype it
+        computes in (kernels differ between devices and precisions), and the speed switches
+        that are on (named only then, so stacks made before the switches keep their
+        identity)."""
         return {"model": self.model_hash, "vae": self.vae_hash, "family": self.family,
                 "embeddings": {e.name: hashing.sha256(e)[:12] for e in self.embeddings},
                 "device": self.torch_device.type,
-                "dtype": str(self.torch_dtype).removeprefix("torch.")}
+                "dtype": str(self.torch_dtype).removeprefix("torch.")} | (
+                    {"switches": list(self.switches)} if self.switches else {})
 
     @cached_property
     def identity(self) -> str:
         r = self.record
         return ":".join([r["model"], r["vae"] or "-", r["family"], *r["embeddings"].values(),
-                         r["device"], r["dtype"]])
+                         r["device"], r["dtype"], *r.get("switches", ())])
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,67 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def dtype_problem(name: str, device: torch.device) -> str | None:
+    """Why ``model.dtype`` cannot run on ``device`` (bfloat16 on a GPU without it), or
+    None. A GPU before Ampere only emulates bfloat16, many times slower than float16."""
+    if name != "bfloat16" or device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None  # no GPU at all: the device is what is wrong, reported as such
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return None
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
+                "has no bfloat16 arithmetic (it needs 8.0, Ampere or later); use "
+                "model.dtype=float16 (or auto)")
+    try:
+        torch.zeros(1, dtype=torch.bfloat16, device=device)
+    except (RuntimeError, TypeError) as e:
+        return f"{device} cannot hold bfloat16 tensors ({e}); use model.dtype=float16 or auto"
+    return None
+
+
+def deterministic(on: bool) -> None:
+    """executor.deterministic: torch's deterministic algorithms (an op without one raises,
+    naming it), cuDNN's deterministic convolutions, no autotuning and no TF32, and cuBLAS
+    on a fixed workspace (CUBLAS_WORKSPACE_CONFIG, set before the first cuBLAS call when
+    the stack loads first in the process). Off gives torch's defaults back. Process-wide,
+    as torch's flags are."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = not on
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def sdpa_attention(model: torch.nn.Module) -> None:
+    """Make every attention of a diffusers model run torch's scaled_dot_product_attention
+    (diffusers' AttnProcessor2_0, its default on torch 2): a model whose config or
+    loader picked the classic processor (softmax of the full score matrix) gets SDPA."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    processors = getattr(model, "attn_processors", None)
+    if processors and any(type(p) is AttnProcessor for p in processors.values()):
+        model.set_attn_processor({name: AttnProcessor2_0() if type(p) is AttnProcessor else p
+                                  for name, p in processors.items()})
+
+
+def speed_up(pipe, switches: tuple[str, ...]) -> None:
+    """The speed settings of a loaded pipeline: SDPA attention always; with the switches,
+    channels_last UNet and VAE, and a compiled UNet (torch.compile in place, so every part
+    of sdbatch keeps seeing the same module; compiled on its first batch, again for a new
+    shape or a new set of LoRA scales)."""
+    for model in (pipe.unet, pipe.vae):
+        sdpa_attention(model)
+        if "channels_last" in switches:
+            model.to(memory_format=torch.channels_last)
+    if "compile" in switches:
+        pipe.unet.compile()
+
+
 def quiet_libraries() -> None:
     """diffusers' and transformers' own loading bars and notices would drown sdbatch's."""
     import diffusers
@@ -135,17 +205,21 @@ class Stack:
 
             model = controlnet.load(path, self.pipe.unet.config, self.dtype,
                                     self.spec.allow_pickle)
+            sdpa_attention(model)
+            if "channels_last" in self.spec.switches:
+                model.to(memory_format=torch.channels_last)
             self.controlnets[path] = model.to(self.device)
         return self.controlnets[path]
 
     def use_networks(self, loras: list[tuple[Path, float]],
                      hypernetworks: list[tuple[Path, float]]) -> None:
         """Set the batch's LoRA and hypernetwork weights; files load once, the model never
-        reloads."""
+        reloads. With fuse_loras the LoRA weights are fused into the model's own for as
+        long as they stay the same (see LoraSet.apply)."""
         from sdbatch.models.hypernetwork import Hypernetworks
         from sdbatch.models.lora import LoraSet
 
-        LoraSet(self.pipe).apply(loras)
+        LoraSet(self.pipe).apply(loras, fuse="fuse_loras" in self.spec.switches)
         Hypernetworks(self.pipe).apply(hypernetworks)
 
     def check_loras(self, paths: list[Path]) -> None:
@@ -169,6 +243,7 @@ def load(spec: StackSpec, device: torch.device) -> Stack:
     from diffusers import DiffusionPipeline
 
     dtype = pick_dtype(spec.dtype, device)
+    deterministic("deterministic" in spec.switches)  # before the first cuBLAS call
     if spec.path.is_dir():
         pipe = DiffusionPipeline.from_pretrained(spec.path, dtype=dtype, local_files_only=True,
                                                  safety_checker=None,
@@ -181,6 +256,7 @@ def load(spec: StackSpec, device: torch.device) -> Stack:
         pipe.vae = load_vae(spec.vae, family, dtype, spec.allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
+    speed_up(pipe, spec.switches)
     stack = Stack(spec, pipe, dict(pipe.scheduler.config), device, dtype)
     for path in spec.embeddings:
         embedding = load_embedding(pipe, path)

@@ -249,6 +249,7 @@ def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...],
     return {
         "params": render.params(),
         "model": {"name": spec.name, "hash": spec.model_hash, "dtype": spec.record["dtype"],
+                  **({"switches": list(spec.switches)} if spec.switches else {}),
                   "vae": spec.vae_hash, "loras": _networks(calls)["loras"],
                   "hypernetworks": _networks(calls)["hypernetworks"],
                   "embeddings": dict(_embedding_hashes(render, spec))}

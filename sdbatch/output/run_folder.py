@@ -23,7 +23,8 @@ from sdbatch import __version__, atomic
 from sdbatch.output import manifest
 
 RESUME_IGNORES = ("run", "executor")  # may change between sessions of one run
-DEVICE_KEYS = ("device", "dtype")  # of a stack record: changed only with run.allow_device_change
+# of a stack record: changed only with run.allow_device_change (each changes the rounding)
+DEVICE_KEYS = ("device", "dtype", "switches")
 
 
 def now() -> str:
@@ -110,6 +111,8 @@ class RunFolder:
         self.path = path
         self.images = path / "images"
         self.info: dict[str, Any] = json.loads((path / "run.json").read_text())
+        # what the manifest held when the folder was opened (what a resume skips); lines
+        # written since are not kept, so a long run's memory does not grow with its images
         self.done = manifest.read(path / "manifest.jsonl")
         atomic.remove_stale_temps(self.images)
         self.manifest = manifest.Manifest(path / "manifest.jsonl")
@@ -163,12 +166,10 @@ class RunFolder:
         entry = {**entry, "file": f"images/{name}", "sha256": hashlib.sha256(data).hexdigest(),
                  "status": "ok"}
         self.manifest.append(entry)
-        self.done[entry["index"]] = entry
 
     def write_failure(self, entry: dict[str, Any], error: str) -> None:
         entry = {**entry, "status": "failed", "error": error}
         self.manifest.append(entry)
-        self.done[entry["index"]] = entry
 
     def start_session(self, machine: dict[str, Any], stacks: dict[str, str],
                       argv: list[str]) -> None:
