@@ -26,7 +26,7 @@ from sdbatch.models.stack import StackCache, StackLoadError
 from sdbatch.models.upscaler_models import UpscalerFile, UpscalerModels
 from sdbatch.output import records, run_folder
 from sdbatch.output.filenames import file_name
-from sdbatch.output.lock import LOCK, NOTE, RunFolderBusy, RunLock
+from sdbatch.output.lock import LOCK, NOTE, OtherSubmission, RunFolderBusy, RunLock
 from sdbatch.output.run_folder import (
     RunFolder,
     default_dir,
@@ -92,6 +92,16 @@ class StopFlag:
         signal.signal(signal.SIGINT, self._previous)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One task of a SLURM array (executors/slurm.py): it renders only ``indices``, in the
+    run folder it shares with the other tasks of ``submission``."""
+
+    submission: str
+    number: int
+    indices: frozenset[int]
+
+
 @dataclass
 class Prepared:
     path: Path
@@ -109,10 +119,12 @@ class Prepared:
     keys: dict[int, set[str]]  # index -> content keys an image already there may have
 
 
-def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None = None
-            ) -> Prepared:
+def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None = None,
+            only: frozenset[int] | None = None) -> Prepared:
     """Every up-front check, then the matrix and plan; raises JobError listing all problems.
-    ``picked`` gives images their recorded prompts (reproduce: see matrix.expand)."""
+    ``picked`` gives images their recorded prompts (reproduce: see matrix.expand); ``only``
+    (a SLURM shard) keeps those images and plans them among themselves, after the checks of
+    the whole run."""
     problems: list[Problem] = []
     try:
         normal = sources.normalize(job, origin)
@@ -192,6 +204,11 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
                                      controlnets, images)
     if problems:
         raise JobError(problems)
+    if only is not None:
+        renders = [r for r in renders if r.index in only]
+        plan = make_plan(renders, {c: s.identity for c, s in specs.items()},
+                         job.params.batch_size, network_hashes, images, upscaler_records,
+                         restorers, controlnets)
     return Prepared(path, fresh, nonce, specs, resolved, renders, plan, names, networks,
                     upscalers, restorers, made, keys)
 
@@ -300,12 +317,22 @@ def render_one(job: Job, origin: Origin, index: int,
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
-    p = prepare(job, origin)
-    lock = RunLock(p.path, run_folder.now())
+def run(job: Job, origin: Origin, overrides: list[str], argv: list[str],
+        shard: Shard | None = None) -> int:
+    """Run ``job`` here, or (executor=slurm) submit it as an array; ``shard``: run one task
+    of such an array."""
+    if job.executor.name == "slurm" and shard is None:
+        from sdbatch.executors import slurm
+
+        return slurm.submit(job, origin, overrides, argv)
+    p = prepare(job, origin, only=shard.indices if shard else None)
+    if shard and p.fresh:
+        raise JobError([Problem("run.dir", f"{p.path} has no run.json: the array's driver "
+                                "makes the run folder before it submits", origin("run.dir"))])
+    lock = RunLock(p.path, run_folder.now(), shard and (shard.submission, shard.number))
     try:
         lock.acquire()
-    except RunFolderBusy as e:
+    except (RunFolderBusy, OtherSubmission) as e:
         raise JobError([Problem("run.dir", str(e), origin("run.dir"))]) from None
     try:
         if p.fresh and (p.path / "run.json").exists():
@@ -313,13 +340,14 @@ def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
                                     "give another run.dir", origin("run.dir"))])
         if lock.took_over:
             print(f"note: {lock.took_over} stopped without releasing {p.path}; taking it over")
-        return _render(job, p, overrides, argv)
+        return _render(job, p, overrides, argv, shard)
     finally:
         lock.release()
 
 
-def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int:
-    """The run itself, with the run folder locked."""
+def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str],
+            shard: Shard | None = None) -> int:
+    """The run itself, with the run folder locked (``shard``: shared with its array)."""
     path, renders, plan = p.path, p.renders, p.plan
     folder = (RunFolder.create(path, schema.to_dict(job), overrides, p.nonce, len(renders),
                                p.made_of)
@@ -339,7 +367,8 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
     device = stacks.pick_device(job.executor.device)
     first = next(iter(p.specs.values()))
     folder.start_session({**stacks.machine(device), "dtype": first.record["dtype"]},
-                         {c: s.identity for c, s in p.specs.items()}, argv)
+                         {c: s.identity for c, s in p.specs.items()}, argv,
+                         shard and {"submission": shard.submission, "shard": shard.number})
     embedded_job = portable(p.resolved)
     progress = Progress(job.run.progress, len(renders), len(done))
     counts = Counter(rendered=0, skipped=len(done), failed=0)
@@ -385,7 +414,7 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
             stop.requested = True
         except (StackLoadError, WriteError):
             progress.close()
-            folder.finish_session("failed", dict(counts))
+            folder.finish_session("failed", dict(counts), top=shard is None)
             raise
         finally:
             progress.close()
@@ -393,8 +422,8 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int
     finished = counts["rendered"] + counts["skipped"] + counts["failed"]
     status = ("interrupted" if finished < len(renders)
               else "failed" if counts["failed"] else "complete")
-    folder.finish_session(status, dict(counts))
-    if status == "complete" and not job.run.keep_intermediates:
+    folder.finish_session(status, dict(counts), top=shard is None)
+    if status == "complete" and not job.run.keep_intermediates and shard is None:
         store.remove_all()
     print(f"{status}: {counts['rendered']} rendered, {counts['skipped']} already there, "
           f"{counts['failed']} failed, in {elapsed:.1f} s -> {path}")

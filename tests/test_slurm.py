@@ -1,0 +1,155 @@
+"""executor=slurm: the matrix sharded into one array task per shard (submitit's local
+executor stands in for SLURM), every task writing into one run folder: the same bytes as a
+local run, no manifest line lost or doubled, a failed task's work finished by a resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+
+from sdbatch import matrix
+from sdbatch.executors.slurm import cost, shard
+from sdbatch.output import manifest
+from sdbatch.output.lock import (
+    OtherSubmission,
+    RunFolderBusy,
+    RunLock,
+    sanction,
+)
+from sdbatch.plan import make_plan
+from sdbatch.schema import validate
+from tests.conftest import SMALL_JOB, sdbatch, write_job
+
+ARRAY = ["executor=slurm", "executor.cluster=local", "executor.shards=2",
+         "executor.gpus_per_task=0"]
+
+
+def plan_of(raw):
+    job = validate(raw)
+    renders = matrix.expand(matrix.resolve_seeds(job, 0))
+    return make_plan(renders, {"tiny": "stack-a"}, 2)
+
+
+def test_images_sharing_a_base_stay_in_one_shard_and_shards_balance_work():
+    """Two prompts x two seeds, each base under three hires variants: the 4 bases' 12
+    images make 4 groups of 3, and 2 shards take 2 groups each."""
+    plan = plan_of({"prompt": ["a", "b"], "params": {"seed": [1, 2], "width": 64,
+                                                      "height": 64, "steps": 4},
+                    "post": [{"hires_fix": {"scale": 2, "steps": 3,
+                                            "denoise": [0.3, 0.5, 0.7]}}]})
+    parts = shard(plan, plan.chains, 2)
+    assert sorted(i for p in parts for i in p) == sorted(plan.chains)
+    base = {i: plan.chains[i][0].key for i in plan.chains}
+    for p in parts:  # a base drawn in one shard only
+        assert not {base[i] for i in p} & {base[i] for q in parts if q is not p for i in q}
+    assert [len(p) for p in parts] == [6, 6]
+    assert len(shard(plan, plan.chains, 10)) == 4  # never an empty shard
+
+
+def test_shards_balance_by_cost_not_count():
+    """One big image against four small ones: 2 shards split 1 / 4."""
+    plan = plan_of({"prompt": "a", "params": {"seed": [1, 2, 3, 4, 5], "steps": 4,
+                                              "width": [64, 64, 64, 64, 256],
+                                              "height": [64, 64, 64, 64, 256]},
+                    "zip": [["params.seed", "params.width", "params.height"]]})
+    assert cost(plan.chains[4][0]) == 16 * cost(plan.chains[0][0])
+    assert shard(plan, plan.chains, 2) == [[0, 1, 2, 3], [4]]
+
+
+def _append(path: str, worker: int, n: int) -> None:
+    m = manifest.Manifest(Path(path))
+    for i in range(n):
+        m.append({"index": worker * 1000 + i, "pad": "x" * 3000})
+
+
+def test_concurrent_manifest_appends_lose_nothing(tmp_path: Path):
+    """Two processes appending 200 long lines each (longer than one write of a pipe): every
+    line is there, whole, once, and a compaction meanwhile loses none."""
+    path = tmp_path / "manifest.jsonl"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append, args=(str(path), w, 200)) for w in (1, 2)]
+    for p in procs:
+        p.start()
+    manifest.Manifest(path).compact()
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    indices = [json.loads(line)["index"] for line in lines[:-1]]
+    assert sorted(indices) == sorted([1000 + i for i in range(200)] +
+                                     [2000 + i for i in range(200)])
+
+
+def test_the_shard_lock_admits_one_submission_and_refuses_strangers(tmp_path: Path):
+    folder = tmp_path / "run"
+    with RunLock(folder, "t0"):
+        sanction(folder, "sub-a", 2)
+    with RunLock(folder, "t1", ("sub-a", 0)), RunLock(folder, "t1", ("sub-a", 1)):
+        with pytest.raises(RunFolderBusy, match="shard 0 of submission sub-a"):
+            RunLock(folder, "t2", ("sub-a", 0)).acquire()  # a second copy of shard 0
+        with pytest.raises(RunFolderBusy, match="shard . of submission sub-a"):
+            RunLock(folder, "t2").acquire()  # a process of no submission
+    with pytest.raises(OtherSubmission, match="not to sub-old"):
+        RunLock(folder, "t3", ("sub-old", 0)).acquire()
+    with RunLock(folder, "t4"):  # the array is over: the folder is free again
+        with pytest.raises(RunFolderBusy):
+            RunLock(folder, "t4", ("sub-a", 0)).acquire()
+
+
+def _images(run: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted((run / "images").glob("*.png"))}
+
+
+def _manifest_indices(run: Path) -> list[int]:
+    return [json.loads(line)["index"] for line in
+            (run / "manifest.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory) -> dict[str, str]:
+    cwd = tmp_path_factory.mktemp("local")
+    write_job(cwd, "small", SMALL_JOB)
+    sdbatch(cwd, "+job=small", "run.dir=local")
+    return _images(cwd / "local")
+
+
+def test_an_array_of_two_shards_makes_the_local_run_bytes(tmp_path: Path, local_run):
+    write_job(tmp_path, "small", SMALL_JOB)
+    out = sdbatch(tmp_path, "+job=small", "run.dir=run", *ARRAY).stdout
+    run = tmp_path / "run"
+    assert "submitted 2 array tasks" in out and "complete: 4 rendered" in out
+    assert _images(run) == local_run
+    assert sorted(_manifest_indices(run)) == [0, 1, 2, 3]
+    info = json.loads((run / "run.json").read_text())
+    tasks = [s for s in info["sessions"] if "shard" in s]
+    assert sorted(s["shard"] for s in tasks) == [0, 1]
+    assert sum(s["counts"]["rendered"] for s in tasks) == 4  # no image rendered twice
+    assert info["status"] == "complete" and info["counts"]["rendered"] == 4
+    assert not (run / "intermediates").exists()
+    assert list((run / "slurm").glob("*_log.err"))
+
+
+def test_a_failed_task_leaves_a_run_that_resume_finishes(tmp_path: Path, local_run):
+    """Shard 1's task cannot start (its lock is held: a copy of it still runs); the driver
+    names it, exits non-zero and says how to finish; a resume on this machine finishes."""
+    write_job(tmp_path, "small", SMALL_JOB)
+    run = tmp_path / "run"
+    run.mkdir()
+    with FileLock(run / "run.lock.shard-1"):
+        proc = sdbatch(tmp_path, "+job=small", "run.dir=run", *ARRAY, check=False)
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert "its task failed" in proc.stdout and "is in use by" in proc.stdout
+    assert "sdbatch resume run" in proc.stdout
+    first = _manifest_indices(run)
+    assert 0 < len(first) < 4
+    out = sdbatch(tmp_path, "resume", "run", "--executor", "local").stdout
+    assert f"{len(first)} already there" in out
+    assert _images(run) == local_run
+    assert sorted(_manifest_indices(run)) == [0, 1, 2, 3]
