@@ -26,7 +26,7 @@ from sdbatch.models.stack import StackCache, StackLoadError
 from sdbatch.models.upscaler_models import UpscalerFile, UpscalerModels
 from sdbatch.output import records, run_folder
 from sdbatch.output.filenames import file_name
-from sdbatch.output.lock import LOCK, NOTE, OtherSubmission, RunFolderBusy, RunLock
+from sdbatch.output.lock import LOCK, OtherSubmission, RunFolderBusy, RunLock
 from sdbatch.output.run_folder import (
     RunFolder,
     default_dir,
@@ -153,7 +153,7 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
         if diff := RunFolder.mismatch(path, schema.to_dict(job)):
             problems.append(_refusal(path, f"it was made by a different job (it differs in "
                                      f"{', '.join(diff)})", origin))
-    elif fresh and path.exists() and any(f.name not in (LOCK, NOTE) for f in path.iterdir()):
+    elif fresh and path.exists() and any(not f.name.startswith(LOCK) for f in path.iterdir()):
         problems.append(Problem("run.dir", f"{path} exists and is not an sdbatch run folder; "
                                 "give a new or empty folder", origin("run.dir")))
     if total > job.run.max_images:

@@ -7,10 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from sdbatch import matrix
 from sdbatch.executors.slurm import cost, shard
@@ -23,7 +27,7 @@ from sdbatch.output.lock import (
 )
 from sdbatch.plan import make_plan
 from sdbatch.schema import validate
-from tests.conftest import SMALL_JOB, sdbatch, write_job
+from tests.conftest import REPO, SMALL_JOB, sdbatch, write_job
 
 ARRAY = ["executor=slurm", "executor.cluster=local", "executor.shards=2",
          "executor.gpus_per_task=0"]
@@ -69,13 +73,14 @@ def _append(path: str, worker: int, n: int) -> None:
 
 def test_concurrent_manifest_appends_lose_nothing(tmp_path: Path):
     """Two processes appending 200 long lines each (longer than one write of a pipe): every
-    line is there, whole, once, and a compaction meanwhile loses none."""
+    line is there, whole, once, and compactions meanwhile lose none."""
     path = tmp_path / "manifest.jsonl"
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_append, args=(str(path), w, 200)) for w in (1, 2)]
     for p in procs:
         p.start()
-    manifest.Manifest(path).compact()
+    while any(p.is_alive() for p in procs):  # a compaction (a task's end) meanwhile
+        manifest.Manifest(path).compact()
     for p in procs:
         p.join()
         assert p.exitcode == 0
@@ -136,20 +141,39 @@ def test_an_array_of_two_shards_makes_the_local_run_bytes(tmp_path: Path, local_
     assert list((run / "slurm").glob("*_log.err"))
 
 
-def test_a_failed_task_leaves_a_run_that_resume_finishes(tmp_path: Path, local_run):
-    """Shard 1's task cannot start (its lock is held: a copy of it still runs); the driver
-    names it, exits non-zero and says how to finish; a resume on this machine finishes."""
+def _task_pids(logs: Path) -> list[int]:
+    """The processes of the array's tasks (submitit's local executor runs each as
+    `python -m submitit.core._submit FOLDER`)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in cmd and str(logs).encode() in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds tasks in /proc")
+def test_a_killed_task_leaves_a_run_that_resume_finishes(tmp_path: Path, local_run):
+    """One task is killed (kill -9, as a node lost) before it renders; the driver names it,
+    exits non-zero and says how to finish; a resume on this machine finishes the run."""
     write_job(tmp_path, "small", SMALL_JOB)
     run = tmp_path / "run"
-    run.mkdir()
-    with FileLock(run / "run.lock.shard-1"):
-        proc = sdbatch(tmp_path, "+job=small", "run.dir=run", *ARRAY, check=False)
-    assert proc.returncode == 130, proc.stdout + proc.stderr
-    assert "its task failed" in proc.stdout and "is in use by" in proc.stdout
-    assert "sdbatch resume run" in proc.stdout
+    driver = subprocess.Popen([sys.executable, "-m", "sdbatch", "+job=small", "run.dir=run",
+                               *ARRAY], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 120
+    while not (pids := _task_pids(run.resolve() / "slurm")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(pids[0], signal.SIGKILL)
+    out = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 130, out
+    assert "its task failed" in out and "sdbatch resume run" in out
     first = _manifest_indices(run)
-    assert 0 < len(first) < 4
-    out = sdbatch(tmp_path, "resume", "run", "--executor", "local").stdout
-    assert f"{len(first)} already there" in out
+    assert len(first) == 2
+    assert not subprocess.run([sys.executable, "-m", "sdbatch", "resume", "run"], cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}).returncode
     assert _images(run) == local_run
     assert sorted(_manifest_indices(run)) == [0, 1, 2, 3]
