@@ -123,8 +123,8 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
             only: frozenset[int] | None = None) -> Prepared:
     """Every up-front check, then the matrix and plan; raises JobError listing all problems.
     ``picked`` gives images their recorded prompts (reproduce: see matrix.expand); ``only``
-    (a SLURM shard) keeps those images and plans them among themselves, after the checks of
-    the whole run."""
+    (a SLURM shard) keeps those images and the run's batches that make them, after the
+    checks of the whole run."""
     problems: list[Problem] = []
     try:
         normal = sources.normalize(job, origin)
@@ -205,10 +205,10 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     if problems:
         raise JobError(problems)
     if only is not None:
+        from sdbatch.executors.slurm import restrict
+
         renders = [r for r in renders if r.index in only]
-        plan = make_plan(renders, {c: s.identity for c, s in specs.items()},
-                         job.params.batch_size, network_hashes, images, upscaler_records,
-                         restorers, controlnets)
+        plan = restrict(plan, only)
     return Prepared(path, fresh, nonce, specs, resolved, renders, plan, names, networks,
                     upscalers, restorers, made, keys)
 

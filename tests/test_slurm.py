@@ -29,23 +29,25 @@ from sdbatch.plan import make_plan
 from sdbatch.schema import validate
 from tests.conftest import REPO, SMALL_JOB, sdbatch, write_job
 
-ARRAY = ["executor=slurm", "executor.cluster=local", "executor.shards=2",
+BATCHED = "params.batch_size=2"  # 8 images, 2 to a batch: shards keep the run's batches
+ARRAY = [BATCHED, "executor=slurm", "executor.cluster=local", "executor.shards=2",
          "executor.gpus_per_task=0"]
 
 
-def plan_of(raw):
+def plan_of(raw, batch_size=2):
     job = validate(raw)
     renders = matrix.expand(matrix.resolve_seeds(job, 0))
-    return make_plan(renders, {"tiny": "stack-a"}, 2)
+    return make_plan(renders, {"tiny": "stack-a"}, batch_size)
 
 
 def test_images_sharing_a_base_stay_in_one_shard_and_shards_balance_work():
     """Two prompts x two seeds, each base under three hires variants: the 4 bases' 12
-    images make 4 groups of 3, and 2 shards take 2 groups each."""
-    plan = plan_of({"prompt": ["a", "b"], "params": {"seed": [1, 2], "width": 64,
-                                                      "height": 64, "steps": 4},
-                    "post": [{"hires_fix": {"scale": 2, "steps": 3,
-                                            "denoise": [0.3, 0.5, 0.7]}}]})
+    images make 4 groups of 3, and 2 shards take 2 groups each; with 2 calls to a forward
+    pass, the images of each batch of the run's plan stay together too."""
+    job = {"prompt": ["a", "b"], "params": {"seed": [1, 2], "width": 64, "height": 64,
+                                            "steps": 4},
+           "post": [{"hires_fix": {"scale": 2, "steps": 3, "denoise": [0.3, 0.5, 0.7]}}]}
+    plan = plan_of(job, batch_size=1)
     parts = shard(plan, plan.chains, 2)
     assert sorted(i for p in parts for i in p) == sorted(plan.chains)
     base = {i: plan.chains[i][0].key for i in plan.chains}
@@ -53,6 +55,13 @@ def test_images_sharing_a_base_stay_in_one_shard_and_shards_balance_work():
         assert not {base[i] for i in p} & {base[i] for q in parts if q is not p for i in q}
     assert [len(p) for p in parts] == [6, 6]
     assert len(shard(plan, plan.chains, 10)) == 4  # never an empty shard
+    plan = plan_of(job, batch_size=2)
+    parts = shard(plan, plan.chains, 4)
+    assert sorted(i for p in parts for i in p) == sorted(plan.chains)
+    for p in parts:  # each batch of the run's plan in one shard
+        for batch in plan.batches:
+            users = {i for i in plan.chains for c in plan.chains[i] if c in batch.calls}
+            assert users <= set(p) or not users & set(p)
 
 
 def test_shards_balance_by_cost_not_count():
@@ -121,7 +130,7 @@ def _manifest_indices(run: Path) -> list[int]:
 def local_run(tmp_path_factory) -> dict[str, str]:
     cwd = tmp_path_factory.mktemp("local")
     write_job(cwd, "small", SMALL_JOB)
-    sdbatch(cwd, "+job=small", "run.dir=local")
+    sdbatch(cwd, "+job=small", "run.dir=local", BATCHED)
     return _images(cwd / "local")
 
 
@@ -129,14 +138,14 @@ def test_an_array_of_two_shards_makes_the_local_run_bytes(tmp_path: Path, local_
     write_job(tmp_path, "small", SMALL_JOB)
     out = sdbatch(tmp_path, "+job=small", "run.dir=run", *ARRAY).stdout
     run = tmp_path / "run"
-    assert "submitted 2 array tasks" in out and "complete: 4 rendered" in out
+    assert "submitted 2 array tasks" in out and "complete: 8 rendered" in out
     assert _images(run) == local_run
-    assert sorted(_manifest_indices(run)) == [0, 1, 2, 3]
+    assert sorted(_manifest_indices(run)) == list(range(8))
     info = json.loads((run / "run.json").read_text())
     tasks = [s for s in info["sessions"] if "shard" in s]
     assert sorted(s["shard"] for s in tasks) == [0, 1]
-    assert sum(s["counts"]["rendered"] for s in tasks) == 4  # no image rendered twice
-    assert info["status"] == "complete" and info["counts"]["rendered"] == 4
+    assert sum(s["counts"]["rendered"] for s in tasks) == 8  # no image rendered twice
+    assert info["status"] == "complete" and info["counts"]["rendered"] == 8
     assert not (run / "intermediates").exists()
     assert list((run / "slurm").glob("*_log.err"))
 
@@ -172,8 +181,8 @@ def test_a_killed_task_leaves_a_run_that_resume_finishes(tmp_path: Path, local_r
     assert driver.returncode == 130, out
     assert "its task failed" in out and "sdbatch resume run" in out
     first = _manifest_indices(run)
-    assert len(first) == 2
+    assert len(first) == 4
     assert not subprocess.run([sys.executable, "-m", "sdbatch", "resume", "run"], cwd=tmp_path,
                               env={**os.environ, "PYTHONPATH": str(REPO)}).returncode
     assert _images(run) == local_run
-    assert sorted(_manifest_indices(run)) == [0, 1, 2, 3]
+    assert sorted(_manifest_indices(run)) == list(range(8))

@@ -8,8 +8,10 @@ driver then waits, showing progress from the manifest, and prints a summary; Ctr
 the array running and says how to watch it and how to finish the run.
 
 Images whose chains share a stage call (one base image under several hires variants) go to
-one shard, so no call is computed twice; the groups are placed largest first on the lightest
-shard. A shard batches its own images: an image's bytes do not depend on its batch.
+one shard, so no call is computed twice, and so do images whose calls share a batch of the
+whole run's plan: each task runs the run's own batches, and an image's bytes, which may move
+by a level with the batch it is rendered in, do not depend on the sharding. The groups are
+placed largest first on the lightest shard.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ def cost(call: StageCall) -> int:
 
 def shard(plan: Plan, indices: Iterable[int], n: int) -> list[list[int]]:
     """``indices`` (images of ``plan``) in at most ``n`` shards, each sorted: images whose
-    chains share a call key in one shard, the groups balanced by the cost of their distinct
-    calls (largest first, onto the lightest shard; ties to the lower shard). No empty shard."""
+    chains share a call key or whose calls share a batch in one shard, the groups balanced
+    by the cost of their distinct calls (largest first, onto the lightest shard; ties to the
+    lower shard). No empty shard."""
     parent: dict[int, int] = {}
 
     def root(i: int) -> int:
@@ -56,6 +59,12 @@ def shard(plan: Plan, indices: Iterable[int], n: int) -> list[list[int]]:
             a, b = root(other), root(index)
             if a != b:
                 parent[max(a, b)] = min(a, b)
+    for batch in plan.batches:
+        users = [first[c.key] for c in batch.calls if c.key in first]
+        for other in users[1:]:
+            a, b = root(users[0]), root(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
     groups: dict[int, list[int]] = {}
     for index in sorted(parent):
         groups.setdefault(root(index), []).append(index)
@@ -69,6 +78,14 @@ def shard(plan: Plan, indices: Iterable[int], n: int) -> list[list[int]]:
         loads[k] += work[g]
         parts[k] += groups[g]
     return sorted((sorted(p) for p in parts if p), key=lambda p: p[0])
+
+
+def restrict(plan: Plan, indices: frozenset[int]) -> Plan:
+    """The plan of a shard's images: their chains, and the run's batches that make their
+    calls (whole: see shard)."""
+    chains = {i: c for i, c in plan.chains.items() if i in indices}
+    keys = {c.key for chain in chains.values() for c in chain}
+    return Plan(chains, tuple(b for b in plan.batches if any(c.key in keys for c in b.calls)))
 
 
 def task_device(executor: schema.Executor) -> str:
