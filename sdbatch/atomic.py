@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,10 +27,20 @@ def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+STALE_TEMP_S = 3600  # no single write takes this long
+
+
 def remove_stale_temps(folder: Path) -> None:
-    """Temp files left by a killed process; their targets were never replaced."""
+    """Temp files left by a killed process; their targets were never replaced. Only old
+    ones: the shard tasks of a SLURM array write into one folder, and a younger temp may be
+    another task's write in flight."""
+    now = time.time()
     for tmp in folder.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+        try:
+            if now - tmp.stat().st_mtime > STALE_TEMP_S:
+                tmp.unlink(missing_ok=True)
+        except FileNotFoundError:
+            continue  # its writer renamed it meanwhile
 
 
 def build_folder(folder: Path, marker: str, build: Callable[[Path], None]) -> Path:

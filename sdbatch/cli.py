@@ -22,6 +22,7 @@ from sdbatch.schema import Job, JobError, Origin
 USAGE = """usage:
   sdbatch +job=NAME [key=value ...]     run jobs/NAME.yaml (Hydra overrides after it)
   sdbatch resume RUN_DIR                finish a stopped run from its own saved config
+         [--executor local]             ... on another executor (its keys at their defaults)
   sdbatch reproduce IMAGE.png           render an image again from its recipe, compare bytes
   sdbatch bench [--model sd15 ...]      steps/s, images/s, peak memory next to diffusers
 """
@@ -142,6 +143,8 @@ def resume(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="sdbatch resume")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--progress", choices=("bar", "steps", "quiet"))
+    parser.add_argument("--executor", choices=schema.EXECUTORS,
+                        help="finish on this executor (e.g. local after a SLURM array)")
     ns = parser.parse_args(args)
     stored = RunFolder.stored_job(ns.run_dir)
     if stored is None:
@@ -150,6 +153,10 @@ def resume(args: list[str]) -> None:
     info = RunFolder.stored_info(ns.run_dir) if (ns.run_dir / "run.json").exists() else {}
     if "made_of" in info:  # the passes its images were made in, whatever the defaults now
         stored.setdefault("executor", {})["max_batch"] = recorded_max_batch(info["made_of"])
+    if ns.executor and ns.executor != stored["executor"]["name"]:
+        others = {k for keys in schema.EXECUTOR_KEYS.values() for k in keys}
+        stored["executor"] = {k: v for k, v in stored["executor"].items() if k not in others}
+        stored["executor"]["name"] = ns.executor
     if ns.progress:
         stored["run"]["progress"] = ns.progress
     label = f"{ns.run_dir / 'config.yaml'}"

@@ -30,7 +30,7 @@ from sdbatch.models.stack import StackLoadError
 from sdbatch.models.upscaler_models import UpscalerFile
 from sdbatch.output import records, run_folder
 from sdbatch.output.filenames import file_name
-from sdbatch.output.lock import LOCK, NOTE, RunFolderBusy, RunLock
+from sdbatch.output.lock import LOCK, OtherSubmission, RunFolderBusy, RunLock
 from sdbatch.output.run_folder import (
     RunFolder,
     default_dir,
@@ -106,6 +106,16 @@ class StopFlag:
             signal.signal(s, previous)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One task of a SLURM array (executors/slurm.py): it renders only ``indices``, in the
+    run folder it shares with the other tasks of ``submission``."""
+
+    submission: str
+    number: int
+    indices: frozenset[int]
+
+
 @dataclass
 class Prepared:
     path: Path
@@ -123,10 +133,12 @@ class Prepared:
     keys: dict[int, set[str]]  # index -> content keys an image already there may have
 
 
-def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None = None
-            ) -> Prepared:
+def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None = None,
+            only: frozenset[int] | None = None) -> Prepared:
     """Every up-front check, then the matrix and plan; raises JobError listing all problems.
-    ``picked`` gives images their recorded prompts (reproduce: see matrix.expand)."""
+    ``picked`` gives images their recorded prompts (reproduce: see matrix.expand); ``only``
+    (a SLURM shard) keeps those images and the run's batches that make them, after the
+    checks of the whole run."""
     problems: list[Problem] = []
     try:
         normal = sources.normalize(job, origin)
@@ -156,7 +168,7 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
         if diff := RunFolder.mismatch(path, schema.to_dict(job)):
             problems.append(_refusal(path, f"it was made by a different job (it differs in "
                                      f"{', '.join(diff)})", origin))
-    elif fresh and path.exists() and any(f.name not in (LOCK, NOTE) for f in path.iterdir()):
+    elif fresh and path.exists() and any(not f.name.startswith(LOCK) for f in path.iterdir()):
         problems.append(Problem("run.dir", f"{path} exists and is not an sdbatch run folder; "
                                 "give a new or empty folder", origin("run.dir")))
     if total > job.run.max_images:
@@ -211,6 +223,11 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
                                      controlnets, images)
     if problems:
         raise JobError(problems)
+    if only is not None:
+        from sdbatch.executors.slurm import restrict
+
+        renders = [r for r in renders if r.index in only]
+        plan = restrict(plan, only)
     return Prepared(path, fresh, nonce, specs, resolved, renders, plan, names, networks,
                     upscalers, restorers, made, keys)
 
@@ -330,12 +347,22 @@ def render_one(job: Job, origin: Origin, index: int,
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
-    p = prepare(job, origin)
-    lock = RunLock(p.path, run_folder.now())
+def run(job: Job, origin: Origin, overrides: list[str], argv: list[str],
+        shard: Shard | None = None) -> int:
+    """Run ``job`` here, or (executor=slurm) submit it as an array; ``shard``: run one task
+    of such an array."""
+    if job.executor.name == "slurm" and shard is None:
+        from sdbatch.executors import slurm
+
+        return slurm.submit(job, origin, overrides, argv)
+    p = prepare(job, origin, only=shard.indices if shard else None)
+    if shard and p.fresh:
+        raise JobError([Problem("run.dir", f"{p.path} has no run.json: the array's driver "
+                                "makes the run folder before it submits", origin("run.dir"))])
+    lock = RunLock(p.path, run_folder.now(), shard and (shard.submission, shard.number))
     try:
         lock.acquire()
-    except RunFolderBusy as e:
+    except (RunFolderBusy, OtherSubmission) as e:
         raise JobError([Problem("run.dir", str(e), origin("run.dir"))]) from None
     try:
         if p.fresh and (p.path / "run.json").exists():
@@ -343,24 +370,26 @@ def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
                                     "give another run.dir", origin("run.dir"))])
         if lock.took_over:
             print(f"note: {lock.took_over} stopped without releasing {p.path}; taking it over")
-        return _render(job, p, overrides, argv)
+        return _render(job, p, overrides, argv, shard)
     finally:
         lock.release()
 
 
-def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int:
-    """The run itself, with the run folder locked, in executor.threads torch threads where
-    this process renders (local, a SLURM task)."""
+def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str],
+            shard: Shard | None = None) -> int:
+    """The run itself, with the run folder locked (``shard``: shared with its array), in
+    executor.threads torch threads where this process renders (local, a SLURM task)."""
     previous = torch.get_num_threads()
     if job.executor.threads and job.executor.name in ("local", "slurm"):
         torch.set_num_threads(job.executor.threads)
     try:
-        return _render_run(job, p, overrides, argv)
+        return _render_run(job, p, overrides, argv, shard)
     finally:
         torch.set_num_threads(previous)
 
 
-def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str]) -> int:
+def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
+                shard: Shard | None) -> int:
     path, renders, plan = p.path, p.renders, p.plan
     folder = (RunFolder.create(path, schema.to_dict(job), overrides, p.nonce, len(renders),
                                p.made_of)
@@ -382,7 +411,8 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str]) ->
     folder.start_session({**stacks.machine(device), "dtype": first.record["dtype"],
                           "switches": list(first.switches),
                           **executors.session_record(job.executor)},
-                         {c: s.identity for c, s in p.specs.items()}, argv)
+                         {c: s.identity for c, s in p.specs.items()}, argv,
+                         shard and {"submission": shard.submission, "shard": shard.number})
     embedded_job = portable(p.resolved)
     progress = Progress(job.run.progress, len(renders), len(done))
     counts = Counter(rendered=0, skipped=len(done), failed=0)
@@ -442,7 +472,7 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str]) ->
             stop.requested = True
         except (StackLoadError, WriteError, executors.PoolError):
             progress.close()
-            folder.finish_session("failed", dict(counts))
+            folder.finish_session("failed", dict(counts), top=shard is None)
             raise
         finally:
             progress.close()
@@ -450,8 +480,8 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str]) ->
     finished = counts["rendered"] + counts["skipped"] + counts["failed"]
     status = ("interrupted" if finished < len(renders)
               else "failed" if counts["failed"] else "complete")
-    folder.finish_session(status, dict(counts))
-    if status == "complete" and not job.run.keep_intermediates:
+    folder.finish_session(status, dict(counts), top=shard is None)
+    if status == "complete" and not job.run.keep_intermediates and shard is None:
         store.remove_all()
     rate = f", {counts['rendered'] / elapsed:.2f} images/s" if counts["rendered"] else ""
     print(f"{status}: {counts['rendered']} rendered, {counts['skipped']} already there, "

@@ -84,7 +84,6 @@ def test_manifest_line_torn_inside_a_multibyte_character(tmp_path: Path):
     assert list(manifest.read(path)) == [0]
     m = manifest.Manifest(path)
     m.append({"index": 2, "prompt": "x"})
-    m.close()
     lines = path.read_bytes().split(b"\n")
     assert [json.loads(x)["index"] for x in lines if x] == [0, 2]
     assert manifest.read(path)[0]["prompt"] == "maison rouge é"

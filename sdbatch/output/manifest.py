@@ -3,6 +3,11 @@
 The last line for an image wins. A line torn by a kill (cut anywhere, inside a multi-byte
 character too) is dropped on reading and cut off before the next append, so the next line
 starts on a fresh line and the file is valid JSON lines again.
+
+Several processes may append (the shard tasks of a SLURM array): each append and the
+compaction hold manifest.jsonl.lock, and an append opens the file afresh, so it lands after
+every line before it, also after a compaction replaced the file, also over NFS (its
+close-to-open consistency).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from sdbatch import atomic
 
@@ -32,29 +39,34 @@ def read(path: Path) -> dict[int, dict[str, Any]]:
 class Manifest:
     def __init__(self, path: Path):
         self.path = path
-        self._cut_torn_tail()
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run
+        self._lock = FileLock(path.with_name(path.name + ".lock"))
 
     def _cut_torn_tail(self) -> None:
         if not self.path.exists():
             return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(self.path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+        with open(self.path, "r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            data = self.path.read_bytes()
+            f.truncate(data.rfind(b"\n") + 1)
 
     def append(self, entry: dict[str, Any]) -> None:
-        self._file.write(json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
+        line = (json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock:
+            self._cut_torn_tail()
+            with open(self.path, "ab") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
 
     def compact(self) -> None:
         """Rewrite as one line per image in index order (at the end of a run)."""
-        self.close()
-        entries = read(self.path)
-        atomic.write_text(self.path, "".join(
-            json.dumps(entries[i], sort_keys=True, ensure_ascii=False) + "\n"
-            for i in sorted(entries)))
+        with self._lock:
+            entries = read(self.path)
+            atomic.write_text(self.path, "".join(
+                json.dumps(entries[i], sort_keys=True, ensure_ascii=False) + "\n"
+                for i in sorted(entries)))

@@ -4,7 +4,10 @@ Each image is written atomically and only then gets its manifest line, so at any
 (kill -9 included) the folder holds whole images and a manifest that vouches only for them.
 Re-opening the folder skips every image whose file still has the manifest's sha256; what a
 resume must not change (the expanded job, the model files, the device) is in run.json's
-`made_of`, compared before any work. One process at a time holds the folder (lock.py).
+`made_of`, compared before any work. One process at a time holds the folder (lock.py), or
+the shard tasks of one SLURM submission together: their manifest lines are appended under a
+file lock (manifest.py), and each session record is a read-modify-write of run.json under
+run.json.lock, so no task's record overwrites another's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock
 
 from sdbatch import __version__, atomic
 from sdbatch.output import manifest
@@ -171,19 +175,41 @@ class RunFolder:
         entry = {**entry, "status": "failed", "error": error}
         self.manifest.append(entry)
 
-    def start_session(self, machine: dict[str, Any], stacks: dict[str, str],
-                      argv: list[str]) -> None:
-        """``machine``: device, device_name, dtype, threads; ``stacks``: checkpoint ->
-        stack identity, so a later session allowed on another device keeps these images."""
-        session = {"started": now(), **machine, "stacks": stacks, "argv": argv,
-                   "versions": versions(), "status": "running"}
-        self.info["sessions"].append(session)
-        self.info.update({k: session[k] for k in ("started", *machine, "versions", "status")})
-        atomic.write_text(self.path / "run.json", json.dumps(self.info, indent=2))
+    def _update(self, change) -> None:
+        """run.json read afresh, changed by ``change(info)`` and replaced, under its lock."""
+        with FileLock(self.path / "run.json.lock"):
+            info = json.loads((self.path / "run.json").read_text())
+            change(info)
+            atomic.write_text(self.path / "run.json", json.dumps(info, indent=2))
+        self.info = info
 
-    def finish_session(self, status: str, counts: dict[str, int]) -> None:
+    def add_session(self, session: dict[str, Any], top: tuple[str, ...]) -> None:
+        """Append ``session`` to run.json's sessions, its ``top`` keys also at the top (what
+        the run as a whole is doing); later updates go to this session."""
+        def change(info: dict[str, Any]) -> None:
+            info["sessions"].append(session)
+            self._session = len(info["sessions"]) - 1  # records are only ever appended
+            info.update({k: session[k] for k in top})
+        self._update(change)
+
+    def update_session(self, changes: dict[str, Any], top: bool = True) -> None:
+        def change(info: dict[str, Any]) -> None:
+            info["sessions"][self._session].update(changes)
+            if top:
+                info.update(changes)
+        self._update(change)
+
+    def start_session(self, machine: dict[str, Any], stacks: dict[str, str],
+                      argv: list[str], shard: dict[str, Any] | None = None) -> None:
+        """``machine``: device, device_name, dtype, threads; ``stacks``: checkpoint ->
+        stack identity, so a later session allowed on another device keeps these images.
+        ``shard``: a SLURM array task's record (submission, shard); its session leaves the
+        run's own status to the driver."""
+        session = {"started": now(), **machine, "stacks": stacks, "argv": argv,
+                   "versions": versions(), "status": "running", **(shard or {})}
+        self.add_session(session, () if shard else ("started", *machine, "versions",
+                                                    "status"))
+
+    def finish_session(self, status: str, counts: dict[str, int], top: bool = True) -> None:
         self.manifest.compact()
-        session = self.info["sessions"][-1]
-        session.update(ended=now(), status=status, counts=counts)
-        self.info.update(ended=session["ended"], status=status, counts=counts)
-        atomic.write_text(self.path / "run.json", json.dumps(self.info, indent=2))
+        self.update_session({"ended": now(), "status": status, "counts": counts}, top)
