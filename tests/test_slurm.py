@@ -29,8 +29,9 @@ from sdbatch.plan import make_plan
 from sdbatch.schema import validate
 from tests.conftest import REPO, SMALL_JOB, sdbatch, write_job
 
-BATCHED = "params.batch_size=2"  # 8 images, 2 to a batch: shards keep the run's batches
-ARRAY = [BATCHED, "executor=slurm", "executor.cluster=local", "executor.shards=2",
+BATCHED = "params.batch_size=2"  # 8 images
+PASSES = "executor.max_batch=2"  # 2 to a pass: shards keep the run's passes
+ARRAY = [BATCHED, PASSES, "executor=slurm", "executor.cluster=local", "executor.shards=2",
          "executor.gpus_per_task=0"]
 
 
@@ -130,7 +131,7 @@ def _manifest_indices(run: Path) -> list[int]:
 def local_run(tmp_path_factory) -> dict[str, str]:
     cwd = tmp_path_factory.mktemp("local")
     write_job(cwd, "small", SMALL_JOB)
-    sdbatch(cwd, "+job=small", "run.dir=local", BATCHED)
+    sdbatch(cwd, "+job=small", "run.dir=local", BATCHED, PASSES)
     return _images(cwd / "local")
 
 
