@@ -111,14 +111,17 @@ def strip(panels: list[tuple[str, np.ndarray]], caption: str = "",
         (max(1, round(p.shape[1] * height / p.shape[0])), height), Image.NEAREST))
         for label, p in panels]
     gap = 4
-    width = sum(im.width for _, im in scaled) + gap * (len(scaled) + 1)
     font = _font()
     lines = [line for line in caption.splitlines() if line]
+    width = max([sum(im.width for _, im in scaled) + gap * (len(scaled) + 1)]
+                + [round(font.getlength(line)) + 2 * gap for line in lines])
     sheet = Image.new("RGB", (width, height + LABEL_PX * (1 + len(lines)) + 2 * gap),
                       (32, 32, 32))
     draw = ImageDraw.Draw(sheet)
     x = gap
     for label, im in scaled:
+        while len(label) > 1 and font.getlength(label) > im.width:
+            label = label[:-2] + "…"
         draw.text((x, gap), label, fill=(230, 230, 230), font=font)
         sheet.paste(im, (x, gap + LABEL_PX))
         x += im.width + gap
