@@ -61,7 +61,7 @@ def parse_tolerance(text: str) -> Tolerance:
             number = math.nan
         if name not in ("psnr", "ssim") or math.isnan(number):
             raise ValueError(f"--tolerance {text}: write it as psnr=DB,ssim=VALUE "
-                             "(e.g. psnr=35,ssim=0.95; either alone keeps the other's default)")
+                             "(e.g. psnr=40,ssim=0.98; either alone keeps the other's default)")
         given[name] = number
     if not -1 <= given.get("ssim", 0) <= 1:
         raise ValueError(f"--tolerance {text}: SSIM lies between -1 and 1")
