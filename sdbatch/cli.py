@@ -1,5 +1,6 @@
 """The command line: `python -m sdbatch +job=NAME [overrides]` (Hydra) and the subcommands
-`sdbatch resume RUN_DIR`, `sdbatch reproduce IMAGE.png` and `sdbatch bench`.
+`sdbatch resume RUN_DIR`, `sdbatch reproduce IMAGE.png`, `sdbatch verify RUN_DIR`,
+`sdbatch diff RUN_A RUN_B` and `sdbatch bench`.
 
 A job is validated before torch or diffusers is imported (seconds on a small machine), so a
 mistake is reported at once. Mistakes Hydra would report in its own words (a job file that is
@@ -24,6 +25,8 @@ USAGE = """usage:
   sdbatch resume RUN_DIR                finish a stopped run from its own saved config
          [--executor local]             ... on another executor (its keys at their defaults)
   sdbatch reproduce IMAGE.png           render an image again from its recipe, compare bytes
+  sdbatch verify RUN_DIR [--sample N]   render a run's images again, name those that moved
+  sdbatch diff RUN_A RUN_B              compare two runs image by image, matched by recipe
   sdbatch bench [--model sd15 ...]      steps/s, images/s, peak memory next to diffusers
 """
 
@@ -187,9 +190,62 @@ def bench(args: list[str]) -> None:
     measure(args)
 
 
+def report_folder(out: Path | None, prefix: str) -> Path:
+    import tempfile
+
+    return out if out is not None else Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def verify(args: list[str]) -> None:
+    """Exit 0: every image checked holds; 1: some moved (named); 2: nothing could be checked."""
+    from sdbatch.models.stack import StackLoadError
+    from sdbatch.reports import verify as checks
+
+    parser = argparse.ArgumentParser(prog="sdbatch verify")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--sample", type=int, metavar="N",
+                        help="check N images, chosen by seed, instead of all")
+    parser.add_argument("--tolerance", default=str(checks.Tolerance()),
+                        help="where pixels cannot be equal: psnr=DB,ssim=VALUE "
+                             "(default %(default)s)")
+    parser.add_argument("--out", type=Path, help="the report folder (default: a new temp one)")
+    ns = parser.parse_args(args)
+    if ns.sample is not None and ns.sample < 1:
+        fail(f"--sample {ns.sample}: give at least 1 image (or leave it out to check all)")
+    try:
+        tolerance = checks.parse_tolerance(ns.tolerance)
+        out = report_folder(ns.out, "sdbatch-verify-report-")
+        report = checks.verify(ns.run_dir, out, ns.sample, tolerance)
+    except (checks.VerifyError, JobError, StackLoadError, ValueError, OSError) as e:
+        fail(e)
+    print(report.text(), end="")
+    print(f"report: {out / 'report.txt'} and report.json")
+    sys.exit(0 if report.ok else 1)
+
+
+def diff(args: list[str]) -> None:
+    """Exit 0: the same images; 1: they differ (listed); 2: a folder is not a run."""
+    from sdbatch.reports import diff as diffs
+
+    parser = argparse.ArgumentParser(prog="sdbatch diff")
+    parser.add_argument("run_a", type=Path)
+    parser.add_argument("run_b", type=Path)
+    parser.add_argument("--out", type=Path, help="the report folder (default: a new temp one)")
+    ns = parser.parse_args(args)
+    try:
+        out = report_folder(ns.out, "sdbatch-diff-")
+        report = diffs.diff(ns.run_a, ns.run_b, out)
+    except (diffs.DiffError, OSError) as e:
+        fail(e)
+    print(report.text(), end="")
+    print(f"report: {out / 'report.txt'} and report.json")
+    sys.exit(0 if report.same else 1)
+
+
 def main() -> None:
     args = sys.argv[1:]
-    commands = {"resume": resume, "reproduce": reproduce, "bench": bench}
+    commands = {"resume": resume, "reproduce": reproduce, "verify": verify, "diff": diff,
+                "bench": bench}
     if args and args[0] in commands:
         commands[args[0]](args[1:])
     elif args and args[0] in ("-h", "--help", "help"):

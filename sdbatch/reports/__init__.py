@@ -1,0 +1,1 @@
+"""What is made from a run folder after (or while) it renders: checks, comparisons, views."""
