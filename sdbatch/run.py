@@ -70,10 +70,11 @@ def describe(job: Job) -> str:
 
 
 def portable(job: Job) -> dict:
-    """The job as embedded in PNGs: without run/executor, which change no pixel."""
+    """The job as embedded in PNGs: without run/executor/grid, which change no pixel."""
     d = schema.to_dict(job)
     d.pop("run")
     d.pop("executor")
+    d.pop("grid")
     return d
 
 
