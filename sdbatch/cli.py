@@ -1,5 +1,6 @@
 """The command line: `python -m sdbatch +job=NAME [overrides]` (Hydra) and the subcommands
-`sdbatch resume RUN_DIR` and `sdbatch reproduce IMAGE.png`.
+`sdbatch resume RUN_DIR`, `sdbatch reproduce IMAGE.png`, `sdbatch grid RUN_DIR`, `sdbatch ls`
+and `sdbatch show IMAGE.png`.
 
 A job is validated before torch or diffusers is imported (seconds on a small machine), so a
 mistake is reported at once. Mistakes Hydra would report in its own words (a job file that is
@@ -23,6 +24,9 @@ USAGE = """usage:
   sdbatch +job=NAME [key=value ...]     run jobs/NAME.yaml (Hydra overrides after it)
   sdbatch resume RUN_DIR                finish a stopped run from its own saved config
   sdbatch reproduce IMAGE.png           render an image again from its recipe, compare bytes
+  sdbatch grid RUN_DIR [--x K --y K --z K]  write X/Y/Z plot sheets of a run into grids/
+  sdbatch ls [FOLDER]                   the runs under FOLDER (outputs/): job, date, counts
+  sdbatch show IMAGE.png                one image's recipe, chain and infotext
 """
 
 
@@ -170,9 +174,51 @@ def reproduce(args: list[str]) -> None:
     sys.exit(0 if same else 1)
 
 
+def grid(args: list[str]) -> None:
+    from sdbatch.reports import grids
+
+    parser = argparse.ArgumentParser(prog="sdbatch grid")
+    parser.add_argument("run_dir", type=Path)
+    for axis in ("x", "y", "z"):
+        parser.add_argument(f"--{axis}", help=f"the {axis} axis: a key given as a list "
+                            "(cfg_scale, prompt, post.0.hires_fix.denoise) or batch")
+    parser.add_argument("--max-megapixels", type=float, help="each sheet's pixel budget")
+    ns = parser.parse_args(args)
+    if not (ns.run_dir / "run.json").is_file():
+        fail(f"{ns.run_dir} is not an sdbatch run folder (no run.json)")
+    try:
+        written = grids.write_all(ns.run_dir, ns.x, ns.y, ns.z, ns.max_megapixels)
+    except JobError as e:
+        fail(e)
+    print("\n".join(map(str, written)) or f"{ns.run_dir}: one image, no grid")
+
+
+def ls(args: list[str]) -> None:
+    from sdbatch.reports import listing
+
+    parser = argparse.ArgumentParser(prog="sdbatch ls")
+    parser.add_argument("folder", type=Path, nargs="?", default=Path("outputs"))
+    ns = parser.parse_args(args)
+    if not ns.folder.is_dir():
+        fail(f"{ns.folder}: no such folder")
+    print(listing.ls(ns.folder))
+
+
+def show(args: list[str]) -> None:
+    from sdbatch.reports import listing
+
+    parser = argparse.ArgumentParser(prog="sdbatch show")
+    parser.add_argument("image", type=Path)
+    ns = parser.parse_args(args)
+    try:
+        print(listing.show(ns.image))
+    except (OSError, ValueError) as e:
+        fail(e)
+
+
 def main() -> None:
     args = sys.argv[1:]
-    commands = {"resume": resume, "reproduce": reproduce}
+    commands = {"resume": resume, "reproduce": reproduce, "grid": grid, "ls": ls, "show": show}
     if args and args[0] in commands:
         commands[args[0]](args[1:])
     elif args and args[0] in ("-h", "--help", "help"):
