@@ -431,6 +431,13 @@ def load_job(run_dir: Path) -> tuple[Job, schema.Grid]:
     return matrix.resolve_seeds(job, info["seed_nonce"]), grid
 
 
+def position(axes: list[GridAxis], job: Job, name: str | None) -> int | None:
+    """Where the axis a grid key names is among ``axes`` (None: unnamed, or not an axis of
+    the job as expanded, e.g. a wildcard that gave one value: then the default applies)."""
+    keys = schema.grid_axes(job).get(name) if name else None
+    return next((i for i, a in enumerate(axes) if a.keys == keys), None)
+
+
 def check(job: Job, x: str | None, y: str | None, z: str | None, where: str) -> None:
     """Raise JobError if a named axis is not one of the job's (naming those it has)."""
     job = dataclasses.replace(job, grid=schema.Grid(x, y, z))
@@ -451,16 +458,11 @@ def write_all(run_dir: Path, x: str | None = None, y: str | None = None, z: str 
         x, y, z = grid.x, grid.y, grid.z
     budget = (max_megapixels or grid.max_megapixels) * 1e6
     axes = run_axes(job)
-    names = schema.grid_axes(job)
-    position = {a.keys: i for i, a in enumerate(axes)}
-
-    def at(name: str | None) -> int | None:
-        return position.get(names.get(name)) if name else None
-
+    at = {which: position(axes, job, name) for which, name in (("x", x), ("y", y), ("z", z))}
     if sum(len(a.values) > 1 for a in axes) == 0:
         return []
     entries = manifest.read(run_dir / "manifest.jsonl")
-    found = sheets(axes, entries, run_dir, at(x), at(y), at(z))
+    found = sheets(axes, entries, run_dir, at["x"], at["y"], at["z"])
     w, h = cell_box(found, run_dir, job)
     out = []
     (run_dir / "grids").mkdir(exist_ok=True)
