@@ -42,6 +42,7 @@ from sdbatch.output.writer import WriteError, Writer
 from sdbatch.plan import Plan, finals, make_plan, needed, size_problems
 from sdbatch.progress import Progress
 from sdbatch.prompts import sources
+from sdbatch.reports import grids
 from sdbatch.schema import Job, JobError, Origin, Problem
 from sdbatch.stages.picture import Picture
 
@@ -311,6 +312,16 @@ def render_one(job: Job, origin: Origin, index: int,
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def write_grids(path: Path) -> list[Path]:
+    """The run's X/Y/Z plot sheets as the folder now is (partial after an interruption); a
+    sheet that cannot be written is said, never a reason to fail a run whose images are."""
+    try:
+        return grids.write_all(path)
+    except (OSError, ValueError, JobError) as e:
+        print(f"  grids not written ({e}); write them with: sdbatch grid {path}")
+        return []
+
+
 def run(job: Job, origin: Origin, overrides: list[str], argv: list[str]) -> int:
     p = prepare(job, origin)
     lock = RunLock(p.path, run_folder.now())
@@ -430,8 +441,11 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str]) ->
     folder.finish_session(status, dict(counts))
     if status == "complete" and not job.run.keep_intermediates:
         store.remove_all()
+    sheets = write_grids(path)
     print(f"{status}: {counts['rendered']} rendered, {counts['skipped']} already there, "
           f"{counts['failed']} failed, in {elapsed:.1f} s -> {path}")
+    if sheets:
+        print(f"  grids: {', '.join(str(p.relative_to(path)) for p in sheets)}")
     if failures:
         print(f"failed images ({len(failures)}; their errors are in {path / 'manifest.jsonl'}):")
         for line in failures[:FAILURES_SHOWN]:

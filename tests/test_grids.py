@@ -130,7 +130,9 @@ def test_the_grid_key_changes_no_image_and_no_resume():
 
 
 def test_a_2x2_run_has_one_labelled_sheet(run_2x2: Path):
+    at_the_end = (run_2x2 / "grids" / "cfg_scale-by-prompt.png").read_bytes()  # the run's
     [path] = grids.write_all(run_2x2)
+    assert path.read_bytes() == at_the_end
     assert path == run_2x2 / "grids" / "cfg_scale-by-prompt.png"
     assert json.loads((run_2x2 / "run.json").read_text())["grids"] == [
         "grids/cfg_scale-by-prompt.png"]
