@@ -49,6 +49,16 @@ def test_long_prompts_are_shortened_to_what_differs():
     assert all(s.strip("… ") for s in short)
 
 
+def test_labels_use_the_webui_words():
+    assert [grids.label(k) for k in ("params.cfg_scale", "prompt", "post.0.hires_fix.denoise",
+                                     "post.2.inpaint.mask_blur", "controlnet.0.weight",
+                                     "post.1.img2img.controlnet.1.weight")] == [
+        "CFG scale", "Prompt", "Hires fix denoise", "Inpaint mask blur (step 3)",
+        "ControlNet 0 weight", "Img2img ControlNet 1 weight (step 2)"]
+    assert grids.value_text("params.cfg_scale", 7.0) == "7"
+    assert grids.value_text("init_image", "/data/in/cat.png") == "cat.png"
+
+
 def test_default_axes_are_the_two_longest_the_others_sheets():
     # lengths by matrix position: the inner of the two longest gives the columns
     assert grids.pick_axes([1, 2, 3, 1, 4]) == (4, 2, [1])

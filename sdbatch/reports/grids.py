@@ -16,6 +16,7 @@ import io
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,14 +50,16 @@ PATH_KEYS = ("model.checkpoint", "init_image", "mask", "image", "model")  # show
 
 
 def label(key: str) -> str:
-    """'params.cfg_scale' -> 'CFG scale'; 'post.0.hires_fix.denoise' -> 'Hires fix denoise'
-    ('Hires fix 1 denoise' where the job has a second step of that kind: see ``labels``)."""
+    """'params.cfg_scale' -> 'CFG scale'; 'post.0.hires_fix.denoise' -> 'Hires fix denoise',
+    a later step with its place: 'post.2.inpaint.denoise' -> 'Inpaint denoise (step 3)',
+    a unit as its infotext: 'controlnet.0.weight' -> 'ControlNet 0 weight'."""
     if key in LABELS:
         return LABELS[key]
     parts = key.split(".")
-    words = [p.replace("_", " ") for p in parts if not p.isdigit() and p != "post"]
-    text = " ".join(words)
-    return text[:1].upper() + text[1:]
+    step = int(parts[1]) if parts[0] == "post" and parts[1].isdigit() else 0
+    text = " ".join(p.replace("_", " ") for p in parts[2 if parts[0] == "post" else 0:])
+    text = re.sub(r"controlnet (\d+)", r"ControlNet \1", text)  # its infotext's words
+    return text[:1].upper() + text[1:] + (f" (step {step + 1})" if step else "")
 
 
 def value_text(key: str, value: Any) -> str:
