@@ -1,6 +1,7 @@
 """The command line: `python -m sdbatch +job=NAME [overrides]` (Hydra) and the subcommands
 `sdbatch resume RUN_DIR`, `sdbatch reproduce IMAGE.png`, `sdbatch verify RUN_DIR`,
-`sdbatch diff RUN_A RUN_B` and `sdbatch bench`.
+`sdbatch diff RUN_A RUN_B`, `sdbatch grid RUN_DIR`, `sdbatch ls`, `sdbatch show IMAGE.png`
+and `sdbatch bench`.
 
 A job is validated before torch or diffusers is imported (seconds on a small machine), so a
 mistake is reported at once. Mistakes Hydra would report in its own words (a job file that is
@@ -25,6 +26,9 @@ USAGE = """usage:
   sdbatch resume RUN_DIR                finish a stopped run from its own saved config
          [--executor local]             ... on another executor (its keys at their defaults)
   sdbatch reproduce IMAGE.png           render an image again from its recipe, compare bytes
+  sdbatch grid RUN_DIR [--x K --y K --z K]  write X/Y/Z plot sheets of a run into grids/
+  sdbatch ls [FOLDER]                   the runs under FOLDER (outputs/): job, date, counts
+  sdbatch show IMAGE.png                one image's recipe, chain and infotext
   sdbatch verify RUN_DIR [--sample N]   render a run's images again, name those that moved
   sdbatch diff RUN_A RUN_B              compare two runs image by image, matched by recipe
   sdbatch bench [--model sd15 ...]      steps/s, images/s, peak memory next to diffusers
@@ -240,12 +244,52 @@ def diff(args: list[str]) -> None:
     print(report.text(), end="")
     print(f"report: {out / 'report.txt'} and report.json")
     sys.exit(0 if report.same else 1)
+def grid(args: list[str]) -> None:
+    from sdbatch.reports import grids
+
+    parser = argparse.ArgumentParser(prog="sdbatch grid")
+    parser.add_argument("run_dir", type=Path)
+    for axis in ("x", "y", "z"):
+        parser.add_argument(f"--{axis}", help=f"the {axis} axis: a key given as a list "
+                            "(cfg_scale, prompt, post.0.hires_fix.denoise) or batch")
+    parser.add_argument("--max-megapixels", type=float, help="each sheet's pixel budget")
+    ns = parser.parse_args(args)
+    if not (ns.run_dir / "run.json").is_file():
+        fail(f"{ns.run_dir} is not an sdbatch run folder (no run.json)")
+    try:
+        written = grids.write_all(ns.run_dir, ns.x, ns.y, ns.z, ns.max_megapixels)
+    except JobError as e:
+        fail(e)
+    print("\n".join(map(str, written)) or f"{ns.run_dir}: one image, no grid")
+
+
+def ls(args: list[str]) -> None:
+    from sdbatch.reports import listing
+
+    parser = argparse.ArgumentParser(prog="sdbatch ls")
+    parser.add_argument("folder", type=Path, nargs="?", default=Path("outputs"))
+    ns = parser.parse_args(args)
+    if not ns.folder.is_dir():
+        fail(f"{ns.folder}: no such folder")
+    print(listing.ls(ns.folder))
+
+
+def show(args: list[str]) -> None:
+    from sdbatch.reports import listing
+
+    parser = argparse.ArgumentParser(prog="sdbatch show")
+    parser.add_argument("image", type=Path)
+    ns = parser.parse_args(args)
+    try:
+        print(listing.show(ns.image))
+    except (OSError, ValueError) as e:
+        fail(e)
 
 
 def main() -> None:
     args = sys.argv[1:]
     commands = {"resume": resume, "reproduce": reproduce, "verify": verify, "diff": diff,
-                "bench": bench}
+                "bench": bench, "grid": grid, "ls": ls, "show": show}
     if args and args[0] in commands:
         commands[args[0]](args[1:])
     elif args and args[0] in ("-h", "--help", "help"):

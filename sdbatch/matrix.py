@@ -175,7 +175,7 @@ def resolve_seeds(job: Job, nonce: int) -> Job:
     return dataclasses.replace(job, params=dataclasses.replace(job.params, **changes))
 
 
-def _axes(job: Job) -> list[tuple[tuple[str, ...], list[tuple]]]:
+def axes(job: Job) -> list[tuple[tuple[str, ...], list[tuple]]]:
     """[(keys, rows)]: one entry per independent axis; a zip group is one axis of many keys."""
     zipped = {name: g for g, group in enumerate(job.zip) for name in group}
     axes: list[tuple[tuple[str, ...], list[tuple]]] = []
@@ -222,7 +222,7 @@ def embedding_triggers(job: Job) -> list[str]:
 
 def cells(job: Job) -> int:
     n = 1
-    for _, rows in _axes(job):
+    for _, rows in axes(job):
         n *= len(rows)
     return n
 
@@ -237,15 +237,15 @@ def expand(job: Job, picked: dict[int, tuple[str, str]] | None = None) -> list[R
 
     ``picked`` gives images their (prompt, negative prompt) as recorded, instead of picking
     them again in random dynamic-prompt mode (reproduce: the wildcard files may be gone)."""
-    axes = _axes(job)
+    crossed = axes(job)
     p = job.params
     per_cell = p.batch_count * p.batch_size
     dynamic = (DynamicPrompts("random", Path(job.paths.wildcards), 1)
                if job.dynamic_prompts.mode == "random" else None)
     triggers = embedding_triggers(job)
     renders: list[Render] = []
-    for cell, combo in enumerate(itertools.product(*(rows for _, rows in axes))):
-        values = {k: v for (keys, _), row in zip(axes, combo, strict=True)
+    for cell, combo in enumerate(itertools.product(*(rows for _, rows in crossed))):
+        values = {k: v for (keys, _), row in zip(crossed, combo, strict=True)
                   for k, v in zip(keys, row, strict=True)}
         seed, subseed = values["params.seed"], values["params.subseed"]
         if seed == -1 or subseed == -1:

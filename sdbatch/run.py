@@ -43,6 +43,7 @@ from sdbatch.output.writer import WriteError, Writer
 from sdbatch.plan import Plan, finals, make_plan, needed, size_problems
 from sdbatch.progress import Progress
 from sdbatch.prompts import sources
+from sdbatch.reports import grids
 from sdbatch.schema import Job, JobError, Origin, Problem
 from sdbatch.stages.picture import Picture
 
@@ -71,10 +72,12 @@ def describe(job: Job) -> str:
 
 
 def portable(job: Job) -> dict:
-    """The job as embedded in PNGs: without run and executor, which change no pixel, but
-    for executor.max_batch (which images share a pass, so reproduce makes the same passes)."""
+    """The job as embedded in PNGs: without run and grid, which change no pixel, and of
+    the executor only max_batch (which images share a pass, so reproduce makes the same
+    passes)."""
     d = schema.to_dict(job)
     d.pop("run")
+    d.pop("grid")
     d["executor"] = {"max_batch": job.executor.max_batch}
     return d
 
@@ -347,6 +350,16 @@ def render_one(job: Job, origin: Origin, index: int,
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def write_grids(path: Path) -> list[Path]:
+    """The run's X/Y/Z plot sheets as the folder now is (partial after an interruption); a
+    sheet that cannot be written is said, never a reason to fail a run whose images are."""
+    try:
+        return grids.write_all(path)
+    except (OSError, ValueError, JobError) as e:
+        print(f"  grids not written ({e}); write them with: sdbatch grid {path}")
+        return []
+
+
 def run(job: Job, origin: Origin, overrides: list[str], argv: list[str],
         shard: Shard | None = None) -> int:
     """Run ``job`` here, or (executor=slurm) submit it as an array; ``shard``: run one task
@@ -483,9 +496,12 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
     folder.finish_session(status, dict(counts), top=shard is None)
     if status == "complete" and not job.run.keep_intermediates and shard is None:
         store.remove_all()
+    sheets = write_grids(path) if shard is None else []
     rate = f", {counts['rendered'] / elapsed:.2f} images/s" if counts["rendered"] else ""
     print(f"{status}: {counts['rendered']} rendered, {counts['skipped']} already there, "
           f"{counts['failed']} failed, in {elapsed:.1f} s{rate} -> {path}")
+    if sheets:
+        print(f"  grids: {', '.join(str(p.relative_to(path)) for p in sheets)}")
     if failures:
         print(f"failed images ({len(failures)}; their errors are in {path / 'manifest.jsonl'}):")
         for line in failures[:FAILURES_SHOWN]:

@@ -405,6 +405,20 @@ class PostStep:
 
 
 @dataclass(frozen=True)
+class Grid:
+    """The X/Y/Z plot sheets written into grids/ (sdbatch/reports/grids.py): an axis of the
+    job for the columns (x), the rows (y) and the sheets (z), by short name or dotted key
+    (a zip group by any member, `batch` for the images of a cell); unset: the two longest
+    axes, the others as separate sheets. Presentation only: no pixel of an image depends
+    on it, so a resume may change it."""
+
+    x: str | None = spec(None)
+    y: str | None = spec(None)
+    z: str | None = spec(None)
+    max_megapixels: float = spec(16.0, _range(0.25, 1000))  # a sheet's pixel budget
+
+
+@dataclass(frozen=True)
 class Job:
     job: JobInfo = spec(default_factory=JobInfo)
     prompt: Axis[str] = spec("")
@@ -421,6 +435,7 @@ class Job:
     model: Model = spec(default_factory=Model)
     executor: Executor = spec(default_factory=Executor)
     run: Run = spec(default_factory=Run)
+    grid: Grid = spec(default_factory=Grid)
 
 
 @dataclass(frozen=True)
@@ -515,7 +530,8 @@ def validate(raw: Mapping[str, Any], origin: Origin = lambda key: "the job") -> 
         full = {v: v for v in all_axes(job).values()} | all_axes(job)
         job = dataclasses.replace(job, zip=tuple(tuple(full.get(n, n) for n in group)
                                                  for group in job.zip))
-        problems += _check_zip(job, origin) + _check_sampler_pairs(job, origin)
+        problems += (_check_zip(job, origin) + _check_sampler_pairs(job, origin)
+                     + grid_problems(job, origin))
     if problems:
         raise JobError(problems)
     return job
@@ -642,6 +658,52 @@ def _check_zip(job: Job, origin: Origin) -> list[Problem]:
             desc = ", ".join(f"{k} has {n}" for k, n in lengths.items())
             problems.append(Problem(key, f"zipped lists must have the same length: {desc}",
                                     origin("zip")))
+    return problems
+
+
+GRID_BATCH = "batch"  # the grid axis of a cell's images (batch_count x batch_size)
+
+
+def grid_axes(job: Job) -> dict[str, tuple[str, ...]]:
+    """The axes a grid may show, each name it answers to (short name or dotted key) ->
+    its keys (a zip group's members); `batch` when a cell has several images. A prompt
+    counts when a prompt file or dynamic prompt syntax may make it a list."""
+    dotted = {v: v for v in all_axes(job).values()} | all_axes(job)
+    group = {k: g for g in job.zip for k in g}
+    may_expand = {k for k in ("prompt", "negative_prompt")
+                  if job.prompt_file or (job.dynamic_prompts.mode != "off" and any(
+                      "{" in t or "__" in t for t in _values(get(job, k))))}
+    out: dict[str, tuple[str, ...]] = {}
+    for name, key in dotted.items():
+        if isinstance(get(job, key), tuple) or key in may_expand:
+            out[name] = group.get(key, (key,))
+    if job.params.batch_count * job.params.batch_size > 1:
+        out[GRID_BATCH] = (GRID_BATCH,)
+    return out
+
+
+def grid_problems(job: Job, origin: Origin) -> list[Problem]:
+    """Each named grid axis is an axis of this job, and no two name the same one."""
+    problems = []
+    axes = grid_axes(job)
+    shown = ", ".join(dict.fromkeys(k for k in axes if "." not in k or k.startswith("post.")
+                                    or k.startswith("controlnet."))) or "none"
+    taken: dict[tuple[str, ...], str] = {}
+    for which in ("x", "y", "z"):
+        name = getattr(job.grid, which)
+        if name is None:
+            continue
+        key = f"grid.{which}"
+        if name not in axes:
+            close = difflib.get_close_matches(name, list(axes), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(Problem(key, f"'{name}' is not an axis of this job (a key given as "
+                                    f"a list){hint}; its axes: {shown}", origin(key)))
+        elif axes[name] in taken:
+            problems.append(Problem(key, f"'{name}' is the axis grid.{taken[axes[name]]} "
+                                    "already shows; name another", origin(key)))
+        else:
+            taken[axes[name]] = which
     return problems
 
 

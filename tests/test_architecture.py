@@ -27,6 +27,8 @@ RULES = [  # (files, imports they must not make)
     ("schema.py", ("sdbatch.samplers", "sdbatch.stages", "sdbatch.models", "torch",
                    "diffusers")),
     ("stages/*.py", ("sdbatch.run", "sdbatch.output", "sdbatch.executors", "sdbatch.schema")),
+    ("reports/*.py", ("sdbatch.run", "sdbatch.executors", "sdbatch.stages", "torch",
+                      "diffusers")),
 ]
 
 

@@ -224,6 +224,13 @@ def test_ctrl_c_or_sigterm_stops_after_the_batch_and_says_how_to_resume(tmp_path
     info = json.loads((tmp_path / "r/run.json").read_text())
     assert info["status"] == "interrupted" and info["counts"]["rendered"] == 8
     assert len(shas(tmp_path / "r")) == 8
+    with Image.open(tmp_path / "r" / info["grids"][0]) as sheet:  # a partial grid
+        cells = [c["status"] for row in json.loads(sheet.text["sdbatch_grid"])["cells"]
+                 for c in row]
+    # seeds by prompts (the longest axes), a sheet per CFG scale; the 8 images of the first
+    # two passes (of 4) fill the first sheet but for its last cell
+    assert info["grids"] == ["grids/seed-by-prompt-01.png", "grids/seed-by-prompt-02.png"]
+    assert cells == ["ok"] * 5 + ["missing"]
     out = sdbatch(tmp_path, "+job=small", "run.dir=r").stdout  # re-running the job resumes
     assert "complete: 4 rendered, 8 already there" in out
     assert len(shas(tmp_path / "r")) == 12

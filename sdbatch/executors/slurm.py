@@ -236,10 +236,14 @@ def _finish(job: schema.Job, p, folder, done: set[int], tasks: list) -> int:
             folder.update_session({"ended": now(), "status": status, "counts": counts})
             if status == "complete" and not job.run.keep_intermediates:
                 Intermediates(p.path, 0).remove_all()
+            sheets = run.write_grids(p.path)
     except RunFolderBusy as e:
+        sheets = []
         print(f"  note: run.json not updated: {e}")
     print(f"{status}: {counts['rendered']} rendered, {counts['skipped']} already there, "
           f"{failed} failed -> {p.path}")
+    if sheets:
+        print(f"  grids: {', '.join(str(s.relative_to(p.path)) for s in sheets)}")
     if status != "complete":
         print(f"  to finish the run: sdbatch resume {p.path} (a new array), or "
               f"sdbatch resume {p.path} --executor local (on this machine)")

@@ -26,7 +26,7 @@ from filelock import FileLock
 from sdbatch import __version__, atomic
 from sdbatch.output import manifest
 
-RESUME_IGNORES = ("run", "executor")  # may change between sessions of one run
+RESUME_IGNORES = ("run", "executor", "grid")  # may change between sessions of one run
 # of a stack record: changed only with run.allow_device_change (each changes the rounding)
 DEVICE_KEYS = ("device", "dtype", "switches")
 
@@ -108,6 +108,14 @@ def resume_changes(stored: dict[str, Any], current: dict[str, Any]
     changed += [f"input {k.removeprefix('inputs.')} (its file changed)" for k in
                 differences(stored.get("inputs", {}), current["inputs"], "inputs.")]
     return [c.removeprefix("job.") for c in changed], device
+
+
+def record_grids(path: Path, files: list[str]) -> None:
+    """Name grid sheets (paths relative to the run folder) in run.json's ``grids``, after
+    those already named; written atomically like every run.json write."""
+    info = json.loads((path / "run.json").read_text())
+    info["grids"] = list(dict.fromkeys([*info.get("grids", []), *files]))
+    atomic.write_text(path / "run.json", json.dumps(info, indent=2))
 
 
 class RunFolder:

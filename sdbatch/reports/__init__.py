@@ -1,1 +1,2 @@
-"""What is made from a run folder after (or while) it renders: checks, comparisons, views."""
+"""What is made from a run folder after (or while) it renders: grids, listings, the gallery,
+checks and comparisons."""
