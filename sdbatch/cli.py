@@ -1,5 +1,5 @@
 """The command line: `python -m sdbatch +job=NAME [overrides]` (Hydra) and the subcommands
-`sdbatch resume RUN_DIR` and `sdbatch reproduce IMAGE.png`.
+`sdbatch resume RUN_DIR`, `sdbatch reproduce IMAGE.png` and `sdbatch gallery RUN_DIR`.
 
 A job is validated before torch or diffusers is imported (seconds on a small machine), so a
 mistake is reported at once. Mistakes Hydra would report in its own words (a job file that is
@@ -23,6 +23,7 @@ USAGE = """usage:
   sdbatch +job=NAME [key=value ...]     run jobs/NAME.yaml (Hydra overrides after it)
   sdbatch resume RUN_DIR                finish a stopped run from its own saved config
   sdbatch reproduce IMAGE.png           render an image again from its recipe, compare bytes
+  sdbatch gallery RUN_DIR               (re)write RUN_DIR/index.html from what is there now
 """
 
 
@@ -170,9 +171,21 @@ def reproduce(args: list[str]) -> None:
     sys.exit(0 if same else 1)
 
 
+def gallery(args: list[str]) -> None:
+    from sdbatch.reports import gallery as page
+
+    parser = argparse.ArgumentParser(prog="sdbatch gallery")
+    parser.add_argument("run_dir", type=Path)
+    ns = parser.parse_args(args)
+    try:
+        print(page.write(ns.run_dir))
+    except FileNotFoundError as e:
+        fail(e)
+
+
 def main() -> None:
     args = sys.argv[1:]
-    commands = {"resume": resume, "reproduce": reproduce}
+    commands = {"resume": resume, "reproduce": reproduce, "gallery": gallery}
     if args and args[0] in commands:
         commands[args[0]](args[1:])
     elif args and args[0] in ("-h", "--help", "help"):
