@@ -27,6 +27,8 @@ RULES = [  # (files, imports they must not make)
     ("schema.py", ("sdbatch.samplers", "sdbatch.stages", "sdbatch.models", "torch",
                    "diffusers")),
     ("stages/*.py", ("sdbatch.run", "sdbatch.output", "sdbatch.executors", "sdbatch.schema")),
+    ("reports/gallery.py", ("torch", "diffusers", "sdbatch.run", "sdbatch.executors",
+                            "sdbatch.stages", "sdbatch.models")),  # reads a run folder only
 ]
 
 
