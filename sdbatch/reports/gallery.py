@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -139,7 +140,7 @@ def flatten(recipe: dict[str, Any]) -> dict[str, Any]:
     ``model.checkpoint``, ``controlnet.0.weight``, ``post.0.hires_fix.denoise``) -> value;
     lists of plain values as JSON text. A post-step's key that only repeats the image's
     own value (its unset sampler, prompt, ...) is left out."""
-    short = schema.axes()
+    short = _axes()
     base = recipe.get("params", {})
     out: dict[str, Any] = {}
     if "model" in recipe:
@@ -153,6 +154,11 @@ def flatten(recipe: dict[str, Any]) -> dict[str, Any]:
                 continue
             _put(out, f"post.{n}.{stage['kind']}.{key}", value)
     return out
+
+
+@functools.cache
+def _axes() -> dict[str, str]:
+    return schema.axes()  # type hints evaluated: slow enough to matter once per image
 
 
 def _put(out: dict[str, Any], key: str, value: Any) -> None:
@@ -173,11 +179,11 @@ def find_axes(flat: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """The keys whose values differ between images -> their values, sorted (numbers by
     size, then text); the table's keys in the job's matrix order (outermost first), then
     the ControlNet units' and post-steps' as the recipe names them."""
-    table = {key: n for n, key in enumerate(schema.axes().values())}
+    table = {key: n for n, key in enumerate(_axes().values())}
     keys = sorted(dict.fromkeys(k for f in flat for k in f), key=lambda k: table.get(k, len(table)))
     out = {}
     for key in keys:
-        values = {json.dumps(f.get(key), sort_keys=True): f.get(key) for f in flat}
+        values = {(type(f.get(key)), f.get(key)): f.get(key) for f in flat}  # 1 is not 1.0
         if len(values) > 1:
             out[key] = sorted(values.values(), key=_order)
     return out
