@@ -245,3 +245,23 @@ def test_updater_writes_at_once_then_at_most_every_interval(monkeypatch, tmp_pat
         update()
     update(force=True)
     assert written == [0, 31, 62, 62]
+
+
+def test_the_chain_links_the_init_image_mask_and_control_map(monkeypatch, tmp_path: Path):
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "outputs" / "job" / "run"
+    (run_dir / "controlnet").mkdir(parents=True)
+    (run_dir / "controlnet" / "m1.png").write_bytes(b"png")
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "lawn mask.png").write_bytes(b"png")
+    stages = [{"kind": "image", "key": "a", "params": {"path": "/nowhere/hq.png"}},
+              {"kind": "inpaint", "key": "b", "params": {
+                  "mask": "assets/lawn mask.png",
+                  "controlnet": [{"image": "assets/lawn mask.png", "map": "m1"}]}}]
+    base, paint = gallery.chain(run_dir, stages, "images/00000-1.png")
+    assert base["inputs"] == [{"label": "init image", "path": "/nowhere/hq.png", "src": None}]
+    assert not base["kept"] and paint["picture"] == "images/00000-1.png"
+    assert [(i["label"], i["src"]) for i in paint["inputs"]] == [
+        ("mask", "../../../assets/lawn%20mask.png"),
+        ("ControlNet 0 image", "../../../assets/lawn%20mask.png"),
+        ("ControlNet 0 control map", "controlnet/m1.png")]
