@@ -163,8 +163,8 @@ def test_details_show_the_chain_with_its_kept_base_picture(real_run: Path, open_
 
 def interrupted_copy(real_run: Path, folder: Path) -> Path:
     """The real run as a kill would leave it: two images written (one under a name that
-    needs escaping in a URL), one failed, a manifest line torn, run.json still saying
-    running, no lock note."""
+    needs escaping in a URL), one failed, a manifest line torn, a partial grid, run.json
+    still saying running, no lock note."""
     shutil.copytree(real_run, folder)
     (folder / "index.html").unlink()
     lines = (folder / "manifest.jsonl").read_text().splitlines()
@@ -175,6 +175,8 @@ def interrupted_copy(real_run: Path, folder: Path) -> Path:
     third = {**third, "status": "failed", "error": "CUDA out of memory <b>bold</b>"}
     (folder / "manifest.jsonl").write_text("\n".join(json.dumps(e) for e in (first, second, third))
                                            + "\n" + lines[3][:40])
+    (folder / "grids").mkdir()
+    shutil.copy(folder / second["file"], folder / "grids" / "partial grid #1.png")
     info = json.loads((folder / "run.json").read_text())
     info["status"] = "running"
     (folder / "run.json").write_text(json.dumps(info))
@@ -191,6 +193,8 @@ def test_the_gallery_of_an_interrupted_run_shows_what_exists(real_run: Path, ope
     assert state.startswith("interrupted: 2 of 4 images, 1 failed, 1 not rendered yet")
     assert f"sdbatch resume {folder.name}" in state
     assert loaded(page, '.card[data-index="0"] .thumb img') == [64]  # the odd name loads
+    assert page.locator("#grids a").get_attribute("href") == "grids/partial%20grid%20%231.png"
+    assert loaded(page, "#grids img") == [64]
     page.select_option("#status", "failed")
     assert visible_indexes(page) == [2]
     assert page.locator('.card[data-index="2"] .failed').text_content() == \
