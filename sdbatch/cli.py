@@ -1,7 +1,7 @@
 """The command line: `python -m sdbatch +job=NAME [overrides]` (Hydra) and the subcommands
 `sdbatch resume RUN_DIR`, `sdbatch reproduce IMAGE.png`, `sdbatch verify RUN_DIR`,
-`sdbatch diff RUN_A RUN_B`, `sdbatch grid RUN_DIR`, `sdbatch ls`, `sdbatch show IMAGE.png`
-and `sdbatch bench`.
+`sdbatch diff RUN_A RUN_B`, `sdbatch grid RUN_DIR`, `sdbatch gallery RUN_DIR`, `sdbatch ls`,
+`sdbatch show IMAGE.png` and `sdbatch bench`.
 
 A job is validated before torch or diffusers is imported (seconds on a small machine), so a
 mistake is reported at once. Mistakes Hydra would report in its own words (a job file that is
@@ -27,6 +27,7 @@ USAGE = """usage:
          [--executor local]             ... on another executor (its keys at their defaults)
   sdbatch reproduce IMAGE.png           render an image again from its recipe, compare bytes
   sdbatch grid RUN_DIR [--x K --y K --z K]  write X/Y/Z plot sheets of a run into grids/
+  sdbatch gallery RUN_DIR               (re)write RUN_DIR/index.html from what is there now
   sdbatch ls [FOLDER]                   the runs under FOLDER (outputs/): job, date, counts
   sdbatch show IMAGE.png                one image's recipe, chain and infotext
   sdbatch verify RUN_DIR [--sample N]   render a run's images again, name those that moved
@@ -286,10 +287,22 @@ def show(args: list[str]) -> None:
         fail(e)
 
 
+def gallery(args: list[str]) -> None:
+    from sdbatch.reports import gallery as page
+
+    parser = argparse.ArgumentParser(prog="sdbatch gallery")
+    parser.add_argument("run_dir", type=Path)
+    ns = parser.parse_args(args)
+    try:
+        print(page.write(ns.run_dir))
+    except FileNotFoundError as e:
+        fail(e)
+
+
 def main() -> None:
     args = sys.argv[1:]
     commands = {"resume": resume, "reproduce": reproduce, "verify": verify, "diff": diff,
-                "bench": bench, "grid": grid, "ls": ls, "show": show}
+                "bench": bench, "grid": grid, "ls": ls, "show": show, "gallery": gallery}
     if args and args[0] in commands:
         commands[args[0]](args[1:])
     elif args and args[0] in ("-h", "--help", "help"):

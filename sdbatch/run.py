@@ -43,7 +43,7 @@ from sdbatch.output.writer import WriteError, Writer
 from sdbatch.plan import Plan, finals, make_plan, needed, size_problems
 from sdbatch.progress import Progress
 from sdbatch.prompts import sources
-from sdbatch.reports import grids
+from sdbatch.reports import gallery, grids
 from sdbatch.schema import Job, JobError, Origin, Problem
 from sdbatch.stages.picture import Picture
 
@@ -427,6 +427,8 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
                          {c: s.identity for c, s in p.specs.items()}, argv,
                          shard and {"submission": shard.submission, "shard": shard.number})
     embedded_job = portable(p.resolved)
+    update_gallery = gallery.Updater(path)
+    update_gallery()  # there from the start: what a resume found, what is still to come
     progress = Progress(job.run.progress, len(renders), len(done))
     counts = Counter(rendered=0, skipped=len(done), failed=0)
     failures: list[str] = []
@@ -475,6 +477,7 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
                                                             found, result.machine), entry)
                             counts["rendered"] += 1
                         progress.advance()
+                    update_gallery()  # at most every gallery.EVERY_S
             finally:
                 try:
                     if pool is not None:
@@ -496,12 +499,14 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
     folder.finish_session(status, dict(counts), top=shard is None)
     if status == "complete" and not job.run.keep_intermediates and shard is None:
         store.remove_all()
+    update_gallery(force=True)  # after intermediates/ goes: it links only what stays
     sheets = write_grids(path) if shard is None else []
     rate = f", {counts['rendered'] / elapsed:.2f} images/s" if counts["rendered"] else ""
     print(f"{status}: {counts['rendered']} rendered, {counts['skipped']} already there, "
           f"{counts['failed']} failed, in {elapsed:.1f} s{rate} -> {path}")
     if sheets:
         print(f"  grids: {', '.join(str(p.relative_to(path)) for p in sheets)}")
+    print(f"  gallery: {path / gallery.FILE}")
     if failures:
         print(f"failed images ({len(failures)}; their errors are in {path / 'manifest.jsonl'}):")
         for line in failures[:FAILURES_SHOWN]:

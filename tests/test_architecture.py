@@ -27,8 +27,10 @@ RULES = [  # (files, imports they must not make)
     ("schema.py", ("sdbatch.samplers", "sdbatch.stages", "sdbatch.models", "torch",
                    "diffusers")),
     ("stages/*.py", ("sdbatch.run", "sdbatch.output", "sdbatch.executors", "sdbatch.schema")),
-    ("reports/*.py", ("sdbatch.run", "sdbatch.executors", "sdbatch.stages", "torch",
-                      "diffusers")),
+    # what reads a run folder only; verify.py renders again, through run and the executors
+    *((f"reports/{name}.py", ("sdbatch.run", "sdbatch.executors", "sdbatch.stages",
+                              "sdbatch.models", "torch", "diffusers"))
+      for name in ("grids", "listing", "gallery", "compare", "diff")),
 ]
 
 

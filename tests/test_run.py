@@ -46,7 +46,8 @@ def test_run_folder_layout_and_metadata(tmp_path: Path):
     r = tmp_path / "r"
     assert {p.name for p in r.iterdir()} == {"config.yaml", "overrides.yaml", "manifest.jsonl",
                                              "run.json", "images", "run.lock",
-                                             "manifest.jsonl.lock", "run.json.lock"}
+                                             "manifest.jsonl.lock", "run.json.lock", "index.html",
+                                             "grids"}
     info = json.loads((r / "run.json").read_text())
     assert info["status"] == "complete" and info["counts"]["rendered"] == 4
     assert set(info["versions"]) >= {"python", "torch", "diffusers", "transformers"}

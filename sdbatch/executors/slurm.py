@@ -25,6 +25,7 @@ from pathlib import Path
 
 from sdbatch import schema
 from sdbatch.plan import Plan, StageCall
+from sdbatch.reports import gallery
 
 LOGS = "slurm"  # submitit's folder in the run folder: its pickles and each task's logs
 POLL_S = 5.0
@@ -237,6 +238,7 @@ def _finish(job: schema.Job, p, folder, done: set[int], tasks: list) -> int:
             if status == "complete" and not job.run.keep_intermediates:
                 Intermediates(p.path, 0).remove_all()
             sheets = run.write_grids(p.path)
+            gallery.write(p.path)
     except RunFolderBusy as e:
         sheets = []
         print(f"  note: run.json not updated: {e}")
@@ -244,6 +246,7 @@ def _finish(job: schema.Job, p, folder, done: set[int], tasks: list) -> int:
           f"{failed} failed -> {p.path}")
     if sheets:
         print(f"  grids: {', '.join(str(s.relative_to(p.path)) for s in sheets)}")
+    print(f"  gallery: {p.path / gallery.FILE}")
     if status != "complete":
         print(f"  to finish the run: sdbatch resume {p.path} (a new array), or "
               f"sdbatch resume {p.path} --executor local (on this machine)")
