@@ -235,11 +235,24 @@ def make_plan(renders: list[Render], stacks: dict[str, str], max_batch: int,
         groups.setdefault(call.group() + str(depth), []).append((call, r, depth))
     batches = []
     for members in groups.values():
-        for i in range(0, len(members), max_batch):
-            part = members[i:i + max_batch]
+        for start, end in pass_bounds(len(members), max_batch):
+            part = members[start:end]
             batches.append(Batch(part[0][0].kind, tuple(r for _, r, _ in part),
                                  tuple(c for c, _, _ in part), part[0][2]))
     return Plan(chains, schedule(batches))
+
+
+def pass_bounds(n: int, max_batch: int) -> list[tuple[int, int]]:
+    """``n`` calls in as few passes as max_batch allows, of sizes that differ by one at most
+    (12 at 8: 6 + 6, not 8 + 4): two workers get equal halves, one pays the same."""
+    passes = -(-n // max_batch)
+    size, extra = divmod(n, passes) if n else (0, 0)
+    bounds, start = [], 0
+    for i in range(passes):
+        end = start + size + (i < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
 
 
 def _unshared(calls: tuple[StageCall, ...], index: int) -> tuple[StageCall, ...]:

@@ -17,15 +17,24 @@ def plan_of(raw, max_batch=2):
 @pytest.mark.parametrize("max_batch", [1, 5, 8, 24])
 def test_calls_differing_in_seed_prompt_negative_or_cfg_share_passes_of_max_batch(max_batch):
     """2 prompts x 2 negatives x 2 CFG x 3 seeds: 24 calls that may all share a pass, so
-    ceil(24 / max_batch) passes, each full but the last, in image order."""
+    ceil(24 / max_batch) passes, of sizes that differ by one at most, in image order."""
     rs, plan = plan_of({"prompt": ["a", "b"], "negative_prompt": ["x", "y"],
                         "params": {"seed": [1, 2, 3], "cfg_scale": [5, 7]}}, max_batch)
     sizes = [len(b.renders) for b in plan.batches]
     assert len(sizes) == math.ceil(24 / max_batch) and max(sizes) == min(max_batch, 24)
+    assert max(sizes) - min(sizes) <= 1
     assert [r.index for b in plan.batches for r in b.renders] == list(range(24))
     first = plan.batches[0].renders
     assert len({(r.prompt, r.negative_prompt, r.cfg_scale, r.seed) for r in first}) == \
         min(max_batch, 24)
+
+
+def test_passes_are_as_few_as_max_batch_allows_and_even():
+    from sdbatch.plan import pass_bounds
+
+    assert pass_bounds(12, 8) == [(0, 6), (6, 12)]  # two workers get equal halves
+    assert pass_bounds(13, 4) == [(0, 4), (4, 7), (7, 10), (10, 13)]
+    assert pass_bounds(3, 8) == [(0, 3)] and pass_bounds(5, 1) == [(i, i + 1) for i in range(5)]
 
 
 def test_params_batch_size_makes_images_not_passes():
