@@ -144,7 +144,8 @@ def test_an_image_that_keeps_failing_is_named_at_the_end_and_the_run_goes_on(
         return real(stack, renders, on_step, **kw)
 
     monkeypatch.setitem(workers.STAGES, "txt2img", broken)
-    assert run_job(PLAIN, tmp_path / "r", EXECUTORS["local"]) == runner.EXIT_FAILURES
+    passes_of_a_prompt = {**EXECUTORS["local"], "max_batch": 2}
+    assert run_job(PLAIN, tmp_path / "r", passes_of_a_prompt) == runner.EXIT_FAILURES
     found = entries(tmp_path / "r")
     assert sorted(e["status"] for e in found) == ["failed", "failed", "ok", "ok"]
     out = capsys.readouterr().out

@@ -175,6 +175,7 @@ def interrupted_copy(real_run: Path, folder: Path) -> Path:
     third = {**third, "status": "failed", "error": "CUDA out of memory <b>bold</b>"}
     (folder / "manifest.jsonl").write_text("\n".join(json.dumps(e) for e in (first, second, third))
                                            + "\n" + lines[3][:40])
+    shutil.rmtree(folder / "grids", ignore_errors=True)  # the run's own sheets: one partial
     (folder / "grids").mkdir()
     shutil.copy(folder / second["file"], folder / "grids" / "partial grid #1.png")
     info = json.loads((folder / "run.json").read_text())

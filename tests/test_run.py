@@ -119,12 +119,13 @@ def test_a_failing_batch_never_loses_the_others(tmp_path: Path, monkeypatch):
         return real(stack, renders, on_step)
 
     monkeypatch.setitem(local.STAGES, "txt2img", flaky)
-    assert run_job(SMALL, tmp_path / "r") == runner.EXIT_FAILURES
+    one_by_one = {**SMALL, "executor": {"max_batch": 1}}
+    assert run_job(one_by_one, tmp_path / "r") == runner.EXIT_FAILURES
     entries = [json.loads(x) for x in (tmp_path / "r/manifest.jsonl").read_text().splitlines()]
     assert [e["status"] for e in entries] == ["ok", "failed", "ok", "failed"]
     assert "out of memory" in entries[1]["error"]
     monkeypatch.setitem(local.STAGES, "txt2img", real)
-    assert run_job(SMALL, tmp_path / "r") == 0  # a re-run renders only the failed ones
+    assert run_job(one_by_one, tmp_path / "r") == 0  # a re-run renders only the failed ones
     info = json.loads((tmp_path / "r/run.json").read_text())
     assert info["counts"] == {"rendered": 2, "skipped": 2, "failed": 0}
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from sdbatch import matrix, seamless, tiles, upscalers
 from sdbatch import run as runner
+from sdbatch.models.stack import StackCache
 from sdbatch.output import png
 from sdbatch.output.infotext import parse_infotext
 from sdbatch.plan import make_plan
@@ -229,7 +230,7 @@ def test_upscale_alone_loads_no_model(tmp_path, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("an upscale must not load a model")
 
-    monkeypatch.setattr(runner.StackCache, "get", no_model)
+    monkeypatch.setattr(StackCache, "get", no_model)
     job = {**BASE, "init_image": str(source),
            "post": [{"upscale": {"resize_x": 128, "resize_y": 128, "upscaler": "Nearest"}}]}
     assert run_job(job, tmp_path / "r") == 0
