@@ -281,8 +281,8 @@ def _checked(path: Path, pipe) -> tuple[dict[str, dict[str, tuple[int, ...]]],
             elif down[1] != shape[1] or up[0] != shape[0] or down[0] != up[1]:
                 wrong.append(f"{name}: LoRA {down[1]}->{up[0]}, model {shape[1]}->{shape[0]}")
         elif not lycoris.fits(kind, parts, module.weight, getattr(module, "bias", None)):
-            wrong.append(f"{name}: {lycoris.NAMES[kind]} {list(parts.items())}, model "
-                         f"{shape}")
+            wrong.append(f"{name}: {lycoris.NAMES[kind]} of shape "
+                         f"{lycoris.delta_shape(kind, parts)}, model {shape}")
     if missing:
         raise NetworkError(f"{path}: {len(missing)} of its {len(modules)} modules exist nowhere "
                            f"in this {family} checkpoint (e.g. {', '.join(missing[:3])}); it "
@@ -352,18 +352,19 @@ class LoraSet:
         if sgm and getattr(self.pipe, "text_encoder_2", None) is None:
             kwargs["unet_config"] = self.pipe.unet.config  # SDXL pipelines pass it themselves
         source = str(key) if key.suffix.lower() == ".safetensors" else _load_pickled(key)
+        self._state.active = None  # loading may change which adapters are active
         try:
             with warnings.catch_warnings():  # peft warns that a second adapter is a second one
                 warnings.filterwarnings("ignore", message=".*peft_config.*")
                 self.pipe.load_lora_weights(source, adapter_name=name, **kwargs)
-        except Exception as e:
-            raise NetworkError(f"{path}: diffusers could not load this LoRA ({type(e).__name__}: "
-                               f"{e}); use a kohya-format LoRA made for this checkpoint") from e
-        self._state.active = None  # loading may change which adapters are active
-        placed = {id(layer.get_base_layer()) for layer in self._lora_layers()
-                  if name in layer.lora_A}
+        except Exception:  # diffusers' kohya reader guesses from key names; the check passed
+            placed = None
+        else:
+            placed = {id(layer.get_base_layer()) for layer in self._lora_layers()
+                      if name in layer.lora_A}
         if placed != layers:
-            self.pipe.delete_adapters(name)
+            if any(name in names for names in self.pipe.get_list_adapters().values()):
+                self.pipe.delete_adapters(name)
             return False
         return True
 
