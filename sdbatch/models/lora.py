@@ -376,7 +376,8 @@ class LoraSet:
         LoRAs' deltas are added into the layers' own weights, which then run alone (no
         extra LoRA matmuls a call) until the set or a weight changes: then every fused
         layer gets its own weight back exactly (a copy, not a subtraction, so an image
-        never depends on which batches ran before it) and the new set is fused.
+        never depends on which batches ran before it) and the new set is fused. Files
+        loaded as deltas (lycoris.py) are merged that way always, fuse or not.
         """
         weights: dict[str, float] = {}
         for path, weight in loras:
