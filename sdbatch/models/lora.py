@@ -1,7 +1,9 @@
 """LoRA files in the kohya / A1111 format (lora_unet_*, lora_te_*, lora_te1_/lora_te2_ for SDXL).
 
-Each file is loaded once into the pipeline as a named peft adapter; a batch then only picks
-the active adapters and their weights, so a sweep over LoRA weights never reloads a model.
+Each plain LoRA file is loaded once into the pipeline as a named peft adapter; a batch then
+only picks the active adapters and their weights, so a sweep over LoRA weights never reloads
+a model. LyCORIS and DoRA files (and plain ones diffusers cannot place whole) are merged
+as weight deltas instead (see lycoris.py), with the same per-batch weights.
 Files are checked against the pipeline before anything renders: a LoRA for another model
 family would otherwise load with its keys silently ignored, or fail halfway through a run.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from sdbatch.models import lycoris
 from sdbatch.models.networks_errors import NetworkError
 
 __all__ = ["NetworkError", "LoraSet", "check_lora", "lora_hash",
@@ -28,8 +31,6 @@ __all__ = ["NetworkError", "LoraSet", "check_lora", "lora_hash",
 
 FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}  # by the UNet's cross-attention width
 PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-# what follows the module name in LyCORIS (LoHa, LoKr, OFT, full diff) and DoRA files
-LYCORIS = ("hada_", "lokr_", "oft_", "diff", "lora_mid.", "dora_scale")
 _PEFT_PARTS = {"base_layer", "lora_A", "lora_B", "lora_dropout", "lora_embedding_A",
                "lora_embedding_B", "lora_magnitude_vector"}
 
@@ -108,13 +109,18 @@ def lora_hash(path: Path) -> str:
 
 # ---- module names as kohya writes them -----------------------------------------------------
 
-def _base_modules(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+_LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
+_NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)  # what LyCORIS's norm modules name
+
+
+def _base_modules(model: torch.nn.Module, kinds: tuple[type, ...] = _LAYERS
+                  ) -> Iterator[tuple[str, torch.nn.Module]]:
     """(name, Linear/Conv2d) pairs of a model, seeing through peft's LoRA wrappers."""
     for name, module in model.named_modules():
         if _PEFT_PARTS.intersection(name.split(".")):
             continue
         base = getattr(module, "base_layer", module)
-        if isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
+        if isinstance(base, kinds) and getattr(base, "weight", None) is not None:
             yield name, base
 
 
@@ -128,13 +134,13 @@ def _sgm_name(name: str, unet) -> str | None:
     per = per if isinstance(per, int) else per[0]
     rest: list[str]
     parts = name.split(".")
-    simple = {"conv_in": "input_blocks.0.0", "conv_out": "out.2",
+    simple = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0",
               "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     if name in simple:
         return simple[name]
     resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
-              "conv_shortcut": "skip_connection"}
+              "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
     if parts[0] == "down_blocks":
         b, kind, i, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
         if kind == "downsamplers":
@@ -159,16 +165,18 @@ def _sgm_name(name: str, unet) -> str | None:
     return ".".join([block, *rest])
 
 
-def kohya_modules(pipe) -> dict[str, torch.nn.Module]:
-    """Every module a kohya LoRA can name in this pipeline, by its kohya name.
+def kohya_modules(pipe, norms: bool = False) -> dict[str, torch.nn.Module]:
+    """Every module a kohya LoRA can name in this pipeline, by its kohya name (with norms:
+    the GroupNorm / LayerNorm layers too, which LyCORIS norm modules name).
 
     UNet names exist in both layouts kohya writes (diffusers names for SD1.x/SD2.x, the
     original sgm names for SDXL); text encoders as lora_te_ (SD1.x/SD2.x) or lora_te1_ /
     lora_te2_ (SDXL), always with the text_model_ part that CLIP modules had when they
     were trained, whether or not this transformers version still has it.
     """
+    kinds = _LAYERS + _NORMS if norms else _LAYERS
     table: dict[str, torch.nn.Module] = {}
-    for name, module in _base_modules(pipe.unet):
+    for name, module in _base_modules(pipe.unet, kinds):
         table[_kohya("lora_unet_", name)] = module
         if (sgm := _sgm_name(name, pipe.unet)) is not None:
             table[_kohya("lora_unet_", sgm)] = module
@@ -179,7 +187,7 @@ def kohya_modules(pipe) -> dict[str, torch.nn.Module]:
         encoder = getattr(pipe, attr, None)
         if encoder is None:
             continue
-        for name, module in _base_modules(encoder):
+        for name, module in _base_modules(encoder, kinds):
             if not name.startswith("text_model."):
                 name = "text_model." + name
             table[_kohya(prefix, name)] = module
@@ -225,22 +233,26 @@ def _lora_facts(modules) -> tuple[bool, int | None]:
 
 
 def check_lora(path: Path, pipe) -> None:
-    """Raise NetworkError unless every module of the LoRA exists in the pipeline with its shape.
+    """Raise NetworkError unless every module of the file exists in the pipeline with its shape.
 
     Called before anything renders: the WebUI would silently skip what does not fit.
     """
+    _checked(path, pipe)
+
+
+def _checked(path: Path, pipe) -> tuple[dict[str, dict[str, tuple[int, ...]]],
+                                        dict[str, torch.nn.Module]]:
+    """check_lora's work: the file's modules (name -> part -> shape) and the layer table."""
     path = Path(path)
     if not path.is_file():
         raise NetworkError(f"{path}: no such LoRA file; check the path (a .safetensors file)")
     shapes, _ = _shapes_and_metadata(path)
-    if lyco := [k for k in shapes
-                if k.startswith(PREFIXES) and k.partition(".")[2].startswith(LYCORIS)]:
-        raise NetworkError(f"{path}: a LyCORIS network (LoHa / LoKr / DoRA, e.g. key {lyco[0]!r})"
-                           "; diffusers loads plain LoRA only: use a plain LoRA, or extract one "
-                           "with kohya's networks/extract_lora_from_models.py")
     modules = _lora_modules(path, shapes)
     if not modules:
         raise NetworkError(f"{path}: holds no LoRA weights; use a kohya/A1111 LoRA file")
+    if unknown := [f"{name}.{part}" for name, parts in sorted(modules.items())
+                   if lycoris.module_kind(parts) is None for part in sorted(parts)]:
+        raise lycoris.unplaced_error(path, unknown)
     family = model_family(pipe)
     sdxl_te, width = _lora_facts(modules)
     is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
@@ -253,27 +265,33 @@ def check_lora(path: Path, pipe) -> None:
         raise NetworkError(f"{path}: this LoRA was made for {made} (cross-attention width "
                            f"{width}); the checkpoint is {family} (width {context_width(pipe)}). "
                            f"Use a LoRA made for {family}, or a checkpoint of its family")
-    table = kohya_modules(pipe)
+    table = kohya_modules(pipe, norms=True)
     missing, wrong = [], []
     for name, parts in sorted(modules.items()):
-        down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
-        if down is None or up is None:
-            raise NetworkError(f"{path}: module {name} lacks lora_down or lora_up; the file is "
-                               "damaged or not a LoRA: download it again")
         module = table.get(name)
         if module is None:
             missing.append(name)
             continue
         shape = tuple(module.weight.shape)
-        if down[1] != shape[1] or up[0] != shape[0] or down[0] != up[1]:
-            wrong.append(f"{name}: LoRA {down[1]}->{up[0]}, model {shape[1]}->{shape[0]}")
+        kind = lycoris.module_kind(parts)
+        down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
+        if kind == "lora" and "lora_mid.weight" not in parts:
+            if len(shape) < 2:
+                wrong.append(f"{name}: LoRA {down[1]}->{up[0]}, model a norm layer")
+            elif down[1] != shape[1] or up[0] != shape[0] or down[0] != up[1]:
+                wrong.append(f"{name}: LoRA {down[1]}->{up[0]}, model {shape[1]}->{shape[0]}")
+        elif not lycoris.fits(kind, parts, module.weight, getattr(module, "bias", None)):
+            wrong.append(f"{name}: {lycoris.NAMES[kind]} of shape "
+                         f"{lycoris.delta_shape(kind, parts)}, model {shape}")
     if missing:
         raise NetworkError(f"{path}: {len(missing)} of its {len(modules)} modules exist nowhere "
-                           f"in this {family} checkpoint (e.g. {missing[0]}); it was made for "
-                           "another model architecture: use a LoRA made for this checkpoint")
+                           f"in this {family} checkpoint (e.g. {', '.join(missing[:3])}); it "
+                           "was made for another model architecture: use a LoRA made for this "
+                           "checkpoint")
     if wrong:
         raise NetworkError(f"{path}: {len(wrong)} module(s) do not fit this {family} checkpoint "
                            f"({'; '.join(wrong[:3])}); use a LoRA made for this checkpoint")
+    return modules, table
 
 
 # ---- applying --------------------------------------------------------------------------------
@@ -284,6 +302,8 @@ class _PipeLoras:
     active: dict[str, float] | None = None  # what the pipeline is set to now (None: unknown)
     fused: dict[str, float] | None = None  # the adapters fused into the weights now
     saved: dict = field(default_factory=dict)  # fused layer -> its own weight, kept on the CPU
+    deltas: dict[str, lycoris.DeltaNetwork] = field(default_factory=dict)  # by adapter name
+    merged: lycoris.MergedDeltas = field(default_factory=lycoris.MergedDeltas)
 
 
 _per_pipe: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -305,16 +325,26 @@ class LoraSet:
         return self._state.adapters
 
     def load(self, path: Path) -> str:
-        """Check and load a file as an adapter (once); return its adapter name."""
+        """Check and load a file (once): a plain LoRA as a peft adapter, anything else, or a
+        plain LoRA diffusers does not place whole, as deltas; return its name."""
         key = Path(path).resolve()
         if key in self.adapters:
             return self.adapters[key]
-        check_lora(path, self.pipe)
+        modules, table = _checked(path, self.pipe)
         name = re.sub(r"\W", "_", key.stem) or "lora"
         taken = set(self.adapters.values())
         taken.update(n for names in self.pipe.get_list_adapters().values() for n in names)
         name = next(n for n in (name, *(f"{name}_{i}" for i in range(2, 10**6)))
                     if n not in taken)
+        if not (all(lycoris.is_plain_lora(p) for p in modules.values())
+                and self._load_adapter(path, key, name, {id(table[m]) for m in modules})):
+            self._state.deltas[name] = lycoris.load_deltas(key, modules, table)
+        self.adapters[key] = name
+        return name
+
+    def _load_adapter(self, path: Path, key: Path, name: str, layers: set[int]) -> bool:
+        """Load a plain LoRA as a peft adapter; False (and nothing loaded) when diffusers
+        leaves some of its layers out, as it does for some module names."""
         shapes, _ = _shapes_and_metadata(key)
         kwargs = {}
         sgm = any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks"))
@@ -322,16 +352,21 @@ class LoraSet:
         if sgm and getattr(self.pipe, "text_encoder_2", None) is None:
             kwargs["unet_config"] = self.pipe.unet.config  # SDXL pipelines pass it themselves
         source = str(key) if key.suffix.lower() == ".safetensors" else _load_pickled(key)
+        self._state.active = None  # loading may change which adapters are active
         try:
             with warnings.catch_warnings():  # peft warns that a second adapter is a second one
                 warnings.filterwarnings("ignore", message=".*peft_config.*")
                 self.pipe.load_lora_weights(source, adapter_name=name, **kwargs)
-        except Exception as e:
-            raise NetworkError(f"{path}: diffusers could not load this LoRA ({type(e).__name__}: "
-                               f"{e}); use a kohya-format LoRA made for this checkpoint") from e
-        self.adapters[key] = name
-        self._state.active = None  # loading may change which adapters are active
-        return name
+        except Exception:  # diffusers' kohya reader guesses from key names; the check passed
+            placed = None
+        else:
+            placed = {id(layer.get_base_layer()) for layer in self._lora_layers()
+                      if name in layer.lora_A}
+        if placed != layers:
+            if any(name in names for names in self.pipe.get_list_adapters().values()):
+                self.pipe.delete_adapters(name)
+            return False
+        return True
 
     def apply(self, loras: Iterable[tuple[Path, float]], fuse: bool = False) -> None:
         """Make exactly these LoRAs active with these weights; an empty set disables LoRA.
@@ -341,16 +376,20 @@ class LoraSet:
         LoRAs' deltas are added into the layers' own weights, which then run alone (no
         extra LoRA matmuls a call) until the set or a weight changes: then every fused
         layer gets its own weight back exactly (a copy, not a subtraction, so an image
-        never depends on which batches ran before it) and the new set is fused.
+        never depends on which batches ran before it) and the new set is fused. Files
+        loaded as deltas (lycoris.py) are merged that way always, fuse or not.
         """
         weights: dict[str, float] = {}
         for path, weight in loras:
             name = self.load(path)
             weights[name] = weights.get(name, 0.0) + float(weight)
-        active = {n: w for n, w in weights.items() if w != 0.0}
-        if fuse and active == self._state.fused:
+        deltas = self._state.deltas
+        active = {n: w for n, w in weights.items() if w != 0.0 and n not in deltas}
+        merged = {deltas[n]: (w, w) for n, w in weights.items() if w != 0.0 and n in deltas}
+        if fuse and active == self._state.fused and merged == self._state.merged.current:
             return
-        self._unfuse()
+        self._unfuse()  # first: a fused layer's saved weight holds the deltas merged now
+        self._state.merged.set(merged)
         self._activate(active)
         if fuse and active:
             self._fuse(active)
@@ -390,7 +429,7 @@ class LoraSet:
         if active == self._state.active:
             return
         if not active:
-            if self.adapters:
+            if set(self.adapters.values()) - set(self._state.deltas):
                 self.pipe.disable_lora()
         else:
             self.pipe.enable_lora()

@@ -1,0 +1,329 @@
+"""LyCORIS and DoRA files (LoCon, LoHa, LoKr, IA3, full, norm, DoRA) on the tiny model and a
+tiny SDXL. Every file is written here, key by key as LyCORIS writes them (not by sdbatch's
+writer), and every expected delta is the format's maths by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from sdbatch.matrix import Render
+from sdbatch.models import lora, lycoris
+from sdbatch.models.networks_errors import NetworkError
+from sdbatch.stages import txt2img
+
+from .conftest import build_tiny_sdxl
+
+Q = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"  # Linear 128x128
+C = "lora_unet_mid_block_resnets_0_conv1"  # Conv2d 128x128x3x3
+T = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"  # Linear 64x64
+N = "lora_unet_mid_block_resnets_0_norm1"  # GroupNorm 128
+R, ALPHA = 4, 2.0  # rank and alpha: scale 0.5 where the format has a rank
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_spec):
+    from sdbatch.models.stack import load
+
+    return load(tiny_spec, torch.device("cpu"))
+
+
+def render(stack):
+    r = Render(0, 0, "tiny", "a red house", "blurry", "Euler", "Automatic", 2, 7.0, 11, 64, 64, 1)
+    return np.asarray(txt2img.run(stack, (r,))[0].image).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def base(stack):
+    return render(stack)
+
+
+@pytest.fixture(scope="module")
+def table(stack):
+    return lora.kohya_modules(stack.pipe, norms=True)
+
+
+def rnd(gen, *shape, s=0.3):
+    return torch.randn(*shape, generator=gen) * s
+
+
+def cp(t, a, b):
+    """A CP (Tucker) rebuild by hand: out[p, q] = sum_ij t[i, j] a[i, p] b[j, q]."""
+    return torch.einsum("ijkl,ip,jq->pqkl", t, a, b)
+
+
+def lora_module(gen, w, s=0.3):
+    """lora_down/lora_up for any Linear or Conv2d (a k x k down, a 1x1 up), as LoCon writes."""
+    down = rnd(gen, R, *w.shape[1:], s=s)
+    up = rnd(gen, w.shape[0], R, *([1, 1] if w.ndim == 4 else []), s=s)
+    return {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(ALPHA)}
+
+
+def write(path, modules: dict[str, dict[str, torch.Tensor]]):
+    safetensors.torch.save_file({f"{m}.{k}": v.contiguous() for m, parts in modules.items()
+                                 for k, v in parts.items()}, str(path))
+    return path
+
+
+# each format: its modules, the layer whose delta is checked, the expected (weight, bias) delta
+def f_locon(g, tb):
+    m = {n: lora_module(g, tb[n].weight) for n in (Q, C, T)}
+    up, down = m[C]["lora_up.weight"], m[C]["lora_down.weight"]
+    return m, C, lambda w: (torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down) * ALPHA / R, None)
+
+
+def f_locon_cp(g, tb):
+    m = {n: lora_module(g, tb[n].weight) for n in (Q, T)}
+    m[C] = {"lora_down.weight": rnd(g, R, 128, 1, 1), "lora_mid.weight": rnd(g, R, R, 3, 3),
+            "lora_up.weight": rnd(g, 128, R, 1, 1), "alpha": torch.tensor(ALPHA)}
+    p = m[C]
+    up, down = p["lora_up.weight"][:, :, 0, 0], p["lora_down.weight"][:, :, 0, 0]
+    return m, C, lambda w: (cp(p["lora_mid.weight"], up.T, down) * ALPHA / R, None)
+
+
+def loha(g, w):
+    out, inner = w.shape[0], w[0].numel()
+    return {"hada_w1_a": rnd(g, out, R), "hada_w1_b": rnd(g, R, inner),
+            "hada_w2_a": rnd(g, out, R), "hada_w2_b": rnd(g, R, inner),
+            "alpha": torch.tensor(ALPHA)}
+
+
+def f_loha(g, tb):
+    m = {n: loha(g, tb[n].weight) for n in (Q, C, T)}
+    p = m[Q]
+    return m, Q, lambda w: ((p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])
+                            * ALPHA / R, None)
+
+
+def f_loha_cp(g, tb):
+    m = {n: loha(g, tb[n].weight) for n in (Q, T)}
+    p = m[C] = {"alpha": torch.tensor(ALPHA)}
+    for i in "12":
+        p.update({f"hada_w{i}_a": rnd(g, R, 128), f"hada_w{i}_b": rnd(g, R, 128),
+                  f"hada_t{i}": rnd(g, R, R, 3, 3)})
+    return m, C, lambda w: (cp(p["hada_t1"], p["hada_w1_a"], p["hada_w1_b"])
+                            * cp(p["hada_t2"], p["hada_w2_a"], p["hada_w2_b"]) * ALPHA / R, None)
+
+
+def f_lokr(g, tb):  # whole w1 and w2: the WebUI scales by 1, whatever alpha says
+    m = {Q: {"lokr_w1": rnd(g, 8, 8), "lokr_w2": rnd(g, 16, 16, s=0.05),
+             "alpha": torch.tensor(ALPHA)},
+         T: {"lokr_w1": rnd(g, 4, 4), "lokr_w2": rnd(g, 16, 16, s=0.05)}}
+    return m, Q, lambda w: (torch.kron(m[Q]["lokr_w1"], m[Q]["lokr_w2"]), None)
+
+
+def f_lokr_factorised(g, tb):
+    m = {Q: {"lokr_w1_a": rnd(g, 8, R), "lokr_w1_b": rnd(g, R, 8), "lokr_w2_a": rnd(g, 16, R),
+             "lokr_w2_b": rnd(g, R, 16), "alpha": torch.tensor(ALPHA)}}
+    p = m[Q]
+    return m, Q, lambda w: (torch.kron(p["lokr_w1_a"] @ p["lokr_w1_b"],
+                                       p["lokr_w2_a"] @ p["lokr_w2_b"]) * ALPHA / R, None)
+
+
+def f_lokr_cp(g, tb):
+    m = {C: {"lokr_w1": rnd(g, 8, 8), "lokr_w2_a": rnd(g, R, 16), "lokr_w2_b": rnd(g, R, 16),
+             "lokr_t2": rnd(g, R, R, 3, 3, s=0.1), "alpha": torch.tensor(ALPHA)}}
+    p = m[C]
+    w2 = cp(p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"]).contiguous()
+    return m, C, lambda w: (torch.kron(p["lokr_w1"][:, :, None, None], w2) * ALPHA / R, None)
+
+
+def f_ia3(g, tb):
+    m = {Q: {"weight": rnd(g, 128, s=1.0), "on_input": torch.tensor(False)},
+         T: {"weight": rnd(g, 64, s=1.0), "on_input": torch.tensor(True)}}
+    return m, Q, lambda w: (w * m[Q]["weight"][:, None], None)
+
+
+def f_full(g, tb):
+    m = {C: {"diff": rnd(g, 128, 128, 3, 3, s=0.02), "diff_b": rnd(g, 128)},
+         T: {"diff": rnd(g, 64, 64, s=0.1)}}
+    return m, C, lambda w: (m[C]["diff"], m[C]["diff_b"])
+
+
+def f_norm(g, tb):
+    m = {N: {"w_norm": rnd(g, 128), "b_norm": rnd(g, 128)}}
+    return m, N, lambda w: (m[N]["w_norm"], m[N]["b_norm"])
+
+
+def f_dora(g, tb):
+    m = {n: lora_module(g, tb[n].weight) for n in (Q, T)}
+    p = m[Q]
+    p["dora_scale"] = tb[Q].weight.detach().norm(dim=0, keepdim=True) * (1 + rnd(g, 1, 128))
+
+    def expected(w):  # the WebUI: the merged weight's columns rescaled to dora_scale, less w
+        merged = w + p["lora_up.weight"] @ p["lora_down.weight"] * ALPHA / R
+        return merged * p["dora_scale"] / merged.norm(dim=0, keepdim=True) - w, None
+    return m, Q, expected
+
+
+FORMATS = {"locon": f_locon, "locon_cp": f_locon_cp, "loha": f_loha, "loha_cp": f_loha_cp,
+           "lokr": f_lokr, "lokr_factorised": f_lokr_factorised, "lokr_cp": f_lokr_cp,
+           "ia3": f_ia3, "full": f_full, "norm": f_norm, "dora": f_dora}
+
+
+def test_module_kinds_as_the_webui_tells_them():
+    kind = lycoris.module_kind
+    assert kind({"lora_up.weight", "lora_down.weight", "alpha"}) == "lora"
+    assert lycoris.is_plain_lora({"lora_up.weight", "lora_down.weight", "alpha"})
+    assert not lycoris.is_plain_lora({"lora_up.weight", "lora_down.weight", "dora_scale"})
+    assert not lycoris.is_plain_lora({"lora_up.weight", "lora_down.weight", "lora_mid.weight"})
+    assert kind({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}) \
+        == "loha"
+    assert kind({"lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}) == "lokr"
+    assert kind({"weight", "on_input"}) == "ia3"
+    assert kind({"diff", "diff_b"}) == "full"
+    assert kind({"w_norm", "b_norm"}) == "norm"
+    assert kind({"hada_w1_a", "hada_w1_b"}) is None  # half a LoHa
+    assert kind({"oft_blocks"}) is None
+    assert kind({"lora_up.weight", "lora_down.weight", "oft_diag"}) is None
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_format_weight_zero_one_and_its_maths(fmt, stack, base, table, tmp_path):
+    gen = torch.Generator().manual_seed(len(fmt))
+    modules, checked, expected = FORMATS[fmt](gen, table)
+    path = write(tmp_path / f"{fmt}.safetensors", modules)
+    layer = table[checked]
+    w0 = layer.weight.detach().clone()
+    b0 = torch.zeros(0) if layer.bias is None else layer.bias.detach().clone()
+    bias = (lambda: torch.zeros(0)) if layer.bias is None else (lambda: layer.bias)
+    want_w, want_b = expected(w0)
+    s = lora.LoraSet(stack.pipe)
+    try:
+        s.apply([(path, 0.0)])
+        assert np.array_equal(render(stack), base)  # loaded, at 0: bit for bit the same
+        s.apply([(path, 1.0)])
+        assert np.abs(render(stack) - base).max() > 0
+        for weight in (1.0, 0.5):  # fused, so a peft-loaded LoCon shows its delta too
+            s.apply([(path, weight)], fuse=True)
+            torch.testing.assert_close(layer.weight - w0, weight * want_w.reshape(w0.shape),
+                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(bias() - b0, torch.zeros_like(b0) if want_b is None
+                                       else weight * want_b, rtol=1e-4, atol=1e-5)
+    finally:
+        s.apply([])
+    assert torch.equal(layer.weight, w0) and torch.equal(bias(), b0)
+
+
+def test_webui_dora_axis_and_lycoris_per_output_dora():
+    """The WebUI normalises a (1, in) dora_scale per input column; a LyCORIS (out, 1) one
+    per output row (the WebUI would broadcast it against column norms)."""
+    gen = torch.Generator().manual_seed(0)
+    w, up = rnd(gen, 6, 4), rnd(gen, 6, 4)
+    cols, rows = torch.rand(1, 4, generator=gen) + 1, torch.rand(6, 1, generator=gen) + 1
+    merged = w + up
+    torch.testing.assert_close(lycoris.weight_decompose(up, w, cols),
+                               merged * cols / merged.norm(dim=0, keepdim=True) - w)
+    torch.testing.assert_close(lycoris.weight_decompose(up, w, rows),
+                               merged * rows / merged.norm(dim=1, keepdim=True) - w)
+
+
+def test_lycoris_and_plain_lora_together_fuse_and_unfuse(stack, base, table, tmp_path):
+    gen = torch.Generator().manual_seed(7)
+    loha_file = write(tmp_path / "h.safetensors", f_loha(gen, table)[0])
+    plain = lora.write_kohya_lora(tmp_path / "p.safetensors", stack.pipe.unet,
+                                  stack.pipe.text_encoder, seed=5)
+    s = lora.LoraSet(stack.pipe)
+    try:
+        s.apply([(loha_file, 0.8), (plain, 1.0)])
+        unfused = render(stack)
+        assert np.abs(unfused - base).max() > 0
+        s.apply([(loha_file, 0.8), (plain, 1.0)], fuse=True)
+        assert np.abs(render(stack) - unfused).max() <= 1
+        s.apply([(loha_file, 0.0), (plain, 0.0)], fuse=True)
+        assert np.array_equal(render(stack), base)
+    finally:
+        s.apply([])
+
+
+def full_locon(table, names, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {n: lora_module(gen, table[n].weight, s=0.05) for n in names}
+
+
+BEYOND = ["conv_in", "conv_out", "time_embedding_linear_1", "time_embedding_linear_2",
+          "down_blocks_0_downsamplers_0_conv", "up_blocks_0_upsamplers_0_conv"]
+
+
+def test_locon_beyond_attention_and_resnets_is_placed(stack, table, tmp_path):
+    """LyCORIS's presets train conv_in, conv_out, the time embedding and the samplers too."""
+    names = [f"lora_unet_{n}" for n in BEYOND] + [C, Q, T]
+    path = write(tmp_path / "locon_full.safetensors", full_locon(table, names))
+    lora.check_lora(path, stack.pipe)
+    before = {n: table[n].weight.detach().clone() for n in names}
+    s = lora.LoraSet(stack.pipe)
+    try:
+        s.apply([(path, 1.0)], fuse=True)
+        assert [n for n in names if torch.equal(table[n].weight, before[n])] == []
+    finally:
+        s.apply([])
+    assert all(torch.equal(table[n].weight, before[n]) for n in names)
+
+
+def test_unknown_layout_is_refused_naming_its_keys(stack, table, tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    modules = full_locon(table, [Q])
+    modules[C] = {"oft_blocks": rnd(gen, 4, 32, 32), "alpha": torch.tensor(1.0)}
+    path = write(tmp_path / "oft.safetensors", modules)
+    s = lora.LoraSet(stack.pipe)
+    before = dict(s.adapters)
+    with pytest.raises(NetworkError, match=r"oft\.safetensors: 2 key\(s\) in no layout .*"
+                                           r"resnets_0_conv1\.alpha.*conv1\.oft_blocks.*OFT"):
+        s.apply([(path, 1.0)])
+    assert s.adapters == before
+    bad = write(tmp_path / "wide.safetensors", {Q: loha(gen, torch.zeros(96, 96))})
+    with pytest.raises(NetworkError, match=r"wide\.safetensors: 1 module\(s\) do not fit.*LoHa"):
+        lora.check_lora(bad, stack.pipe)
+
+
+# ---- SDXL ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(tmp_path_factory):
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+SGM = ["input_blocks_0_0", "out_2", "time_embed_0", "time_embed_2", "label_emb_0_0",
+       "input_blocks_3_0_op", "output_blocks_2_2_conv", "input_blocks_1_0_in_layers_2",
+       "input_blocks_4_1_transformer_blocks_1_attn2_to_k"]
+TE = ["lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+      "lora_te2_text_model_encoder_layers_2_mlp_fc1"]
+
+
+def sdxl_text(pipe):
+    embeds, _, pooled, _ = pipe.encode_prompt("a red house", do_classifier_free_guidance=False)
+    return embeds, pooled
+
+
+@pytest.mark.parametrize("fmt", ["locon", "loha"])
+def test_sdxl_sgm_names_and_both_text_encoders(fmt, sdxl_pipe, tmp_path):
+    pipe = sdxl_pipe
+    table = lora.kohya_modules(pipe, norms=True)
+    names = [f"lora_unet_{n}" for n in SGM] + TE
+    gen = torch.Generator().manual_seed(3)
+    modules = (full_locon(table, names) if fmt == "locon"
+               else {n: loha(gen, table[n].weight) for n in names})
+    path = write(tmp_path / f"xl_{fmt}.safetensors", modules)
+    before = {n: table[n].weight.detach().clone() for n in names}
+    text = sdxl_text(pipe)
+    s = lora.LoraSet(pipe)
+    try:
+        s.apply([(path, 1.0)], fuse=True)
+        assert [n for n in names if torch.equal(table[n].weight, before[n])] == []
+        after = sdxl_text(pipe)
+        assert not torch.equal(text[0][..., :32], after[0][..., :32])  # text encoder 1
+        assert not torch.equal(text[1], after[1])  # text encoder 2's pooled output
+    finally:
+        s.apply([])
+    assert all(torch.equal(table[n].weight, before[n]) for n in names)
+    assert all(torch.equal(a, b) for a, b in zip(text, sdxl_text(pipe), strict=True))
