@@ -18,7 +18,7 @@ from typing import Any
 from sdbatch import sampler_names, schema
 from sdbatch.models import names, tiny
 from sdbatch.prompts.dynamic import DynamicPrompts
-from sdbatch.prompts.parser import extract_extra_networks
+from sdbatch.prompts.parser import extract_extra_networks, lora_weight
 from sdbatch.prompts.triggers import triggered
 from sdbatch.schema import Job
 
@@ -47,7 +47,8 @@ class Render:
     eta: float | None = None
     ensd: int = 0
     tiling: str = "false"
-    loras: tuple[tuple[str, float], ...] = ()  # (name, weight): the stack's, then the prompt's
+    # (name, weight): the stack's, then the prompt's; a LoRA's weight may be (te, unet)
+    loras: tuple[tuple[str, Any], ...] = ()
     hypernetworks: tuple[tuple[str, float], ...] = ()
     embeddings: tuple[str, ...] = ()  # triggers in the prompt, then the negative prompt
     init_image: str | None = None  # the chain starts from this picture, not from txt2img
@@ -194,19 +195,24 @@ def axes(job: Job) -> list[tuple[tuple[str, ...], list[tuple]]]:
     return axes
 
 
-def networks(job: Job, prompt: str) -> tuple[tuple[tuple[str, float], ...], ...]:
-    """(loras, hypernetworks) of one image: the stack's, then the prompt's <lora:...> tags.
+def networks(job: Job, prompt: str) -> tuple[tuple[tuple[str, Any], ...], ...]:
+    """(loras, hypernetworks) of one image: the stack's, then the prompt's <lora:...> tags
+    (<lyco:...> too). A LoRA's weight is one number, or (te, unet) when the text encoder and
+    the UNet take different ones (see parser.lora_weight).
 
     Each network is applied once: a tag naming a network of the stack (same name, with or
     without extension) replaces the stack's weight, in the stack's place, as the prompt is
     the more specific and is what the WebUI reads; of two tags of one name the last wins.
+    A tag that cannot be applied (ExtraNetwork.problem) is left out here and refused by
+    model_specs.resolve_networks before any work.
     """
-    found: dict[str, dict[str, tuple[str, float]]] = {
-        "lora": {names.stem(n.name): (n.name, n.weight) for n in job.model.loras},
+    found: dict[str, dict[str, tuple[str, Any]]] = {
+        "lora": {names.stem(n.name): (n.name, lora_weight(*n.parts())) for n in job.model.loras},
         "hypernet": {names.stem(n.name): (n.name, n.weight) for n in job.model.hypernetworks}}
     for tag in extract_extra_networks(prompt)[1]:
-        if tag.kind in found:
-            found[tag.kind][names.stem(tag.name)] = (tag.name, tag.multipliers()[0])
+        if tag.network in found and tag.problem() is None:
+            weight = tag.lora_weight() if tag.network == "lora" else tag.multipliers()[0]
+            found[tag.network][names.stem(tag.name)] = (tag.name, weight)
     return tuple(found["lora"].values()), tuple(found["hypernet"].values())
 
 

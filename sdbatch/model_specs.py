@@ -129,11 +129,8 @@ def resolve_networks(job: Job, renders, origin=lambda key: "the job"
         files[(kind, name)] = NetworkFile(path, digest)
     for text in dict.fromkeys(r.prompt for r in renders):
         for tag in extract_extra_networks(text)[1]:
-            te, unet = tag.multipliers()
-            if tag.kind in ("lora", "hypernet") and te != unet:
-                problems.append(Problem("prompt", f"<{tag.kind}:{tag.name}:...> gives the text "
-                                        f"encoder {te} and the UNet {unet}: sdbatch applies one "
-                                        "weight to both; give one number", origin("prompt")))
+            if tag.network in ("lora", "hypernet") and (problem := tag.problem()):
+                problems.append(Problem("prompt", problem, origin("prompt")))
     return files, problems
 
 

@@ -145,6 +145,22 @@ class Network:
     weight: float = spec(1.0, _range(-10, 10))
 
 
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA of the stack. te_weight / unet_weight set the text encoders' and the UNet's
+    weights apart, as the WebUI's <lora:name:te:unet> tag does; each defaults to weight."""
+
+    name: str = spec()
+    weight: float = spec(1.0, _range(-10, 10))
+    te_weight: float | None = spec(None, _range(-10, 10))
+    unet_weight: float | None = spec(None, _range(-10, 10))
+
+    def parts(self) -> tuple[float, float]:
+        """(text encoder, UNet) weights."""
+        return (self.weight if self.te_weight is None else self.te_weight,
+                self.weight if self.unet_weight is None else self.unet_weight)
+
+
 FAMILIES = ("auto", "sd15", "sd2", "sd2-v", "sdxl")
 
 
@@ -160,7 +176,7 @@ class Model:
     family: str = spec("auto", _one_of(FAMILIES))
     config: str | None = spec(None)  # a diffusers folder describing a single file of no family
     vae: str | None = spec(None)
-    loras: tuple[Network, ...] = spec(())
+    loras: tuple[Lora, ...] = spec(())
     embeddings: tuple[str, ...] = spec(())
     hypernetworks: tuple[Network, ...] = spec(())
     dtype: str = spec("auto", _one_of(("auto", "float32", "float16", "bfloat16")))

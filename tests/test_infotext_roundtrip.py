@@ -108,6 +108,61 @@ def test_a_network_named_both_ways_is_applied_once_with_the_tag_weight():
     assert records.infotext_prompt(r) == "a house <lora:LegoAlrev.safetensors:0.3>"
 
 
+def split_infotext(tiny_spec, raw: dict) -> tuple[matrix.Render, str, dict]:
+    from sdbatch.output.infotext import parse_infotext
+    from sdbatch.plan import make_plan
+
+    r = render_of({"params": {"seed": 1, "steps": 2, "width": 64, "height": 64}, **raw})
+    hashes = {("lora", n): h for n, h in (("LegoAlrev", "aaaaaaaaaaaa"),
+                                         ("detail", "bbbbbbbbbbbb"), ("locon", "cccccccccccc"))}
+    plan = make_plan([r], {"tiny": "x"}, 1, networks=hashes)
+    prompt, _, params = parse_infotext(records.infotext(r, tiny_spec, plan.chains[0]))
+    return r, prompt, params
+
+
+def test_split_and_lyco_tags_go_into_the_infotext_as_written(tiny_spec):
+    r, prompt, params = split_infotext(tiny_spec, {
+        "model": {"loras": [{"name": "LegoAlrev", "weight": 0.8, "unet_weight": 0.5}]},
+        "prompt": "a house <lora:detail:te=0.2:unet=1> <lyco:locon:0.7>"})
+    assert r.loras == (("LegoAlrev", (0.8, 0.5)), ("detail", (0.2, 1.0)), ("locon", 0.7))
+    # the prompt's tags as the user wrote them; model.loras' appended in the WebUI's
+    # positional form <lora:name:te:unet>
+    assert prompt == "a house <lora:detail:te=0.2:unet=1> <lyco:locon:0.7><lora:LegoAlrev:0.8:0.5>"
+    assert params["Lora hashes"] == ("detail: bbbbbbbbbbbb, locon: cccccccccccc, "
+                                     "LegoAlrev: aaaaaaaaaaaa")
+
+
+def test_model_loras_with_equal_split_weights_write_one_number(tiny_spec):
+    r, prompt, _ = split_infotext(tiny_spec, {
+        "model": {"loras": [{"name": "LegoAlrev", "te_weight": 0.6, "unet_weight": 0.6}]},
+        "prompt": "a house"})
+    assert r.loras == (("LegoAlrev", 0.6),) and prompt == "a house<lora:LegoAlrev:0.6>"
+
+
+def test_content_keys_follow_each_part_weight():
+    from sdbatch.plan import make_plan
+
+    def key(lora: dict) -> str:
+        r = render_of({"model": {"loras": [{"name": "LegoAlrev", **lora}]}, "prompt": "a house",
+                       "params": {"seed": 1}})
+        return make_plan([r], {"tiny": "x"}, 1).key(0)
+
+    whole = key({"weight": 0.8})
+    assert key({"weight": 0.8, "te_weight": 0.8, "unet_weight": 0.8}) == whole  # same render
+    te = key({"weight": 0.8, "te_weight": 0.5})
+    unet = key({"weight": 0.8, "unet_weight": 0.5})
+    assert len({whole, te, unet, key({"weight": 0.8, "te_weight": 0.4})}) == 4
+
+
+def test_lora_tags_that_cannot_be_applied_are_refused_before_any_work():
+    job = validate({"prompt": ["a <lora:LegoAlrev:1:1:8>", "b <lyco:LegoAlrev:x>"],
+                    "params": {"seed": 1}})
+    renders = matrix.expand(matrix.resolve_seeds(job, 0))
+    _, found = model_specs.resolve_networks(job, renders)
+    assert [p.key for p in found] == ["prompt", "prompt"]
+    assert "dyn" in found[0].message and "not a number" in found[1].message
+
+
 @pytest.mark.parametrize(("sampler", "eta", "ensd", "want"), [
     ("Euler a", None, 7, {"ENSD": "7"}),
     ("DPM++ 2M", None, 7, {}),  # no later noise: the WebUI writes no ENSD

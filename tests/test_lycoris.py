@@ -327,3 +327,22 @@ def test_sdxl_sgm_names_and_both_text_encoders(fmt, sdxl_pipe, tmp_path):
         s.apply([])
     assert all(torch.equal(table[n].weight, before[n]) for n in names)
     assert all(torch.equal(a, b) for a, b in zip(text, sdxl_text(pipe), strict=True))
+
+
+def test_split_weights_move_only_their_part_of_a_merged_file(stack, table, tmp_path):
+    """<lora:name:0:1> on a LoHa (merged as deltas): the text encoder keeps its weights bit
+    for bit, the UNet takes the file; (1, 0) the other way round."""
+    gen = torch.Generator().manual_seed(3)
+    modules, _, _ = f_loha(gen, table)
+    path = write(tmp_path / "loha.safetensors", modules)
+    te, unet = table[T].weight, table[Q].weight
+    te0, unet0 = te.detach().clone(), unet.detach().clone()
+    s = lora.LoraSet(stack.pipe)
+    try:
+        s.apply([(path, (0.0, 1.0))])
+        assert torch.equal(te, te0) and not torch.equal(unet, unet0)
+        s.apply([(path, (1.0, 0.0))])
+        assert not torch.equal(te, te0) and torch.equal(unet, unet0)
+    finally:
+        s.apply([])
+    assert torch.equal(te, te0) and torch.equal(unet, unet0)

@@ -162,6 +162,85 @@ def test_unet_only_lora_leaves_the_text_encoder_alone(stack, loras, lora_set):
     lora_set.apply([])
 
 
+def one_part(path, prefix: str, out):
+    """The LoRA with only one part's keys (lora_te_ or lora_unet_): that part alone."""
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(str(path))
+    safetensors.torch.save_file({k: v for k, v in tensors.items() if k.startswith(prefix)},
+                                str(out))
+    return out
+
+
+def text_out(stack):
+    from sdbatch.prompts.encode import encode
+
+    pipe = stack.pipe
+    return encode(pipe.tokenizer, pipe.text_encoder, ["a red house"], 1, stack.device)
+
+
+@torch.no_grad()
+def unet_out(pipe):
+    """The UNet's prediction for a fixed latent, timestep and context: its text input and
+    so the text encoder play no part."""
+    gen = torch.Generator("cpu").manual_seed(5)
+    latent = torch.randn((1, pipe.unet.config.in_channels, 8, 8), generator=gen)
+    context = torch.randn((1, 77, pipe.unet.config.cross_attention_dim), generator=gen)
+    return pipe.unet(latent, 500, encoder_hidden_states=context).sample
+
+
+def test_split_weights_act_only_on_their_part(stack, base, loras, lora_set, tmp_path):
+    te_only = one_part(loras["a"], "lora_te_", tmp_path / "te_only.safetensors")
+    unet_only = one_part(loras["a"], "lora_unet_", tmp_path / "unet_only.safetensors")
+    lora_set.apply([])
+    plain_text, plain_unet = text_out(stack), unet_out(stack.pipe)
+
+    lora_set.apply([(loras["a"], (0.0, 1.0))])  # <lora:a:0:1>
+    assert torch.equal(text_out(stack), plain_text)  # the text encoder bit for bit
+    assert not torch.equal(unet_out(stack.pipe), plain_unet)
+    unet_part = render(stack)
+    lora_set.apply([(unet_only, 1.0)])
+    assert diff(render(stack), unet_part) == 0  # exactly the LoRA without its te part
+
+    lora_set.apply([(loras["a"], (1.0, 0.0))])  # <lora:a:1:0>
+    assert torch.equal(unet_out(stack.pipe), plain_unet)  # the UNet untouched
+    assert not torch.equal(text_out(stack), plain_text)
+    te_part = render(stack)
+    lora_set.apply([(te_only, 1.0)])
+    assert diff(render(stack), te_part) == 0
+    assert min(diff(te_part, base), diff(unet_part, base), diff(te_part, unet_part)) > 0
+
+    lora_set.apply([(loras["a"], 0.6)])
+    whole = render(stack)
+    lora_set.apply([(loras["a"], (0.6, 0.6))])
+    assert diff(render(stack), whole) == 0  # one weight is both parts'
+    lora_set.apply([(loras["a"], (0.3, 0.0)), (loras["a"], (0.3, 0.6))])
+    assert diff(render(stack), whole) <= 1  # named twice: each part adds up
+    lora_set.apply([])
+
+
+def test_fused_split_weights_fuse_only_their_part(stack, loras, lora_set):
+    pipe = stack.pipe
+
+    def own(model):
+        return {n.replace(".base_layer", ""): p.detach().clone()
+                for n, p in model.named_parameters() if "lora_" not in n}
+
+    def same(a, b):
+        return all(torch.equal(a[n], b[n]) for n in a)
+
+    unet, te = own(pipe.unet), own(pipe.text_encoder)
+    for weight in ((1.0, 0.0), (0.0, 1.0)):
+        lora_set.apply([(loras["a"], weight)])
+        unfused = render(stack)
+        lora_set.apply([(loras["a"], weight)], fuse=True)
+        assert same(own(pipe.unet), unet) == (weight[1] == 0)
+        assert same(own(pipe.text_encoder), te) == (weight[0] == 0)
+        assert diff(render(stack), unfused) <= 1
+    lora_set.apply([])
+    assert same(own(pipe.unet), unet) and same(own(pipe.text_encoder), te)  # unfused exactly
+
+
 def test_changing_lora_weights_never_reloads_a_model(stack, tmp_path, monkeypatch):
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -482,6 +561,38 @@ def test_sdxl_lora_loads_into_unet_and_both_text_encoders(sdxl_pipe, tmp_path, s
                                 stack.pipe.text_encoder)
     with pytest.raises(NetworkError, match=r"sd1\.safetensors: .*width 64.*SDXL-like"):
         lora.check_lora(sd1, pipe)
+
+
+def test_sdxl_text_encoder_weight_moves_both_text_encoders(sdxl_pipe, tmp_path):
+    pipe = sdxl_pipe
+    path = lora.write_kohya_lora(tmp_path / "xl_split.safetensors", pipe.unet,
+                                 pipe.text_encoder, text_encoder_2=pipe.text_encoder_2, seed=6)
+    s = lora.LoraSet(pipe)
+    s.apply([])
+    plain_text, plain_unet = sdxl_text(pipe), unet_out_sdxl(pipe)
+    s.apply([(path, (0.0, 1.0))])
+    assert all(torch.equal(a, b) for a, b in zip(plain_text, sdxl_text(pipe), strict=True))
+    assert not torch.equal(unet_out_sdxl(pipe), plain_unet)
+    s.apply([(path, (1.0, 0.0))])
+    embeds, pooled = sdxl_text(pipe)
+    width = pipe.text_encoder.config.hidden_size  # embeds: encoder 1's, then encoder 2's
+    assert not torch.equal(embeds[..., :width], plain_text[0][..., :width])
+    assert not torch.equal(embeds[..., width:], plain_text[0][..., width:])
+    assert not torch.equal(pooled, plain_text[1])  # encoder 2's alone
+    assert torch.equal(unet_out_sdxl(pipe), plain_unet)
+    s.apply([])
+
+
+@torch.no_grad()
+def unet_out_sdxl(pipe):
+    gen = torch.Generator("cpu").manual_seed(5)
+    config = pipe.unet.config
+    latent = torch.randn((1, config.in_channels, 8, 8), generator=gen)
+    context = torch.randn((1, 77, config.cross_attention_dim), generator=gen)
+    pooled = torch.randn((1, pipe.text_encoder_2.config.projection_dim), generator=gen)
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+    return pipe.unet(latent, 500, encoder_hidden_states=context,
+                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
 
 
 def test_sdxl_embedding_pairs(sdxl_pipe, tmp_path):

@@ -8,6 +8,7 @@ from sdbatch.prompts.parser import (
     ExtraNetwork,
     extract_extra_networks,
     is_break,
+    lora_weight,
     parse_emphasis,
     prompt_at_step,
     schedules,
@@ -188,11 +189,48 @@ def test_extra_networks_are_removed_and_listed_in_order():
     ("<lora:x:0.8:te=0.5>", 0.5, 0.5),  # te= overrides, and the UNet follows it
     ("<lora:x:1:unet=0.2>", 1.0, 0.2),
     ("<lora:x:te=0.4:unet=0.6>", 0.4, 0.6),
+    ("<lora:x:te=0.4:0.9>", 0.4, 0.4),  # te= wins over the first number, the UNet follows
+    ("<lora:x:unet=0.6>", 1.0, 0.6),
+    ("<lora:x:0.5:0.7:unet=0.2>", 0.5, 0.2),  # unet= wins over the second number
+    ("<lyco:x:0.7>", 0.7, 0.7),
+    ("<lyco:x:0.7:0.3>", 0.7, 0.3),
 ])
 def test_lora_multipliers(tag, te, unet):
+    """As the WebUI's extra_networks_lora.activate reads them: te = the first number, then
+    te=; unet = the second number, else te, then unet=."""
     _, [net] = extract_extra_networks(tag)
     assert net.name == "x"
     assert net.multipliers() == (te, unet)
+    assert net.network == "lora" and net.problem() is None
+    assert net.lora_weight() == (te if te == unet else (te, unet))
+
+
+def test_lyco_tags_are_lora_tags_kept_as_written():
+    text, [net] = extract_extra_networks("a house <lyco:locon_x:0.6>")
+    assert text == "a house "
+    assert (net.kind, net.network, net.name) == ("lyco", "lora", "locon_x")
+    _, [hn] = extract_extra_networks("<hypernet:h:0.5>")
+    assert hn.network == "hypernet"
+
+
+def test_lora_weight_is_one_number_when_both_parts_take_it():
+    assert lora_weight(0.5, 0.5) == 0.5
+    assert lora_weight(0.5, 1.0) == (0.5, 1.0)
+
+
+@pytest.mark.parametrize("tag, fragment", [
+    ("<lora:x:0.8:0.5:8>", "dyn"),  # the third number is the WebUI's dyn dim
+    ("<lora:x:0.8:dyn=8>", "dyn"),
+    ("<lyco:x:1:1:4>", "dyn"),
+    ("<lora:x:strong>", "not a number"),
+    ("<lora:x:te=a>", "not a number"),
+    ("<lora:x:inf>", "finite"),
+    ("<lora:x:nan:1>", "finite"),
+    ("<hypernet:h:0.5:0.7>", "one strength"),
+])
+def test_tags_that_cannot_be_applied_say_why(tag, fragment):
+    _, [net] = extract_extra_networks(tag)
+    assert fragment in net.problem() and tag in net.problem()
 
 
 def test_extra_network_arguments():

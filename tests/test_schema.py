@@ -166,3 +166,21 @@ def test_every_executor_group_sets_its_name_and_only_keys_the_schema_knows():
     for name in schema.EXECUTORS:
         raw = OmegaConf.to_container(OmegaConf.load(folder / f"{name}.yaml"))
         assert validate({"executor": raw}).executor.name == name
+
+
+def test_lora_split_weights_default_to_weight():
+    job = validate({"model": {"loras": [{"name": "a", "weight": 0.8},
+                                        {"name": "b", "weight": 0.8, "te_weight": 0.2},
+                                        {"name": "c", "unet_weight": 0, "te_weight": 0.5}]}})
+    assert [n.parts() for n in job.model.loras] == [(0.8, 0.8), (0.2, 0.8), (0.5, 0.0)]
+
+
+def test_lora_split_weights_are_checked_and_only_for_loras():
+    found = problems({"model": {"loras": [{"name": "a", "te_weight": "half",
+                                           "unet_weight": 12}],
+                                "hypernetworks": [{"name": "h", "te_weight": 0.5}]}})
+    assert any("model.loras[0].te_weight" in p and "must be a number" in p for p in found)
+    assert any("model.loras[0].unet_weight" in p and "at most 10" in p for p in found)
+    assert any("model.hypernetworks[0].te_weight" in p and "unknown key" in p
+               and "valid keys here: name, weight" in p for p in found)
+    assert all("jobs/x.yaml" in p for p in found)

@@ -53,6 +53,23 @@ def test_lora_weights_from_prompt_tags_share_one_loaded_stack(tmp_path, monkeypa
     assert entries[1]["recipe"]["params"]["prompt"] == "a house <lora:LegoAlrev:1>"
 
 
+def test_split_lora_weights_from_tags_and_model_loras_render_alike(tmp_path):
+    tags = run_job({"prompt": ["a house <lora:LegoAlrev:0:1>",
+                               "a house <lyco:LegoAlrev:te=1:unet=0>",
+                               "a house <lora:LegoAlrev:1>"]}, tmp_path / "t")
+    unet_part, te_part, whole = (pixels(tmp_path / "t", e) for e in tags)
+    assert min(np.abs(a - b).max() for a, b in
+               ((unet_part, te_part), (unet_part, whole), (te_part, whole))) > 0
+    # the same text once the tag is removed ("a house "), the split given by model.loras
+    stack = run_job({"prompt": "a house ", "model": {"loras": [
+        {"name": "LegoAlrev", "te_weight": 0, "unet_weight": 1}]}}, tmp_path / "s")
+    assert np.array_equal(pixels(tmp_path / "s", stack[0]), unet_part)
+    prompt = parse_infotext(png.read_text(tmp_path / "s" / stack[0]["file"])["parameters"])[0]
+    assert prompt == "a house <lora:LegoAlrev:0:1>"
+    assert infotext(tmp_path / "t", tags[1])["Lora hashes"].startswith("LegoAlrev: ")
+    assert stack[0]["recipe"]["model"]["loras"][0][:2] == ["LegoAlrev", [0.0, 1.0]]
+
+
 def test_stack_lora_embedding_and_hypernetwork(tmp_path):
     models = tmp_path / "models"
     write_a1111_hypernetwork(models / "hypernetworks" / "toon.pt", 64, seed=3, scale=2.0)

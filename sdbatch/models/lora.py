@@ -26,8 +26,8 @@ import torch
 from sdbatch.models import lycoris
 from sdbatch.models.networks_errors import NetworkError
 
-__all__ = ["NetworkError", "LoraSet", "check_lora", "lora_hash",
-           "model_family", "write_kohya_lora"]
+__all__ = ["NetworkError", "LoraSet", "Weight", "check_lora", "lora_hash",
+           "model_family", "part_weights", "write_kohya_lora"]
 
 FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}  # by the UNet's cross-attention width
 PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -296,11 +296,22 @@ def _checked(path: Path, pipe) -> tuple[dict[str, dict[str, tuple[int, ...]]],
 
 # ---- applying --------------------------------------------------------------------------------
 
+Weight = float | tuple[float, float]  # one weight for the whole LoRA, or (text encoder, UNet)
+
+
+def part_weights(weight: Weight) -> tuple[float, float]:
+    """(text encoder, UNet) weights of a LoRA weight as a job gives it."""
+    if isinstance(weight, tuple | list):
+        te, unet = weight
+        return float(te), float(unet)
+    return float(weight), float(weight)
+
+
 @dataclass
 class _PipeLoras:
     adapters: dict[Path, str] = field(default_factory=dict)  # resolved file -> adapter name
-    active: dict[str, float] | None = None  # what the pipeline is set to now (None: unknown)
-    fused: dict[str, float] | None = None  # the adapters fused into the weights now
+    active: dict[str, tuple[float, float]] | None = None  # adapter -> (te, unet) now set
+    fused: dict[str, tuple[float, float]] | None = None  # the adapters fused in now
     saved: dict = field(default_factory=dict)  # fused layer -> its own weight, kept on the CPU
     deltas: dict[str, lycoris.DeltaNetwork] = field(default_factory=dict)  # by adapter name
     merged: lycoris.MergedDeltas = field(default_factory=lycoris.MergedDeltas)
@@ -368,24 +379,29 @@ class LoraSet:
             return False
         return True
 
-    def apply(self, loras: Iterable[tuple[Path, float]], fuse: bool = False) -> None:
+    def apply(self, loras: Iterable[tuple[Path, Weight]], fuse: bool = False) -> None:
         """Make exactly these LoRAs active with these weights; an empty set disables LoRA.
 
-        Weights of a file named twice add up (the WebUI applies it twice); weight 0 is left
-        out, so it costs nothing and gives the image without that LoRA. With ``fuse`` the
-        LoRAs' deltas are added into the layers' own weights, which then run alone (no
-        extra LoRA matmuls a call) until the set or a weight changes: then every fused
-        layer gets its own weight back exactly (a copy, not a subtraction, so an image
+        A weight is one number for the whole LoRA, or (text encoder, UNet) to set the parts
+        apart as the WebUI's <lora:name:te:unet> does: the text encoders' layers (both of
+        SDXL) take the first, the UNet's the second, each part alone. Weights of a file named
+        twice add up, part by part (the WebUI applies it twice); a LoRA at 0 for both parts
+        is left out, so it costs nothing and gives the image without that LoRA. With
+        ``fuse`` the LoRAs' deltas are added into the layers' own weights, which then run
+        alone (no extra LoRA matmuls a call) until the set or a weight changes: then every
+        fused layer gets its own weight back exactly (a copy, not a subtraction, so an image
         never depends on which batches ran before it) and the new set is fused. Files
         loaded as deltas (lycoris.py) are merged that way always, fuse or not.
         """
-        weights: dict[str, float] = {}
+        weights: dict[str, tuple[float, float]] = {}
         for path, weight in loras:
             name = self.load(path)
-            weights[name] = weights.get(name, 0.0) + float(weight)
+            te, unet = part_weights(weight)
+            was_te, was_unet = weights.get(name, (0.0, 0.0))
+            weights[name] = (was_te + te, was_unet + unet)
         deltas = self._state.deltas
-        active = {n: w for n, w in weights.items() if w != 0.0 and n not in deltas}
-        merged = {deltas[n]: (w, w) for n, w in weights.items() if w != 0.0 and n in deltas}
+        active = {n: w for n, w in weights.items() if w != (0.0, 0.0) and n not in deltas}
+        merged = {deltas[n]: w for n, w in weights.items() if w != (0.0, 0.0) and n in deltas}
         if fuse and active == self._state.fused and merged == self._state.merged.current:
             return
         self._unfuse()  # first: a fused layer's saved weight holds the deltas merged now
@@ -403,7 +419,7 @@ class LoraSet:
                 yield from (m for m in model.modules() if isinstance(m, LoraLayer))
 
     @torch.no_grad()
-    def _fuse(self, active: dict[str, float]) -> None:
+    def _fuse(self, active: dict[str, tuple[float, float]]) -> None:
         """Add the active adapters' deltas (at the weights set_adapters gave them) into
         their layers' weights, then switch the adapters off: the layers run alone."""
         for layer in self._lora_layers():
@@ -425,7 +441,16 @@ class LoraSet:
         self._state.saved.clear()
         self._state.fused = None
 
-    def _activate(self, active: dict[str, float]) -> None:
+    def _component_weights(self, active: dict[str, tuple[float, float]]) -> list[dict]:
+        """set_adapters' per-component weights: each adapter's (te, unet) given to each
+        model that holds a part of it (naming a model that holds none makes diffusers
+        warn; one left out would get weight 1)."""
+        held = self.pipe.get_list_adapters()  # {"unet": [...], "text_encoder": [...]}
+        return [{model: unet if model == "unet" else te
+                 for model, names in held.items() if name in names}
+                for name, (te, unet) in active.items()]
+
+    def _activate(self, active: dict[str, tuple[float, float]]) -> None:
         if active == self._state.active:
             return
         if not active:
@@ -433,7 +458,7 @@ class LoraSet:
                 self.pipe.disable_lora()
         else:
             self.pipe.enable_lora()
-            self.pipe.set_adapters(list(active), adapter_weights=list(active.values()))
+            self.pipe.set_adapters(list(active), adapter_weights=self._component_weights(active))
         self._state.active = active
 
 

@@ -211,11 +211,12 @@ class Stack:
             self.controlnets[path] = model.to(self.device)
         return self.controlnets[path]
 
-    def use_networks(self, loras: list[tuple[Path, float]],
+    def use_networks(self, loras: list[tuple[Path, float | tuple[float, float]]],
                      hypernetworks: list[tuple[Path, float]]) -> None:
-        """Set the batch's LoRA and hypernetwork weights; files load once, the model never
-        reloads. With fuse_loras the LoRA weights are fused into the model's own for as
-        long as they stay the same (see LoraSet.apply)."""
+        """Set the batch's LoRA and hypernetwork weights (a LoRA's: one number, or (text
+        encoder, UNet)); files load once, the model never reloads. With fuse_loras the LoRA
+        weights are fused into the model's own for as long as they stay the same (see
+        LoraSet.apply)."""
         from sdbatch.models.hypernetwork import Hypernetworks
         from sdbatch.models.lora import LoraSet
 

@@ -22,9 +22,16 @@ USES_ENSD = {"Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast", "DPM adaptive"}
 def _tag_names(prompt: str) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {"lora": set(), "hypernet": set()}
     for tag in extract_extra_networks(prompt)[1]:
-        if tag.kind in found:
-            found[tag.kind].add(names.stem(tag.name))
+        if tag.network in found:
+            found[tag.network].add(names.stem(tag.name))
     return found
+
+
+def network_tag(kind: str, name: str, weight: Any) -> str:
+    """A network as the WebUI's tag writes it: <lora:name:w>, or <lora:name:te:unet> for
+    a LoRA whose text encoder and UNet weights differ."""
+    weights = weight if isinstance(weight, tuple | list) else (weight,)
+    return f"<{kind}:{name}:{':'.join(number(w) for w in weights)}>"
 
 
 def infotext_prompt(render: Render) -> str:
@@ -33,7 +40,7 @@ def infotext_prompt(render: Render) -> str:
     to prompt" setting the same way): the text left once the tags are removed, which is
     what gets encoded, stays the same."""
     tagged = _tag_names(render.prompt)
-    extra = [f"<{kind}:{name}:{number(weight)}>"
+    extra = [network_tag(kind, name, weight)
              for kind, entries in (("lora", render.loras), ("hypernet", render.hypernetworks))
              for name, weight in entries if names.stem(name) not in tagged[kind]]
     return render.prompt + "".join(extra)
@@ -196,7 +203,7 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
     lora_hash = {names.stem(name): digest for name, _, digest in stage["loras"]}
     loras = {tag.name: lora_hash[names.stem(tag.name)]
              for tag in extract_extra_networks(prompt)[1]
-             if tag.kind == "lora" and names.stem(tag.name) in lora_hash}
+             if tag.network == "lora" and names.stem(tag.name) in lora_hash}
     embeddings = _embedding_hashes(render, spec)
     # the first pass's size; a chain from an init image starts at its first step's size
     size = (render.width, render.height) if calls[0].kind == "txt2img" else \

@@ -12,6 +12,7 @@ extract_extra_networks -> schedules / prompt_at_step -> parse_emphasis (while en
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -294,6 +295,7 @@ def has_and(text: str) -> bool:
 # ---------------------------------------------------------------------- extra networks
 
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+ALIASES = {"lyco": "lora"}  # the WebUI's Lora extension takes <lyco:...> as <lora:...>
 
 
 class ExtraNetwork(NamedTuple):
@@ -301,6 +303,11 @@ class ExtraNetwork(NamedTuple):
     kind: str
     name: str
     args: tuple[str, ...]
+
+    @property
+    def network(self) -> str:
+        """The kind of network the tag applies: a <lyco:...> tag is a LoRA's."""
+        return ALIASES.get(self.kind, self.kind)
 
     @property
     def named(self) -> dict[str, str]:
@@ -321,6 +328,38 @@ class ExtraNetwork(NamedTuple):
         te = float(named.get("te", pos[0] if pos else 1.0))
         unet = float(named.get("unet", pos[1] if len(pos) > 1 else te))
         return te, unet
+
+    def lora_weight(self) -> float | tuple[float, float]:
+        """The tag's LoRA weight: one number when both parts take it, else (te, unet)."""
+        return lora_weight(*self.multipliers())
+
+    def problem(self) -> str | None:
+        """Why a LoRA or hypernetwork tag cannot be applied as written, or None.
+
+        The WebUI's third positional number or dyn= cuts a dynamic LoRA to its first ranks;
+        sdbatch applies a LoRA whole, so a tag asking for it is refused, not rendered
+        otherwise than it says.
+        """
+        tag = f"<{self.kind}:{':'.join((self.name, *self.args))}>"
+        try:
+            te, unet = self.multipliers()
+        except ValueError:
+            return f"{tag}: a weight is not a number; write e.g. <{self.kind}:{self.name}:0.8>"
+        if not (math.isfinite(te) and math.isfinite(unet)):
+            return f"{tag}: weights must be finite numbers"
+        if self.network == "lora" and (len(self.positional) > 2 or "dyn" in self.named):
+            return (f"{tag}: dyn (a third number, or dyn=) cuts a dynamic LoRA's rank, which "
+                    "sdbatch does not do; remove it to apply the whole LoRA")
+        if self.network == "hypernet" and te != unet:
+            return (f"{tag}: a hypernetwork takes one strength; give one number, "
+                    f"e.g. <hypernet:{self.name}:{te:g}>")
+        return None
+
+
+def lora_weight(te: float, unet: float) -> float | tuple[float, float]:
+    """A LoRA's weight as sdbatch carries it: one number when the text encoder and the UNet
+    take the same (so a split tag of equal weights is the same render), else (te, unet)."""
+    return te if te == unet else (te, unet)
 
 
 def extract_extra_networks(text: str) -> tuple[str, list[ExtraNetwork]]:
