@@ -326,3 +326,24 @@ def test_a_job_runs_with_no_network_and_no_offline_setting(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     assert "NETWORK ATTEMPT" not in proc.stderr
     assert len(shas(tmp_path / "r")) == 1
+
+
+def test_the_summary_gives_counts_rate_grids_and_gallery(tmp_path: Path, capsys):
+    assert run_job(SMALL, tmp_path / "r") == 0
+    out = capsys.readouterr().out
+    last = out.splitlines()[-3:]
+    assert last[0].startswith("complete: 4 rendered, 0 already there, 0 failed, in ")
+    assert " images/s -> " in last[0]
+    assert last[1].startswith("  grids: grids/") and last[2] == \
+        f"  gallery: {tmp_path / 'r' / 'index.html'}"
+
+
+def test_the_bar_shows_the_stage_and_stack_of_the_batch_started():
+    from sdbatch.progress import Progress
+
+    progress = Progress("bar", 10)
+    progress.stage("hires_fix", "tiny")
+    assert "hires_fix on tiny" in str(progress.images)
+    progress.stage("upscale", "")
+    assert str(progress.images).rstrip().endswith("upscale]")
+    progress.close()
