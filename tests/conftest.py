@@ -25,6 +25,17 @@ def sdbatch_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny renders take 0.1 s on one thread but up to 10 s on two when other processes
+    share the two cores (threads spin-wait on each other); a module that renders many
+    asks for it with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_spec(sdbatch_cache):
     from sdbatch.models.stack import StackSpec

@@ -23,12 +23,7 @@ N = "lora_unet_mid_block_resnets_0_norm1"  # GroupNorm 128
 R, ALPHA = 4, 2.0  # rank and alpha: scale 0.5 where the format has a rank
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,14 +36,7 @@ def diff(a, b) -> int:
     return int(np.abs(a.astype(int) - b.astype(int)).max())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny renders take 0.1 s on one thread but up to 10 s on two when other processes
-    share the two cores (threads spin-wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

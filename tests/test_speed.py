@@ -19,13 +19,7 @@ from sdbatch.models import stack as stacks
 from sdbatch.schema import JobError, Model, Paths, validate
 from sdbatch.stages import txt2img
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def render(stack, seed=11) -> np.ndarray:
