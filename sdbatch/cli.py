@@ -201,6 +201,13 @@ def report_folder(out: Path | None, prefix: str) -> Path:
     return out if out is not None else Path(tempfile.mkdtemp(prefix=prefix))
 
 
+def finish_report(text: str, out: Path, holds: bool) -> None:
+    """Print a verify / diff report and where its files are; exit 0 when it holds, else 1."""
+    print(text, end="")
+    print(f"report: {out / 'report.txt'} and report.json")
+    sys.exit(0 if holds else 1)
+
+
 def verify(args: list[str]) -> None:
     """Exit 0: every image checked holds; 1: some moved (named); 2: nothing could be checked."""
     from sdbatch.models.stack import StackLoadError
@@ -223,9 +230,7 @@ def verify(args: list[str]) -> None:
         report = checks.verify(ns.run_dir, out, ns.sample, tolerance)
     except (checks.VerifyError, JobError, StackLoadError, ValueError, OSError) as e:
         fail(e)
-    print(report.text(), end="")
-    print(f"report: {out / 'report.txt'} and report.json")
-    sys.exit(0 if report.ok else 1)
+    finish_report(report.text(), out, report.ok)
 
 
 def diff(args: list[str]) -> None:
@@ -242,9 +247,7 @@ def diff(args: list[str]) -> None:
         report = diffs.diff(ns.run_a, ns.run_b, out)
     except (diffs.DiffError, OSError) as e:
         fail(e)
-    print(report.text(), end="")
-    print(f"report: {out / 'report.txt'} and report.json")
-    sys.exit(0 if report.same else 1)
+    finish_report(report.text(), out, report.same)
 def grid(args: list[str]) -> None:
     from sdbatch.reports import grids
 

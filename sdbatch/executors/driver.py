@@ -111,8 +111,9 @@ def drive(batches: Iterable[Batch], pool: Pool, store: Intermediates | None,
     """Render ``batches`` on ``pool``; results come in the order batches finish. After
     ``should_stop`` the batches in flight finish and nothing more is handed out.
     ``on_start`` hears of each batch handed out (the progress bar shows its stage)."""
-    state = _State(list(batches), set(), on_worker={w: set() for w in pool.workers})
-    state.produced = {c.key for b in state.pending for c in b.calls}
+    pending = list(batches)
+    state = _State(pending, {c.key for b in pending for c in b.calls},
+                   on_worker={w: set() for w in pool.workers})
     consumers = dict(consumers)
     forget: dict[int, list[str]] = {w: [] for w in pool.workers}
     while state.pending or state.busy:

@@ -77,7 +77,6 @@ class RayPool:
             count = max(1, int(gpus // executor.num_gpus)) if executor.num_gpus else 1
         self.actor_class = ray.remote(num_gpus=executor.num_gpus,
                                       num_cpus=executor.num_cpus)(RayWorker)
-        self.shared = None
         if executor.shared_dir:
             self.shared = Path(executor.shared_dir) / f"sdbatch-{run_id}"
         threads = executor.threads or max(1, int(executor.num_cpus))
