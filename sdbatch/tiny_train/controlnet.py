@@ -44,6 +44,7 @@ from sdbatch.tiny_train.train import (
     Clock,
     Diffusion,
     Settings,
+    descend,
     is_hires_step,
     load_shipped,
     lr_factor,
@@ -154,10 +155,7 @@ def train_controlnet(settings: Settings, clock: Clock, report: dict, family: Pat
         loss = (diffusion.weight[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(i, total, min(settings.warmup, 50))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)
-        opt.step()
+        descend(opt, loss, cn.parameters())
         return float(loss.detach())
 
     train_loop("controlnet", step, settings, clock, report, started)

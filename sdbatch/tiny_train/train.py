@@ -201,6 +201,15 @@ def train_loop(name: str, step: Callable[[int, int], float], settings: Settings,
     }
 
 
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor, params) -> None:
+    """One optimiser step on ``loss``, its gradients clipped to norm 1 first: every part
+    but the embedding (whose step masks gradients) steps this way."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def is_hires_step(i: int, settings: Settings) -> bool:
     return settings.hires_every > 0 and i % settings.hires_every == settings.hires_every - 1
 
@@ -277,10 +286,7 @@ def train_vae(settings: Settings, clock: Clock, report: dict):
         edge = sum((a - b).abs().mean() for a, b in zip(grads(y), grads(x), strict=True))
         kl = post.kl().mean() / post.mean[0].numel()
         loss = rec + settings.vae_edge * edge + settings.vae_kl * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        descend(opt, loss, vae.parameters())
         return float(rec.detach())
 
     train_loop("vae", step, settings, clock, report, started)
@@ -407,10 +413,7 @@ def train_unet(settings: Settings, clock: Clock, report: dict, vae, tokenizer, v
         for g in opt.param_groups:
             g["lr"] = g["base"] * lr_factor(i, total, settings.warmup)
         loss = diffusion.caption_loss(unet, te, tokenizer, latents[idx], texts, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(both.parameters(), 1.0)
-        opt.step()
+        descend(opt, loss, both.parameters())
         ema_update(ema, both, min(settings.ema, (1 + i) / (10 + i)))
         return float(loss.detach())
 
@@ -564,10 +567,7 @@ def train_lora(settings: Settings, clock: Clock, report: dict, folder: Path, out
         for g in opt.param_groups:
             g["lr"] = settings.lora_lr * lr_factor(i, total, min(settings.warmup, 50))
         loss = diffusion.caption_loss(unet, te, tokenizer, pool[idx], texts, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        descend(opt, loss, params)
         return float(loss.detach())
 
     train_loop("lora", step, settings, clock, report, started)
