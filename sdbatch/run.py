@@ -499,8 +499,8 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
     folder.finish_session(status, dict(counts), top=shard is None)
     if status == "complete" and not job.run.keep_intermediates and shard is None:
         store.remove_all()
-    update_gallery(force=True)  # after intermediates/ goes: it links only what stays
     sheets = write_grids(path) if shard is None else []
+    update_gallery(force=True)  # last: it links what stays, the sheets just made included
     rate = f", {counts['rendered'] / elapsed:.2f} images/s" if counts["rendered"] else ""
     print(f"{status}: {counts['rendered']} rendered, {counts['skipped']} already there, "
           f"{counts['failed']} failed, in {elapsed:.1f} s{rate} -> {path}")

@@ -336,6 +336,9 @@ def test_the_summary_gives_counts_rate_grids_and_gallery(tmp_path: Path, capsys)
     assert " images/s -> " in last[0]
     assert last[1].startswith("  grids: grids/") and last[2] == \
         f"  gallery: {tmp_path / 'r' / 'index.html'}"
+    sheets = json.loads((tmp_path / "r" / "run.json").read_text())["grids"]
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert sheets and all(sheet in page for sheet in sheets)  # the gallery links them
 
 
 def test_the_bar_shows_the_stage_and_stack_of_the_batch_started():
