@@ -149,20 +149,23 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
           inputs: dict[str, InputImage] | None = None,
           upscalers: dict[str, dict[str, Any]] | None = None,
           image_models: dict[str, ImageModelFile] | None = None,
-          controlnets: dict[str, tuple[str, str]] | None = None) -> tuple[StageCall, ...]:
+          controlnets: dict[str, tuple[str, str]] | None = None,
+          vae_tile_px: int | None = None) -> tuple[StageCall, ...]:
     """The image's stage calls, each keyed on its input's key. ``upscalers`` maps each
     upscaler model name of the job to its record (the WebUI's name, the file's sha256, the
     tiles it runs in), which goes into the params as ``upscaler_model``; ``image_models``
     each face restorer's name to its file; ``controlnets`` each ControlNet name to its
-    (AutoV2, old short) hashes: keys follow the files."""
+    (AutoV2, old short) hashes: keys follow the files. ``vae_tile_px`` (executor's) goes
+    into the params of each call whose VAE may work in tiles (see vae_tiled)."""
     inputs, upscalers, image_models = inputs or {}, upscalers or {}, image_models or {}
     base = render.params() | _networks(render, networks)
     if "controlnet" in base:
         base["controlnet"] = control_units(base["controlnet"], (render.width, render.height),
                                            inputs, controlnets or {})
     if render.init_image is None:
-        first = StageCall("txt2img", base, None, stacks[render.checkpoint])
         size = (render.width, render.height)
+        first = StageCall("txt2img", base | vae_tiled(size, size, vae_tile_px), None,
+                          stacks[render.checkpoint])
     else:
         image = inputs[render.init_image]
         first = StageCall("image", {"path": render.init_image, "sha256": image.sha256}, None, "")
@@ -188,10 +191,23 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
         if step.kind == "upscale":
             params |= {f"{name.lower()}_sha256": image_models[name].sha256
                        for name, key in EXTRAS_RESTORERS if params[key] > 0}
+        if modelled:
+            params |= vae_tiled(params["input_size"], size, vae_tile_px)
         checkpoint = params.get("checkpoint") or render.checkpoint
         calls.append(StageCall(step.kind, params, calls[-1].key,
                                stacks[checkpoint] if modelled else ""))
     return tuple(calls)
+
+
+def vae_tiled(input_size, output_size, vae_tile_px: int | None) -> dict[str, int]:
+    """``{"vae_tile_px": px}`` when a call's picture, in or out, has a side over px: its VAE
+    may then encode or decode in tiles, whose seams make other pixels than a whole pass (or
+    tiles of another size), so its key and recipe follow the setting; smaller pictures do
+    not depend on it. (A tile or crop of the picture may be smaller: the key is then
+    stricter than it must be, never looser.)"""
+    if vae_tile_px is None or max(*input_size, *output_size) <= vae_tile_px:
+        return {}
+    return {"vae_tile_px": vae_tile_px}
 
 
 def output_size(kind: str, params: dict[str, Any], size: tuple[int, int]) -> tuple[int, int]:
@@ -214,15 +230,17 @@ def make_plan(renders: list[Render], stacks: dict[str, str], max_batch: int,
               inputs: dict[str, InputImage] | None = None,
               upscalers: dict[str, dict[str, Any]] | None = None,
               image_models: dict[str, ImageModelFile] | None = None,
-              controlnets: dict[str, tuple[str, str]] | None = None) -> Plan:
+              controlnets: dict[str, tuple[str, str]] | None = None,
+              vae_tile_px: int | None = None) -> Plan:
     """``stacks`` maps each checkpoint name of the job to its stack identity, ``networks``
     each (kind, name) of a LoRA or hypernetwork to its file hash, ``inputs`` each input
     image path to its hash and size, ``upscalers`` each upscaler model name to its record
     (see chain), ``image_models`` each face restorer's name to its file, ``controlnets``
-    each ControlNet name to its (AutoV2, old short) hashes: keys follow the files. Calls
-    that may share a pass go up to ``max_batch`` to one, in image order."""
+    each ControlNet name to its (AutoV2, old short) hashes: keys follow the files, and
+    ``vae_tile_px`` the VAE's tiles (see vae_tiled). Calls that may share a pass go up to
+    ``max_batch`` to one, in image order."""
     chains = {r.index: chain(r, stacks, networks or {}, inputs, upscalers, image_models,
-                             controlnets)
+                             controlnets, vae_tile_px)
               for r in renders}
     if not SHARE_PREFIXES:  # every image computes its own chain
         chains = {i: _unshared(c, i) for i, c in chains.items()}

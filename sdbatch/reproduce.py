@@ -47,6 +47,10 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
     if tiles:  # the upscaler tiles of the run (an executor setting, not in the job)
         raw["executor"] |= {"upscaler_tile_px": tiles[0][0],
                             "upscaler_tile_overlap": tiles[0][1]}
+    vae_tiles = [stage["params"]["vae_tile_px"] for stage in data["recipe"].get("stages", [])
+                 if "vae_tile_px" in stage["params"]]
+    if vae_tiles:  # the VAE's tiles of the run, likewise
+        raw["executor"]["vae_tile_px"] = vae_tiles[0]
     job = schema.validate(raw, lambda key: label)
     here = stacks.machine(stacks.pick_device(job.executor.device))
     moved = made is not None and (made["device"], made["device_name"]) != \

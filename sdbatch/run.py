@@ -206,8 +206,8 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     upscaler_records = upscaler_params(upscalers, job.executor)
     controlnets = {name: (f.hash, f.short) for (kind, name), f in control_files.items()}
     plan = make_plan(renders, {c: s.identity for c, s in specs.items()},
-                     job.executor.max_batch,
-                     network_hashes, images, upscaler_records, restorers, controlnets)
+                     job.executor.max_batch, network_hashes, images, upscaler_records,
+                     restorers, controlnets, job.executor.vae_tile_px)
     problems += [Problem(key, message, origin(key))
                  for key, message in size_problems(plan, images)]
     problems += model_specs.controlnet_problems(plan, specs, control_files, origin)
@@ -296,7 +296,7 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
             if checkpoints <= set(session.get("stacks", {})):
                 other = make_plan(renders, session["stacks"], job.executor.max_batch,
                                   network_hashes, images, upscaler_records, restorers,
-                                  controlnets)
+                                  controlnets, job.executor.vae_tile_px)
                 for index in keys:
                     keys[index].add(other.key(index))
     entries = RunFolder.stored_entries(path)
@@ -305,13 +305,23 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
                    if e.get("status") == "ok" and e.get("key") not in keys.get(i, ()))
     if stale:
         i = stale[0]
-        what = (differences(entries[i].get("recipe", {}).get("params", {}),
-                            json.loads(json.dumps(by_index[i].params())))
-                if i in by_index else ["not in this job"])
+        what = _what_changed(entries[i].get("recipe", {}), by_index[i], plan.chains[i]) \
+            if i in by_index else ["not in this job"]
         problems.append(_refusal(path, f"{len(stale)} image(s) there would come out "
                                  f"differently (image {i:05d}: "
                                  f"{', '.join(what) or 'its model stack'})", origin))
     return problems
+
+
+def _what_changed(recipe: dict, render: matrix.Render, calls) -> list[str]:
+    """What makes a recorded image's key differ: its params, else its stages' (an executor
+    setting that changes pixels, such as the VAE's or an upscaler's tiles)."""
+    now = json.loads(json.dumps({"params": render.params(),  # tuples as the record has them
+                                 "stages": [call.params for call in calls]}))
+    return differences(recipe.get("params", {}), now["params"]) or [
+        f"{call.kind}.{key}" for was, call, params in zip(recipe.get("stages", []), calls,
+                                                          now["stages"], strict=False)
+        for key in differences(was.get("params", {}), params)]
 
 
 def _how(record: dict) -> str:
@@ -486,6 +496,10 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
                     writer.close()  # every image queued is written, after a Ctrl-C too
         except KeyboardInterrupt:
             stop.requested = True
+        except SystemExit:  # submitit requeues a task SLURM warned of its time limit
+            progress.close()
+            folder.finish_session("interrupted", dict(counts), top=shard is None)
+            raise
         except (StackLoadError, WriteError, executors.PoolError):
             progress.close()
             folder.finish_session("failed", dict(counts), top=shard is None)

@@ -187,3 +187,44 @@ def test_a_killed_task_leaves_a_run_that_resume_finishes(tmp_path: Path, local_r
                               env={**os.environ, "PYTHONPATH": str(REPO)}).returncode
     assert _images(run) == local_run
     assert sorted(_manifest_indices(run)) == list(range(8))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2") or not Path("/proc/self/cmdline").exists(),
+                    reason="signals tasks found in /proc")
+def test_a_task_warned_of_its_time_limit_is_requeued_and_goes_on(tmp_path: Path):
+    """SLURM warns a task before its time limit (submitit asks for USR2): the task keeps
+    what it wrote, submitit requeues it, and its next run renders only what is left."""
+    write_job(tmp_path, "small", SMALL_JOB)
+    run = tmp_path / "run"
+    sixteen = ["params.batch_size=4", *(a for a in ARRAY if a != BATCHED)]  # 2 shards of 8
+    driver = subprocess.Popen([sys.executable, "-m", "sdbatch", "+job=small", "run.dir=run",
+                               *sixteen], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    def started_shards() -> int:  # sessions begin after submitit's signal handlers are set
+        try:
+            info = json.loads((run / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return 0
+        return sum(1 for s in info.get("sessions", []) if "shard" in s)
+
+    deadline = time.monotonic() + 120
+    while (started_shards() < 2 or not (run / "manifest.jsonl").exists()
+           or not (run / "manifest.jsonl").read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in _task_pids(run.resolve() / "slurm"):
+        try:
+            os.kill(pid, signal.SIGUSR2)
+        except ProcessLookupError:  # that task had finished
+            pass
+    out = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 0 and "complete: 16 rendered" in out, out
+    assert sorted(_manifest_indices(run)) == list(range(16))  # none lost, none twice
+    logs = "".join(f.read_text() for f in (run / "slurm").glob("*_log.*"))
+    assert "Requeued job" in logs
+    sessions = [s for s in json.loads((run / "run.json").read_text())["sessions"]
+                if "shard" in s]
+    warned = [s for s in sessions if s["status"] == "interrupted"]
+    again = [s for s in sessions if s["status"] == "complete" and s["counts"]["skipped"]]
+    assert warned and again  # the requeued run found what the warned one had written
+    assert {s["shard"] for s in again} <= {s["shard"] for s in warned}

@@ -223,6 +223,39 @@ def test_the_vae_tiles_pictures_over_the_threshold(tiny_stack, monkeypatch):
         seamless.vae_tiles(vae, 1024)
 
 
+def test_the_vae_tile_setting_keys_only_the_calls_it_can_change():
+    """A call whose picture (in or out) has a side over executor.vae_tile_px records it in
+    its params and key; a smaller one does not depend on it."""
+    job = validate({**BASE, "post": [{"hires_fix": {"scale": 2, "steps": 2}}]})
+    [render] = matrix.expand(matrix.resolve_seeds(job, 0))
+
+    def calls(px):
+        return make_plan([render], {"tiny": "s"}, 8, vae_tile_px=px).chains[0]
+
+    txt, hires = calls(96)  # 64 px drawn, 128 px hires-fixed
+    assert "vae_tile_px" not in txt.params and hires.params["vae_tile_px"] == 96
+    assert calls(64)[0].key == calls(1024)[0].key == txt.key  # 64 px is not over 64
+    assert calls(64)[1].key != hires.key and calls(1024)[1].key != hires.key
+    assert "vae_tile_px" not in calls(1024)[1].params
+
+
+def test_a_run_records_its_vae_tiles_resume_refuses_others_reproduce_follows(tmp_path):
+    from sdbatch.reproduce import reproduce
+
+    job = {**BASE, "params": {**BASE["params"], "width": 128, "steps": 3},
+           "executor": {"vae_tile_px": 64}}
+    assert run_job(job, tmp_path / "r") == 0
+    [entry] = entries(tmp_path / "r")
+    assert entry["recipe"]["stages"][0]["params"]["vae_tile_px"] == 64
+    whole = {**job, "executor": {"vae_tile_px": 1024}}
+    assert run_job(whole, tmp_path / "w") == 0
+    assert not np.array_equal(image(tmp_path / "r", entry),
+                              image(tmp_path / "w", entries(tmp_path / "w")[0]))
+    with pytest.raises(JobError, match=r"txt2img\.vae_tile_px"):
+        run_job(whole, tmp_path / "r")
+    assert reproduce(tmp_path / "r" / entry["file"])  # with 64 px tiles, as recorded
+
+
 def test_upscale_alone_loads_no_model(tmp_path, monkeypatch):
     source = tmp_path / "in.png"
     Image.new("RGB", (64, 48), (10, 200, 30)).save(source)
