@@ -145,6 +145,7 @@ class Worker:
 
     def release(self) -> None:
         self.upscalers.release()
+        self.restorers.release()
 
     def _fitting(self, batch: Batch, inputs: dict[str, Picture], maps: dict[str, np.ndarray],
                  on_step: StepCallback | None) -> tuple[list[Picture], tuple[str, ...]]:

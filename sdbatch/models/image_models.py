@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -29,17 +28,16 @@ def identify(path: Path, allow_pickle: bool) -> ImageModelFile:
 
 
 class ImageModels:
-    """The run's image models by sha256, each loaded on first use and kept on ``device``."""
+    """The run's image models by sha256, each loaded on first use and kept on ``device`` in
+    float32 (face restorers are small; their blends are made in float32)."""
 
     def __init__(self, files: dict[str, ImageModelFile], device: torch.device,
                  allow_pickle: bool = False):
-        self.files = files
-        self.device = device
-        self.allow_pickle = allow_pickle
-        self.loaded: dict[str, Any] = {}
+        self.files, self.device = files, device
+        self.loaded = spandrel_files.Loaded(device, torch.float32, allow_pickle)
 
     def get(self, sha256: str) -> torch.nn.Module:
-        if sha256 not in self.loaded:
-            descriptor = spandrel_files.load(self.files[sha256].path, self.allow_pickle)
-            self.loaded[sha256] = descriptor.to(self.device).model.eval()
-        return self.loaded[sha256]
+        return self.loaded.get(self.files[sha256].path).model
+
+    def release(self) -> None:
+        self.loaded.release()

@@ -9,9 +9,12 @@ checkpoint (single_file.load_pickled).
 
 from __future__ import annotations
 
+import gc
 import os
 from functools import cache
 from pathlib import Path
+
+import torch
 
 from sdbatch.models.single_file import ModelFileError, _load_safetensors, load_pickled
 
@@ -64,3 +67,31 @@ def load(path: str | os.PathLike, allow_pickle: bool = False):
             f"{path}: spandrel does not recognise this model's architecture (it reads "
             "ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, GFPGAN, CodeFormer and more; some need "
             "the spandrel-extra-arches package installed)") from None
+
+
+class Loaded:
+    """A run's spandrel models (of one worker): each file loaded on first use and kept on
+    ``device`` until release(), in ``dtype`` where its architecture supports it (float32
+    otherwise)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False):
+        self.device, self.dtype, self.allow_pickle = device, dtype, allow_pickle
+        self._models: dict[Path, object] = {}
+
+    def get(self, path: Path):
+        if path not in self._models:
+            model = load(path, self.allow_pickle)
+            dtype = self.dtype
+            if (dtype == torch.float16 and not model.supports_half) or \
+                    (dtype == torch.bfloat16 and not model.supports_bfloat16):
+                dtype = torch.float32
+            self._models[path] = model.to(self.device, dtype)
+        return self._models[path]
+
+    def release(self) -> None:
+        if not self._models:
+            return
+        self._models.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -17,7 +17,6 @@ feeds BGR).
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,34 +127,18 @@ class UpscalerModels:
     def __init__(self, files: dict[str, UpscalerFile], device: torch.device,
                  dtype: torch.dtype, allow_pickle: bool = False, tile: int = 192,
                  overlap: int = 8):
-        self.files, self.device, self.dtype = files, device, dtype
-        self.allow_pickle, self.tile, self.overlap = allow_pickle, tile, overlap
-        self._loaded: dict[Path, object] = {}
-
-    def _model(self, path: Path):
-        if path not in self._loaded:
-            model = spandrel_files.load(path, self.allow_pickle)
-            dtype = self.dtype
-            if (dtype == torch.float16 and not model.supports_half) or \
-                    (dtype == torch.bfloat16 and not model.supports_bfloat16):
-                dtype = torch.float32
-            self._loaded[path] = model.to(self.device, dtype)
-        return self._loaded[path]
+        self.files, self.tile, self.overlap = files, tile, overlap
+        self.loaded = spandrel_files.Loaded(device, dtype, allow_pickle)
 
     def pass_of(self, name: str) -> Callable[[Image.Image], Image.Image] | None:
         """One pass of the named model (picture -> picture times the model's scale); None
         for a built-in upscaler."""
         if name not in self.files:
             return None
-        model = self._model(self.files[name].path)
+        model = self.loaded.get(self.files[name].path)
         tile = 0 if model.tiling.name == "INTERNAL" else self.tile  # it tiles by itself
         return lambda image: upscale_tiled(model, image, model.scale, tile, self.overlap,
                                            model.device, model.dtype)
 
     def release(self) -> None:
-        if not self._loaded:
-            return
-        self._loaded.clear()
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.loaded.release()
