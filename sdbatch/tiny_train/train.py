@@ -152,25 +152,38 @@ class Clock:
         return now
 
 
-def train_loop(name: str, step: Callable[[int, int], float], settings: Settings,
-               clock: Clock, report: dict, started: float) -> None:
-    """Run ``step(i, total)`` for a fixed count, or for as many as the part's time allows.
+LOG_EVERY = 25  # steps a loss curve point averages
+
+
+@dataclass
+class Stepped:
+    """What a part's loop did: the step count its schedule ran to, the steps made, the
+    loss curve ([step, mean loss over LOG_EVERY steps]), its seconds and speed."""
+
+    total: int
+    done: int
+    curve: list[list]
+    seconds: float
+    steps_per_s: float | None
+
+
+def clocked_loop(name: str, step: Callable[[int, int], float], fixed: int | None,
+                 budget_s: float, started: float, stop: int | None = None,
+                 label: str = "loss") -> Stepped:
+    """Run ``step(i, total)`` for ``fixed`` steps, or (``fixed`` None) for as many as fit
+    in ``budget_s`` counted from ``started``.
 
     The first CALIBRATION_STEPS steps run inside warmup, where the schedule does not depend
-    on the total; their speed fixes the total, which is recorded for ``--steps``. Should the
-    machine slow down later, the part stops at 1.25 times its budget (plus 30 s), and the
-    step it stopped at is recorded too.
+    on the total; their speed fixes the total, which is recorded for a replay. Should the
+    machine slow down later, a clocked loop stops at 1.25 times its budget (plus 30 s);
+    ``stop`` ends a replay at the step its original stopped at.
     """
-    fixed = settings.steps.get(name)
-    budget = clock.budgets[name] - (time.monotonic() - started)
-    losses: list[float] = []
-    curve: list[tuple[int, float]] = []
     total = fixed if fixed is not None else 10**9
-    stop = settings.stop.get(name, total) if fixed is not None else None
+    losses: list[float] = []
+    curve: list[list] = []
     t0 = time.monotonic()
-    timed_from = None
+    timed_from = t0
     i = 0
-    log_every = 25
     while i < total:
         losses.append(step(i, total))
         i += 1
@@ -178,26 +191,36 @@ def train_loop(name: str, step: Callable[[int, int], float], settings: Settings,
             timed_from = time.monotonic()
         if fixed is None and i == CALIBRATION_STEPS:
             per_step = (time.monotonic() - timed_from) / (i - 1)
-            total = max(i, int(budget / per_step))  # budget counts from the part's start
-            print(f"[{name}] {per_step:.3f} s/step -> {total} steps in {budget:.0f} s",
+            total = i + max(0, int((budget_s - (time.monotonic() - started)) / per_step))
+            print(f"[{name}] {per_step:.3f} s/step -> {total} steps in {budget_s:.0f} s",
                   flush=True)
-        late = fixed is None and time.monotonic() - started > 1.25 * clock.budgets[name] + 30
-        if i % log_every == 0 or i == total or i == stop or late:
-            curve.append((i, float(np.mean(losses[-log_every:]))))
-            if i % (log_every * 8) == 0 or i in (total, stop) or late:
-                print(f"[{name}] step {i}/{total} loss {curve[-1][1]:.4f} "
+        late = fixed is None and time.monotonic() - started > 1.25 * budget_s + 30
+        if i % LOG_EVERY == 0 or i in (total, stop) or late:
+            curve.append([i, round(float(np.mean(losses[-LOG_EVERY:])), 5)])
+            if i % (LOG_EVERY * 8) == 0 or i in (total, stop) or late:
+                print(f"[{name}] step {i}/{total} {label} {curve[-1][1]:.4f} "
                       f"({time.monotonic() - t0:.0f} s)", flush=True)
         if (i == stop or late) and i < total:
             print(f"[{name}] stopped at step {i} of {total}", flush=True)
             break
-    elapsed = time.monotonic() - t0
+    now = time.monotonic()
+    return Stepped(total, i, curve, round(now - t0, 1),
+                   round((i - 1) / (now - timed_from), 3) if i > 1 else None)
+
+
+def train_loop(name: str, step: Callable[[int, int], float], settings: Settings,
+               clock: Clock, report: dict, started: float) -> None:
+    """A model part's loop on the clock's budget for it (or its --steps), into the report."""
+    fixed = settings.steps.get(name)
+    run = clocked_loop(name, step, fixed, clock.budgets[name], started,
+                       settings.stop.get(name) if fixed is not None else None)
     report[name] = {
-        "steps": total, "steps_done": i,
-        "seconds": round(elapsed, 1), "part_s": round(time.monotonic() - started, 1),
+        "steps": run.total, "steps_done": run.done,
+        "seconds": run.seconds, "part_s": round(time.monotonic() - started, 1),
         "budget_s": None if fixed is not None else round(clock.budgets[name], 1),
-        "steps_per_s": round((i - 1) / (time.monotonic() - timed_from), 3) if i > 1 else None,
-        "final_loss": curve[-1][1] if curve else None,
-        "loss_curve": [[s, round(v, 5)] for s, v in curve],
+        "steps_per_s": run.steps_per_s,
+        "final_loss": run.curve[-1][1] if run.curve else None,
+        "loss_curve": run.curve,
     }
 
 
@@ -212,32 +235,6 @@ def descend(opt: torch.optim.Optimizer, loss: torch.Tensor, params) -> None:
 
 def is_hires_step(i: int, settings: Settings) -> bool:
     return settings.hires_every > 0 and i % settings.hires_every == settings.hires_every - 1
-
-
-def clocked_steps(name: str, step: Callable[[int, int], float], fixed: int, minutes: float,
-                  since: float, label: str = "loss") -> tuple[int, list, float]:
-    """The upscaler's loop: ``step(i, total)`` for ``fixed`` steps, or, with ``fixed`` 0,
-    for as many as fit in ``minutes`` counted from ``since`` (measured over the first
-    CALIBRATION_STEPS, then fixed). Returns the step count, the
-    loss curve (means over 25 steps) and the loop's seconds."""
-    total = fixed or 10**9
-    start = time.monotonic()
-    curve, losses = [], []
-    i = 0
-    while i < total:
-        losses.append(step(i, total))
-        i += 1
-        if i == 1:
-            timed = time.monotonic()
-        if not fixed and i == CALIBRATION_STEPS:
-            per_step = (time.monotonic() - timed) / (i - 1)
-            total = max(i, int((minutes * 60 - (time.monotonic() - since)) / per_step) + i)
-            print(f"[{name}] {per_step:.3f} s/step -> {total} steps", flush=True)
-        if i % 25 == 0 or i == total:
-            curve.append([i, round(float(np.mean(losses[-25:])), 5)])
-            if i % 200 == 0 or i == total:
-                print(f"[{name}] step {i}/{total} {label} {curve[-1][1]:.4f}", flush=True)
-    return total, curve, round(time.monotonic() - start, 1)
 
 
 def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:

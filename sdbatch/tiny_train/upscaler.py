@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from sdbatch.tiny_train import scenes
-from sdbatch.tiny_train.train import clocked_steps, lr_factor, seed_of, to_tensor, versions
+from sdbatch.tiny_train.train import clocked_loop, lr_factor, seed_of, to_tensor, versions
 
 NAME = "2x-tiny-Compact"
 
@@ -126,8 +126,8 @@ def train(out: Path, settings: UpscalerSettings) -> dict:
             opt.step()
             return float(loss.detach())
 
-        total, curve, seconds = clocked_steps("upscaler", step, settings.steps,
-                                              settings.minutes, time.monotonic(), "L1")
+        run = clocked_loop("upscaler", step, settings.steps or None, settings.minutes * 60,
+                           time.monotonic(), label="L1")
     finally:
         torch.set_num_threads(threads)
     model.eval()
@@ -136,10 +136,11 @@ def train(out: Path, settings: UpscalerSettings) -> dict:
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
     record = {
         "command": f"python -m sdbatch.tiny_train.upscaler --out {out} --seed {settings.seed} "
-                   f"--threads {settings.threads} --steps {total}",
-        "settings": {**asdict(settings), "steps": total}, "file": str(path.relative_to(out)),
-        "parameters": sum(p.numel() for p in model.parameters()), "seconds": seconds,
-        "loss_curve": curve, "check": psnr_against_lanczos(model, settings),
+                   f"--threads {settings.threads} --steps {run.total}",
+        "settings": {**asdict(settings), "steps": run.total},
+        "file": str(path.relative_to(out)),
+        "parameters": sum(p.numel() for p in model.parameters()), "seconds": run.seconds,
+        "loss_curve": run.curve, "check": psnr_against_lanczos(model, settings),
         "versions": versions(),
     }
     (out / "upscaler_settings.json").write_text(json.dumps(record, indent=2))
