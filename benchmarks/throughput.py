@@ -1,131 +1,142 @@
 """Throughput of a small sweep: sdbatch's executors against a hand-written diffusers loop
 that makes one image per pipeline call, in one run.
 
-The matrix is 2 prompts x 2 CFG scales x 3 seeds (12 images), Euler a, 8 steps, 64x64, on
-random weights with the real SD1.5 shapes (random weights cost what trained ones cost).
-Small latents are bound by streaming the weights, so sharing forward passes
+The matrix is 2 prompts x 2 CFG scales x --seeds seeds (3: 12 images), Euler a, 8 steps,
+64x64, on random weights with the real SD1.5 shapes (random weights cost what trained ones
+cost). Small latents are bound by streaming the weights, so sharing forward passes
 (executor.max_batch) is the lever measured here.
 
-Rows alternate in one process, each --repeats times after one dropped warm-up image; the
-model is loaded once for the loop and the local rows (loading is not what is measured),
-and every side runs with --threads torch threads. The multi row (executor=multi, two CPU
-workers of one thread each) starts its own workers, whose load is in its wall. Prints the
-median wall of each row, its ratio to the loop, and images per second.
+Each row is a fresh process timed from its start to its exit, as a user's command is: its
+imports, its model load (the loop loads the file through the same loader) and, for multi,
+its workers' start-up and their own loads, then the rendering and the PNGs. Rows alternate,
+--repeats times each; every side runs with --threads torch threads (multi: two CPU workers
+of one thread each). Prints the median wall of each row, its ratio to the loop and to the
+local row, and images per second.
 
-    python benchmarks/throughput.py --repeats 3 --executors local,multi
+    python benchmarks/throughput.py --repeats 3 --rows loop,local,multi
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import median, random_checkpoint
+from common import REPO, median, random_checkpoint
 
 PROMPTS = ["a red building, lawn, blue sky", "a blue tower by the sea, evening"]
 CFG_SCALES = [5.0, 7.0]
-SEEDS = [1, 2, 3]
+ROWS = {"loop": "diffusers loop, one image per call",
+        "local": "sdbatch, executor=local (defaults)",
+        "multi": "sdbatch, executor=multi, 2 CPU workers x 1 thread"}
 
 
-def job(checkpoint: str, steps: int, executor: dict) -> dict:
+def cells(seeds: int) -> list[tuple[str, float, int]]:
+    return [(p, cfg, seed) for p in PROMPTS for cfg in CFG_SCALES for seed in range(1, seeds + 1)]
+
+
+def job(checkpoint: str, steps: int, seeds: int, executor: dict) -> dict:
     """The sweep as an sdbatch job, with the job's defaults but for the executor's keys."""
     return {"model": {"checkpoint": checkpoint}, "prompt": PROMPTS,
             "params": {"sampler": "Euler a", "steps": steps, "cfg_scale": CFG_SCALES,
-                       "seed": SEEDS, "width": 64, "height": 64},
+                       "seed": list(range(1, seeds + 1)), "width": 64, "height": 64},
             "executor": executor}
 
 
-def diffusers_loop(stack, steps: int, out: Path, first: int | None = None) -> None:
+def diffusers_loop(checkpoint: str, steps: int, seeds: int, out: Path) -> None:
     """The baseline: one StableDiffusionPipeline call per image, each saved as a PNG."""
     import torch
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
-    p = stack.pipe
+    from sdbatch.models.single_file import load_single_file
+
+    p = load_single_file(checkpoint)
     pipe = StableDiffusionPipeline(
         vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=p.unet,
-        scheduler=EulerAncestralDiscreteScheduler.from_config(stack.scheduler_config),
+        scheduler=EulerAncestralDiscreteScheduler.from_config(p.scheduler.config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    cells = [(prompt, cfg, seed) for prompt in PROMPTS for cfg in CFG_SCALES for seed in SEEDS]
     out.mkdir(parents=True, exist_ok=True)
-    for i, (prompt, cfg, seed) in enumerate(cells[:first]):
+    for i, (prompt, cfg, seed) in enumerate(cells(seeds)):
         [image] = pipe(prompt, negative_prompt="", guidance_scale=cfg, num_inference_steps=steps,
                        height=64, width=64, generator=torch.Generator().manual_seed(seed)).images
         image.save(out / f"{i:05d}.png")
 
 
+def row(name: str, checkpoint: str, steps: int, seeds: int, threads: int, out: Path) -> None:
+    """One row, in this (fresh) process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if name == "loop":
+        diffusers_loop(checkpoint, steps, seeds, out)
+        return
+    from sdbatch import run as runner
+    from sdbatch.schema import validate
+
+    executor = ({"threads": threads} if name == "local" else
+                {"name": "multi", "devices": ["cpu", "cpu"], "threads": 1})
+    raw = {**job(checkpoint, steps, seeds, executor),
+           "run": {"dir": str(out), "progress": "quiet"}}
+    code = runner.run(validate(raw), lambda key: f"benchmark row {name}", [], ["bench"])
+    if code:
+        raise SystemExit(f"row {name} exited {code}")
+
+
+def timed(name: str, ns: argparse.Namespace, checkpoint: Path, out: Path) -> float:
+    argv = [sys.executable, __file__, "--row", name, "--out", str(out), "--steps",
+            str(ns.steps), "--seeds", str(ns.seeds), "--threads", str(ns.threads),
+            "--cache", str(ns.cache)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(ns.threads), "PYTHONPATH": str(REPO)}
+    start = time.perf_counter()
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"row {name} failed:\n{done.stdout}\n{done.stderr}")
+    return wall
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--executors", default="local",
-                    help="comma-separated sdbatch rows: local, multi")
+    ap.add_argument("--rows", default="loop,local,multi", help=f"some of {', '.join(ROWS)}")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per cell (3: 12 images)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every side")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/sdbatch-bench"))
+    ap.add_argument("--row", choices=list(ROWS), help=argparse.SUPPRESS)  # a child: one row
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ns = ap.parse_args()
-
-    import torch
-
-    from sdbatch import run as runner
-    from sdbatch.models import stack as stacks
-    from sdbatch.schema import validate
-
-    torch.set_num_threads(ns.threads)
-    executors = {"local": {"threads": ns.threads},
-                 "multi": {"name": "multi", "devices": ["cpu", "cpu"], "threads": 1}}
-    rows = ns.executors.split(",")
-    for row in rows:
-        if row not in executors:
-            raise SystemExit(f"--executors: unknown row {row!r}; give some of "
-                             f"{', '.join(executors)}")
-    if "multi" in rows and importlib.util.find_spec("sdbatch.executors.multi") is None:
-        raise SystemExit("--executors: this checkout has no multi executor yet; drop multi")
-    checkpoint = str(random_checkpoint("sd15", ns.cache / "sd15-random.safetensors"))
-
-    loaded: dict = {}
-    real_load = stacks.load
-    stacks.load = lambda spec, device: loaded.get(spec.identity) or loaded.setdefault(
-        spec.identity, real_load(spec, device))
-
-    def sdbatch(name: str, folder: Path, raw: dict) -> None:
-        raw = {**raw, "run": {"dir": str(folder), "progress": "quiet"}}
-        code = runner.run(validate(raw), lambda key: f"benchmark row {name}", [], ["bench"])
-        assert code == 0, f"{name} exited {code}"
-
-    walls: dict[str, list[float]] = {"loop": [], **{row: [] for row in rows}}
+    checkpoint = random_checkpoint("sd15", ns.cache / "sd15-random.safetensors")
+    if ns.row:
+        row(ns.row, str(checkpoint), ns.steps, ns.seeds, ns.threads, ns.out)
+        return
+    rows = ns.rows.split(",")
+    if unknown := [r for r in rows if r not in ROWS]:
+        raise SystemExit(f"--rows: unknown {', '.join(unknown)}; give some of {', '.join(ROWS)}")
+    walls: dict[str, list[float]] = {r: [] for r in rows}
     with tempfile.TemporaryDirectory() as tmp:
-        one = job(checkpoint, ns.steps, executors["local"])
-        sdbatch("warm-up", Path(tmp) / "warm", {**one, "prompt": PROMPTS[0],
-                                                "params": {**one["params"], "seed": 1,
-                                                           "cfg_scale": 7}})
-        [stack] = loaded.values()
-        diffusers_loop(stack, ns.steps, Path(tmp) / "warm-loop", first=1)
         for rep in range(ns.repeats):
-            start = time.perf_counter()
-            diffusers_loop(stack, ns.steps, Path(tmp) / f"{rep}-loop")
-            walls["loop"].append(time.perf_counter() - start)
-            for row in rows:
-                start = time.perf_counter()
-                sdbatch(row, Path(tmp) / f"{rep}-{row}", job(checkpoint, ns.steps,
-                                                              executors[row]))
-                walls[row].append(time.perf_counter() - start)
+            for name in rows:
+                walls[name].append(timed(name, ns, checkpoint, Path(tmp) / f"{rep}-{name}"))
+                print(f"  {name} #{rep + 1}: {walls[name][-1]:.1f} s", flush=True)
 
-    images = len(PROMPTS) * len(CFG_SCALES) * len(SEEDS)
-    loop = median(walls["loop"])
+    images = len(cells(ns.seeds))
     print(f"SD1.5 shapes (random weights), {len(PROMPTS)} prompts x {len(CFG_SCALES)} CFG x "
-          f"{len(SEEDS)} seeds = {images} images, Euler a, {ns.steps} steps, 64x64, "
-          f"{ns.threads} torch thread(s), median of {ns.repeats}:")
-    print("| row | wall s | x loop | images/s |")
-    print("|---|---:|---:|---:|")
-    labels = {"loop": "diffusers loop, one image per call",
-              "local": "sdbatch, executor=local (defaults)",
-              "multi": "sdbatch, executor=multi, 2 CPU workers x 1 thread"}
-    for name, values in walls.items():
-        wall = median(values)
-        print(f"| {labels[name]} | {wall:.1f} | {wall / loop:.2f} | {images / wall:.2f} |")
+          f"{ns.seeds} seeds = {images} images, Euler a, {ns.steps} steps, 64x64, "
+          f"{ns.threads} torch thread(s); each row a fresh process, start to exit; "
+          f"median of {ns.repeats}:")
+    print("| row | wall s | x loop | x local | images/s |")
+    print("|---|---:|---:|---:|---:|")
+    medians = {name: median(values) for name, values in walls.items()}
+    for name, wall in medians.items():
+        ratios = [f"{wall / medians[base]:.2f}" if base in medians else "-"
+                  for base in ("loop", "local")]
+        print(f"| {ROWS[name]} | {wall:.1f} | {' | '.join(ratios)} | {images / wall:.2f} |")
 
 
 if __name__ == "__main__":
