@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -199,7 +199,8 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
     return tuple(calls)
 
 
-def vae_tiled(input_size, output_size, vae_tile_px: int | None) -> dict[str, int]:
+def vae_tiled(input_size: Sequence[int], output_size: Sequence[int],
+              vae_tile_px: int | None) -> dict[str, int]:
     """``{"vae_tile_px": px}`` when a call's picture, in or out, has a side over px: its VAE
     may then encode or decode in tiles, whose seams make other pixels than a whole pass (or
     tiles of another size), so its key and recipe follow the setting; smaller pictures do
