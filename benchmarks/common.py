@@ -43,6 +43,23 @@ def walls_by_switch(job: dict, switch, repeats: int) -> dict[bool, list[float]]:
     return walls
 
 
+def euler_a_pipeline(checkpoint: str | Path):
+    """The hand-written baseline's pipeline: diffusers' StableDiffusionPipeline with Euler a
+    over a single file loaded through sdbatch's loader (so loads cost the same on both
+    sides), no safety checker, no progress bar."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    from sdbatch.models.single_file import load_single_file
+
+    p = load_single_file(checkpoint)
+    pipe = StableDiffusionPipeline(
+        vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=p.unet,
+        scheduler=EulerAncestralDiscreteScheduler.from_config(p.scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def run_peak(argv: list[str], env: dict | None = None, cwd: Path = REPO) -> tuple[int, str]:
     """Run a command; return its peak RSS in bytes (ru_maxrss of the child) and its output."""
     proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, **(env or {})},

@@ -15,22 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, random_checkpoint
+from common import REPO, euler_a_pipeline, random_checkpoint
 
 
 def child(checkpoint: str, at: float) -> None:
     import torch
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
-
-    from sdbatch.models.single_file import load_single_file
 
     torch.set_num_threads(1)
-    p = load_single_file(checkpoint)
-    pipe = StableDiffusionPipeline(
-        vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=p.unet,
-        scheduler=EulerAncestralDiscreteScheduler.from_config(p.scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = euler_a_pipeline(checkpoint)
     pipe("warm-up", num_inference_steps=1, height=64, width=64)
     while time.time() < at:
         time.sleep(0.01)

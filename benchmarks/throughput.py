@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, median, random_checkpoint
+from common import REPO, euler_a_pipeline, median, random_checkpoint
 
 PROMPTS = ["a red building, lawn, blue sky", "a blue tower by the sea, evening"]
 CFG_SCALES = [5.0, 7.0]
@@ -50,16 +50,8 @@ def job(checkpoint: str, steps: int, seeds: int, executor: dict) -> dict:
 def diffusers_loop(checkpoint: str, steps: int, seeds: int, out: Path) -> None:
     """The baseline: one StableDiffusionPipeline call per image, each saved as a PNG."""
     import torch
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
-    from sdbatch.models.single_file import load_single_file
-
-    p = load_single_file(checkpoint)
-    pipe = StableDiffusionPipeline(
-        vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=p.unet,
-        scheduler=EulerAncestralDiscreteScheduler.from_config(p.scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = euler_a_pipeline(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     for i, (prompt, cfg, seed) in enumerate(cells(seeds)):
         [image] = pipe(prompt, negative_prompt="", guidance_scale=cfg, num_inference_steps=steps,
