@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,10 @@ def brownian_noise(scheduler, latents: torch.Tensor, seeds: list[int]
                    ) -> Callable[[int], torch.Tensor]:
     """Per-image Brownian-tree noise for a multistep SDE scheduler (DPM++ 2M/3M SDE), as the
     WebUI's BrownianTreeNoiseSampler gives k-diffusion: seeded from each image's seed, so the
-    noise of a step depends on the step's sigmas and the seed, not on the batch."""
+    noise of a step depends on the step's sigmas and the seed, not on the batch. Imported
+    here: its module pulls in scipy (a second or more of every process's start)."""
+    from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
     sigmas = scheduler.sigmas
     positive = sigmas[sigmas > 0]
     sampler = BrownianTreeNoiseSampler(latents.float(), positive.min().item(),
