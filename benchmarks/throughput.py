@@ -67,14 +67,14 @@ def row(name: str, checkpoint: str, steps: int, seeds: int, threads: int, out: P
     if name == "loop":
         diffusers_loop(checkpoint, steps, seeds, out)
         return
-    from sdbatch import run as runner
+    from sdbatch.cli import run_job  # the command line's own way in (multi's early start)
     from sdbatch.schema import validate
 
     executor = ({"threads": threads} if name == "local" else
                 {"name": "multi", "devices": ["cpu", "cpu"], "threads": 1})
     raw = {**job(checkpoint, steps, seeds, executor),
            "run": {"dir": str(out), "progress": "quiet"}}
-    code = runner.run(validate(raw), lambda key: f"benchmark row {name}", [], ["bench"])
+    code = run_job(validate(raw), lambda key: f"benchmark row {name}", [])
     if code:
         raise SystemExit(f"row {name} exited {code}")
 

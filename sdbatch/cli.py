@@ -52,16 +52,20 @@ def fail(error: Exception | str, code: int = 2) -> None:
 
 
 def run_job(job: Job, origin: Origin, overrides: list[str]) -> int:
-    """Run a validated job; the model code (torch, diffusers) is imported only now."""
-    from sdbatch.executors import PoolError
-    from sdbatch.models.stack import StackLoadError
-    from sdbatch.output.writer import WriteError
-    from sdbatch.run import run
+    """Run a validated job. The model code (torch, diffusers) is imported only now, after
+    executor=multi's workers start: they import their own meanwhile."""
+    from sdbatch.executors.processes import early
 
-    try:
-        return run(job, origin, overrides, sys.argv)
-    except (JobError, StackLoadError, WriteError, PoolError) as e:
-        fail(e)
+    with early(job.executor) as started:
+        from sdbatch.executors import PoolError
+        from sdbatch.models.stack import StackLoadError
+        from sdbatch.output.writer import WriteError
+        from sdbatch.run import run
+
+        try:
+            return run(job, origin, overrides, sys.argv, started=started)
+        except (JobError, StackLoadError, WriteError, PoolError) as e:
+            fail(e)
     return 2
 
 

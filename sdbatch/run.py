@@ -371,9 +371,9 @@ def write_grids(path: Path) -> list[Path]:
 
 
 def run(job: Job, origin: Origin, overrides: list[str], argv: list[str],
-        shard: Shard | None = None) -> int:
+        shard: Shard | None = None, started: list[executors.Started] | None = None) -> int:
     """Run ``job`` here, or (executor=slurm) submit it as an array; ``shard``: run one task
-    of such an array."""
+    of such an array; ``started``: executor=multi's workers, started early."""
     if job.executor.name == "slurm" and shard is None:
         from sdbatch.executors import slurm
 
@@ -393,26 +393,26 @@ def run(job: Job, origin: Origin, overrides: list[str], argv: list[str],
                                     "give another run.dir", origin("run.dir"))])
         if lock.took_over:
             print(f"note: {lock.took_over} stopped without releasing {p.path}; taking it over")
-        return _render(job, p, overrides, argv, shard)
+        return _render(job, p, overrides, argv, shard, started)
     finally:
         lock.release()
 
 
 def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str],
-            shard: Shard | None = None) -> int:
+            shard: Shard | None = None, started: list[executors.Started] | None = None) -> int:
     """The run itself, with the run folder locked (``shard``: shared with its array), in
     executor.threads torch threads where this process renders (local, a SLURM task)."""
     previous = torch.get_num_threads()
     if job.executor.threads and job.executor.name in ("local", "slurm"):
         torch.set_num_threads(job.executor.threads)
     try:
-        return _render_run(job, p, overrides, argv, shard)
+        return _render_run(job, p, overrides, argv, shard, started)
     finally:
         torch.set_num_threads(previous)
 
 
 def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
-                shard: Shard | None) -> int:
+                shard: Shard | None, started: list[executors.Started] | None) -> int:
     path, renders, plan = p.path, p.renders, p.plan
     folder = (RunFolder.create(path, schema.to_dict(job), overrides, p.nonce, len(renders),
                                p.made_of)
@@ -449,7 +449,7 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
         try:
             try:
                 pool = executors.open_pool(job.executor, setup(p, job), device, progress.step,
-                                           f"{p.nonce:x}")
+                                           f"{p.nonce:x}", started)
                 stack_names = {s.identity: s.name for s in p.specs.values()}
                 for result in drive(batches, pool, store, plan.consumers(), maps,
                                     lambda: stop.requested,

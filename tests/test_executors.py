@@ -78,6 +78,31 @@ def test_multi_refuses_devices_of_two_types_and_no_gpu_before_any_work(tmp_path:
     assert not (tmp_path / "r").exists()
 
 
+def test_multi_workers_started_before_the_run_do_its_work_and_end_with_it(tmp_path: Path):
+    """The command line starts multi's workers before it imports the model code
+    (processes.early); the run's pool takes them, and they end with it. Workers a run never
+    took (it stopped on a mistake first) are ended too."""
+    from sdbatch.executors import processes
+    from sdbatch.schema import JobError
+
+    executor = validate({"executor": EXECUTORS["multi"]}).executor
+    with processes.early(executor) as started:
+        assert [s.device for s in started] == ["cpu", "cpu"]
+        assert all(s.process.is_alive() for s in started)
+        raw = {**PLAIN, "executor": EXECUTORS["multi"],
+               "run": {"dir": str(tmp_path / "r"), "progress": "quiet"}}
+        assert runner.run(validate(raw), lambda key: "test", [], ["test"], started=started) == 0
+        assert [s.process.exitcode for s in started] == [0, 0]  # stopped by the pool, not killed
+    assert len(file_shas(tmp_path / "r")) == 4
+    assert all(e["status"] == "ok" and "worker_restarts" not in e for e in entries(tmp_path / "r"))
+
+    missing = {**raw, "model": {"checkpoint": str(tmp_path / "nowhere.safetensors")}}
+    with pytest.raises(JobError, match="nowhere.safetensors"):
+        with processes.early(executor) as started:
+            runner.run(validate(missing), lambda key: "test", [], ["test"], started=started)
+    assert all(not s.process.is_alive() for s in started)
+
+
 KILLABLE = {
     "multi": ["executor=multi", "executor.devices=[cpu,cpu]"],
     "ray": ["executor=ray", "executor.workers=2", "executor.num_gpus=0"],

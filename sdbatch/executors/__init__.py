@@ -1,14 +1,22 @@
 """Executors take a plan's batches to devices: a driver (driver.py) hands batches to a pool
 of workers (worker.py): one in this process (local.py), one process per device
-(multi.py), Ray actors (ray_actors.py); SLURM arrays run the local executor per shard."""
+(multi.py), Ray actors (ray_actors.py); SLURM arrays run the local executor per shard.
+
+This package's own modules import no model code (torch, diffusers) at their top, so the
+command line can start multi's workers (processes.py) before it imports that code."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from sdbatch.executors.driver import Pool
-from sdbatch.executors.worker import Setup, StepCallback, Worker
+from sdbatch.executors.processes import Started, visible_devices, worker_threads
 from sdbatch.schema import Executor
+
+if TYPE_CHECKING:
+    import torch
+
+    from sdbatch.executors.driver import Pool
+    from sdbatch.executors.worker import Setup, StepCallback
 
 
 class PoolError(RuntimeError):
@@ -17,8 +25,6 @@ class PoolError(RuntimeError):
 
 def devices(executor: Executor) -> list[str]:
     """The devices executor=multi runs a worker on."""
-    from sdbatch.executors.multi import visible_devices
-
     return list(executor.devices) if executor.devices else visible_devices()
 
 
@@ -39,7 +45,12 @@ def device_problem(executor: Executor) -> str | None:
     if not found:
         return ("executor=multi found no GPU; give the devices to run on, e.g. "
                 "'executor.devices=[cpu, cpu]'")
-    kinds = {torch.device(d).type for d in found}
+    import torch
+
+    try:
+        kinds = {torch.device(d).type for d in found}
+    except RuntimeError as e:
+        return f"{e}; give torch device names such as cuda:0 or cpu"
     if len(kinds) > 1:
         return (f"executor.devices mixes {' and '.join(sorted(kinds))}: images would differ by "
                 "the device that drew them; give devices of one type")
@@ -47,16 +58,19 @@ def device_problem(executor: Executor) -> str | None:
 
 
 def open_pool(executor: Executor, setup: Setup, device: torch.device,
-              on_step: StepCallback | None, run_id: str) -> Pool:
+              on_step: StepCallback | None, run_id: str,
+              started: list[Started] | None = None) -> Pool:
+    """The run's workers; ``started``: multi's, started early by the command line."""
     if executor.name == "multi":
         from sdbatch.executors.multi import ProcessPool
 
-        return ProcessPool(setup, devices(executor), executor.threads, on_step)
+        return ProcessPool(setup, devices(executor), executor.threads, on_step, started)
     if executor.name == "ray":
         from sdbatch.executors.ray_actors import RayPool
 
         return RayPool(setup, executor, run_id)
     from sdbatch.executors.local import LocalPool
+    from sdbatch.executors.worker import Worker
 
     return LocalPool(Worker(setup, device), on_step)
 
@@ -65,7 +79,7 @@ def session_record(executor: Executor) -> dict:
     """What run.json's session says of the executor: its name, its workers' devices and
     threads (CPU kernels sum in another order on another thread count)."""
     if executor.name == "multi":
-        from sdbatch.executors.multi import worker_threads
+        import torch
 
         found = devices(executor)
         return {"executor": "multi", "devices": found,

@@ -1,42 +1,27 @@
-"""executor=multi: one worker process per device of this machine (spawned, as on Windows),
-each with its own loaded stacks; the driver hands them batches and is the only writer of
-the run folder.
+"""executor=multi: one worker process per device of this machine, each with its own loaded
+stacks; the driver hands them batches and is the only writer of the run folder.
 
 A worker talks to the driver over a pipe of its own, so a worker that is killed breaks
 only its pipe: the driver sees its process end, starts another on the same device and
 hands the batch out again. Workers ignore Ctrl-C and SIGTERM: the driver decides when they
-stop (after the batches in flight), so a pre-empted run writes what it has.
+stop (after the batches in flight), so a pre-empted run writes what it has. The processes
+themselves are started by processes.py, before the driver imports this module.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import signal
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 
 import numpy as np
 import torch
 
+from sdbatch.executors import processes
 from sdbatch.executors.driver import Died, Done
 from sdbatch.executors.worker import Outcome, Setup, StepCallback, Task, Worker
+from sdbatch.models.single_file import import_model_classes
 from sdbatch.models.stack import StackLoadError
 from sdbatch.stages.picture import Picture
-
-
-def visible_devices() -> list[str]:
-    """Every GPU torch sees: the default of executor.devices."""
-    return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-
-
-def worker_threads(threads: int, devices: list[str]) -> int:
-    """Torch threads per worker: the given count, or on CPU workers the cores shared out
-    (two workers each spinning every core would be slower than one)."""
-    if threads:
-        return threads
-    cpu_workers = sum(1 for d in devices if torch.device(d).type == "cpu")
-    return max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else 0
 
 
 def _plain(picture: Picture) -> Picture:
@@ -51,14 +36,16 @@ def _torch(picture: Picture) -> Picture:
     return picture
 
 
-def _serve(setup: Setup, device: str, threads: int, conn: Connection) -> None:
-    """A worker process: tasks in, outcomes (and step counts) out, until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def serve(device: str, threads: int, conn: Connection) -> None:
+    """A worker process once its imports are done: the run's Setup, then tasks in,
+    outcomes (and step counts) out, until told to stop."""
+    import_model_classes()  # before the Setup comes: the driver is still preparing the run
+    if (setup := _receive(conn)) is None:
+        return
     if threads:
         torch.set_num_threads(threads)
     worker = Worker(setup, torch.device(device))
-    while (task := conn.recv()) is not None:
+    while (task := _receive(conn)) is not None:
         task = replace(task, inputs={k: None if v is None else _torch(v)
                                      for k, v in task.inputs.items()})
         try:
@@ -72,31 +59,47 @@ def _serve(setup: Setup, device: str, threads: int, conn: Connection) -> None:
     worker.release()
 
 
+def _receive(conn: Connection):
+    """The driver's next message; None (stop) when it is gone too."""
+    try:
+        return conn.recv()
+    except (EOFError, ConnectionResetError):
+        return None
+
+
 class ProcessPool:
     def __init__(self, setup: Setup, devices: list[str], threads: int,
-                 on_step: StepCallback | None = None):
+                 on_step: StepCallback | None = None,
+                 started: list[processes.Started] | None = None):
+        """``started``: the workers the command line started early (processes.early), one
+        per device in order; otherwise they are started now."""
         self.setup, self.devices, self.on_step = setup, devices, on_step
-        self.threads = worker_threads(threads, devices)
+        self.threads = processes.worker_threads(threads, devices)
         self.workers = list(range(len(devices)))
-        self._ctx = mp.get_context("spawn")
-        self._procs: dict[int, mp.process.BaseProcess] = {}
-        self._conns: dict[int, Connection] = {}
+        self._procs: dict[int, processes.Started] = {}
         self._holds: dict[int, str | None] = {}
         self._busy: set[int] = set()
         self.restarts = 0
-        for w in self.workers:
-            self._start(w)
+        if started and [s.device for s in started] == devices:
+            for w, s in enumerate(started):
+                self._give_setup(w, s)
+        else:
+            for w in self.workers:
+                self._start(w)
 
     def _start(self, w: int) -> None:
-        mine, theirs = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_serve, name=f"sdbatch-worker-{w}", daemon=True,
-                                 args=(self.setup, self.devices[w], self.threads, theirs))
-        proc.start()
-        theirs.close()  # the worker's end lives in the worker only: its death ends the pipe
-        self._procs[w], self._conns[w], self._holds[w] = proc, mine, None
+        self._give_setup(w, processes.start(self.devices[w], self.threads,
+                                            f"sdbatch-worker-{w}"))
+
+    def _give_setup(self, w: int, started: processes.Started) -> None:
+        self._procs[w], self._holds[w] = started, None
+        try:
+            started.conn.send(self.setup)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it died already: wait() finds it when it is given work
 
     def pids(self) -> list[int]:
-        return [p.pid for p in self._procs.values()]
+        return [s.process.pid for s in self._procs.values()]
 
     def holds(self, worker: int) -> str | None:
         return self._holds[worker]
@@ -105,14 +108,14 @@ class ProcessPool:
         inputs = {k: None if v is None else _plain(v) for k, v in task.inputs.items()}
         self._busy.add(worker)
         try:
-            self._conns[worker].send(replace(task, inputs=inputs))
+            self._procs[worker].conn.send(replace(task, inputs=inputs))
         except (BrokenPipeError, ConnectionResetError, EOFError):
             pass  # it died idle: wait() finds it
 
     def wait(self) -> list[Done | Died]:
         events: list[Done | Died] = []
         while not events:
-            by_conn = {self._conns[w]: w for w in self._busy}
+            by_conn = {self._procs[w].conn: w for w in self._busy}
             for conn in wait(list(by_conn)):
                 w = by_conn[conn]
                 try:
@@ -133,28 +136,24 @@ class ProcessPool:
         return events
 
     def _died(self, w: int) -> Died:
-        proc = self._procs[w]
+        proc = self._procs[w].process
         proc.join(timeout=5)
         why = f"worker {w} on {self.devices[w]} ended with exit code {proc.exitcode}"
-        self._conns[w].close()
+        self._procs[w].conn.close()
         self._busy.discard(w)
         self.restarts += 1
         self._start(w)
         return Died(w, why)
 
     def close(self) -> None:
-        for conn in self._conns.values():
+        for s in self._procs.values():
             try:
-                conn.send(None)
+                s.conn.send(None)
             except (BrokenPipeError, ConnectionResetError, OSError):
                 pass
-        for proc in self._procs.values():
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=5)
-        for conn in self._conns.values():
-            conn.close()
+        for s in self._procs.values():
+            s.process.join(timeout=10)
+            s.kill()
 
 
 def _outcome(outcome: Outcome) -> Outcome:

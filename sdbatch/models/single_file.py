@@ -257,6 +257,30 @@ def _component(name: str, library: str, class_name: str, checkpoint: Checkpoint,
     return model
 
 
+def import_model_classes() -> None:
+    """Import the classes the shipped families' configs and the samplers name: diffusers and
+    transformers import them on first use (seconds), which a worker started early does
+    before its first load instead of in it."""
+    import diffusers
+    import diffusers.loaders.single_file_utils  # noqa: F401 - from_single_file converts with it
+    import transformers
+
+    from sdbatch import samplers
+    from sdbatch.models import tokenizer  # noqa: F401 - the shipped tokenizers' vocabulary
+    from sdbatch.models.stack import quiet_libraries
+
+    quiet_libraries()
+    libraries = {"diffusers": diffusers, "transformers": transformers}
+    for sampler in samplers.SAMPLERS.values():
+        getattr(diffusers, sampler.scheduler)
+    for index in families.CONFIGS.glob("*/model_index.json"):
+        for name, value in json.loads(index.read_text()).items():
+            if name == "_class_name":
+                getattr(diffusers, value)
+            elif isinstance(value, list) and value[0] in libraries:
+                getattr(libraries[value[0]], value[1])
+
+
 def load_single_file(path: str | os.PathLike, family: str = "auto",
                      dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
                      config: str | os.PathLike | None = None):
