@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,6 +73,9 @@ def _main(device: str, threads: int, conn: Connection) -> None:
     from sdbatch.executors.multi import serve  # the model code: seconds, the driver's too
 
     serve(device, threads, conn)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the driver waits for this exit; tearing down torch's modules writes nothing
 
 
 @contextmanager
