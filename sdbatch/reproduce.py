@@ -68,7 +68,8 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
         raw["dynamic_prompts"]["mode"] = "off"
     job = schema.validate(raw, lambda key: label)
     p, render, picture = render_one(job, lambda key: label, index,
-                                    {index: (recorded["prompt"], recorded["negative_prompt"])})
+                                    {index: (recorded["prompt"], recorded["negative_prompt"])},
+                                    records.oom_retries(data["recipe"]))
     spec = p.specs[render.checkpoint]
     if spec.model_hash != data["recipe"]["model"]["hash"]:
         print(f"note: model {spec.name} now hashes to {spec.model_hash}, the image was made "

@@ -332,10 +332,12 @@ def _how(record: dict) -> str:
 
 
 def render_one(job: Job, origin: Origin, index: int,
-               picked: dict[int, tuple[str, str]] | None = None
+               picked: dict[int, tuple[str, str]] | None = None,
+               oom_retries: dict[str, tuple[str, ...]] | None = None
                ) -> tuple[Prepared, matrix.Render, Picture]:
     """One image of a job, rendered in a scratch folder that is removed after: its whole
-    chain, in the batches the full run would use (so the bytes are the run's)."""
+    chain, in the batches the full run would use (so the bytes are the run's), those that
+    ran out of memory then made as they were then (``oom_retries``, see Setup)."""
     scratch = Path(tempfile.mkdtemp(prefix="sdbatch-one-"))
     try:
         job = dataclasses.replace(job, run=dataclasses.replace(job.run, dir=str(scratch / "run")))
@@ -343,7 +345,8 @@ def render_one(job: Job, origin: Origin, index: int,
         others = {r.index for r in p.renders} - {index}
         store = Intermediates(scratch, int(job.executor.intermediate_cache_gb * 2**30))
         final = p.plan.key(index)
-        pool = LocalPool(Worker(setup(p, job), stacks.pick_device(job.executor.device)))
+        pool = LocalPool(Worker(dataclasses.replace(setup(p, job), oom_retries=oom_retries or {}),
+                                stacks.pick_device(job.executor.device)))
         try:
             for result in drive(needed(p.plan, others, lambda key: False), pool, store,
                                 p.plan.consumers(), ControlMaps(scratch)):

@@ -161,6 +161,19 @@ def test_out_of_memory_splits_the_batch_then_tiles_the_vae(tmp_path: Path, monke
     retries = {e["recipe"]["params"]["prompt"]: e["oom_retries"] for e in entries(tmp_path / "r")}
     assert retries == {"a red house": ["split"], "a blue tower": ["split", "vae_tiling"]}
     assert len(entries(tmp_path / "r")) == 8
+    assert all(e["recipe"]["stages"][0]["oom_retries"] == e["oom_retries"]
+               for e in entries(tmp_path / "r"))  # the stage's record, the PNG's too
+
+    # with memory to spare now, reproduce and verify make those passes as they were made
+    from sdbatch.reports import verify
+    from sdbatch.reproduce import reproduce
+
+    monkeypatch.undo()
+    by_prompt = {e["recipe"]["params"]["prompt"]: e for e in entries(tmp_path / "r")}
+    for prompt, entry in by_prompt.items():
+        assert reproduce(tmp_path / "r" / entry["file"]), prompt
+    report = verify.verify(tmp_path / "r", tmp_path / "report")
+    assert report.ok and len(report.checks) == 8 and all(c.bytes_same for c in report.checks)
 
 
 def test_an_image_that_keeps_failing_is_named_at_the_end_and_the_run_goes_on(

@@ -63,6 +63,9 @@ class Setup:
     upscaler_tile_px: int = 192
     upscaler_tile_overlap: int = 8
     stack_cache_gb: float = 0.0
+    # call key -> what running out of memory took when it was made ("split", "vae_tiling"):
+    # reproduce and verify render such a call's batch the same way, whatever memory is free
+    oom_retries: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -135,9 +138,11 @@ class Worker:
             return Outcome(None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
                            time.perf_counter() - start)
         for call, picture in zip(task.batch.calls, pictures, strict=True):
-            if call.input_key is not None:
-                picture.chain_found = {**inputs[call.input_key].chain_found,
-                                       **({call.key: picture.found} if picture.found else {})}
+            if retries:  # the stage's record says so: it is how these pixels were made
+                picture.found = {**picture.found, "oom_retries": list(retries)}
+            earlier = {} if call.input_key is None else inputs[call.input_key].chain_found
+            picture.chain_found = {**earlier,
+                                   **({call.key: picture.found} if picture.found else {})}
             if call.key in task.keep:
                 self.kept[call.key] = picture
         return Outcome(pictures, None, time.perf_counter() - start, retries,
@@ -149,13 +154,18 @@ class Worker:
 
     def _fitting(self, batch: Batch, inputs: dict[str, Picture], maps: dict[str, np.ndarray],
                  on_step: StepCallback | None) -> tuple[list[Picture], tuple[str, ...]]:
-        """The batch whole; out of memory, in halves; then in halves with the VAE tiled."""
+        """The batch whole; out of memory, in halves; then in halves with the VAE tiled. A
+        batch whose calls were made after running out of memory (Setup.oom_retries) starts
+        where they ended, so its passes and pixels are those of the run."""
         tries = [((batch,), self.setup.vae_tile_px, ())]
         if len(batch.calls) > 1:
             tries.append((tuple(halves(batch)), self.setup.vae_tile_px, ("split",)))
         tries.append((tuple(halves(batch)) if len(batch.calls) > 1 else (batch,),
                       min(OOM_VAE_TILE_PX, self.setup.vae_tile_px), tries[-1][2] +
                       ("vae_tiling",)))
+        forced = self.setup.oom_retries
+        made = {forced[c.key] for c in batch.calls if c.key in forced}
+        tries = tries[next((n for n, t in enumerate(tries) if t[2] in made), 0):]
         for n, (parts, vae_tile_px, retries) in enumerate(tries):
             try:
                 return [p for part in parts for p in

@@ -267,6 +267,13 @@ def recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...],
     }
 
 
+def oom_retries(recipe: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """Call key -> what running out of memory took when that stage of the image was made
+    (its record's ``oom_retries``): what a render again needs to make the same passes."""
+    return {stage["key"]: tuple(stage["oom_retries"]) for stage in recipe.get("stages", [])
+            if "oom_retries" in stage}
+
+
 def png_recipe(render: Render, spec: StackSpec, calls: tuple[StageCall, ...],
                job: dict[str, Any], found: dict[str, dict[str, Any]] | None = None,
                device: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -290,7 +290,9 @@ def _render(run: Path, present: dict[int, dict[str, Any]], ok: list[dict[str, An
         wanted = set(present)
         batches = needed(p.plan, {r.index for r in p.renders} - wanted, lambda key: False)
         store = Intermediates(scratch, int(job.executor.intermediate_cache_gb * 2**30))
-        pool = LocalPool(Worker(setup(p, job), stacks.pick_device(job.executor.device)))
+        made = {k: v for e in ok for k, v in records.oom_retries(e["recipe"]).items()}
+        pool = LocalPool(Worker(dataclasses.replace(setup(p, job), oom_retries=made),
+                                stacks.pick_device(job.executor.device)))
         finishes = finals(p.plan)
         by_index = {r.index: r for r in p.renders}
         found: dict[int, Fresh] = {}
