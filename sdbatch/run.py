@@ -157,6 +157,9 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
                                 f"run.max_images = {job.run.max_images}: raise it "
                                 f"(run.max_images={total}) or shrink the grid",
                                 origin("run.max_images")))
+    if device := executors.device_problem(job.executor):  # before the stacks, specified for it
+        problems.append(Problem(device[0], device[1], origin(device[0])))
+        raise JobError(problems)
     specs = {}
     for checkpoint in dict.fromkeys(matrix.checkpoints(job)):
         spec, stack_problems = model_specs.resolve(job.model, job.paths, checkpoint, origin,
@@ -198,8 +201,6 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
         problems.append(Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "
                                 f"names to several images (e.g. {repeated[0]}); add [index]",
                                 origin("run.filename")))
-    if why := executors.device_problem(job.executor):
-        problems.append(Problem("executor.devices", why, origin("executor.devices")))
     if problems:
         raise JobError(problems)
     network_hashes = {k: f.hash for k, f in networks.items()}

@@ -75,6 +75,12 @@ def test_multi_refuses_devices_of_two_types_and_no_gpu_before_any_work(tmp_path:
            "run": {"dir": str(tmp_path / "r")}}
     with pytest.raises(JobError, match="mixes cpu and cuda"):
         runner.run(validate(raw), lambda key: "test", [], ["test"])
+    raw["executor"]["devices"] = ["gpu0", "gpu1"]
+    with pytest.raises(JobError, match="executor.devices.*give torch device names"):
+        runner.run(validate(raw), lambda key: "test", [], ["test"])
+    raw["executor"] = {"device": "gpu"}
+    with pytest.raises(JobError, match="executor.device.*give torch device names"):
+        runner.run(validate(raw), lambda key: "test", [], ["test"])
     assert not (tmp_path / "r").exists()
 
 

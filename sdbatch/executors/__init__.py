@@ -37,23 +37,25 @@ def spec_device(executor: Executor) -> str:
     return executor.device
 
 
-def device_problem(executor: Executor) -> str | None:
-    """Why executor=multi cannot run here, or None."""
-    if executor.name != "multi":
-        return None
-    found = devices(executor)
-    if not found:
-        return ("executor=multi found no GPU; give the devices to run on, e.g. "
-                "'executor.devices=[cpu, cpu]'")
+def device_problem(executor: Executor) -> tuple[str, str] | None:
+    """(key, why) when the executor's devices cannot run here, or None: a name torch does
+    not know (executor.device, executor.devices), multi with no GPU or with devices of two
+    types."""
     import torch
 
+    key = "executor.devices" if executor.name == "multi" else "executor.device"
+    found = devices(executor) if executor.name == "multi" else [
+        d for d in (executor.device,) if d != "auto"]
+    if executor.name == "multi" and not found:
+        return key, ("executor=multi found no GPU; give the devices to run on, e.g. "
+                     "'executor.devices=[cpu, cpu]'")
     try:
         kinds = {torch.device(d).type for d in found}
     except RuntimeError as e:
-        return f"{e}; give torch device names such as cuda:0 or cpu"
+        return key, f"{e}; give torch device names such as cuda:0 or cpu"
     if len(kinds) > 1:
-        return (f"executor.devices mixes {' and '.join(sorted(kinds))}: images would differ by "
-                "the device that drew them; give devices of one type")
+        return key, (f"executor.devices mixes {' and '.join(sorted(kinds))}: images would "
+                     "differ by the device that drew them; give devices of one type")
     return None
 
 
