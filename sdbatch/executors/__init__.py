@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sdbatch.executors.processes import Started, visible_devices, worker_threads
+from sdbatch.executors.processes import Started, devices, worker_threads
 from sdbatch.schema import Executor
 
 if TYPE_CHECKING:
@@ -21,11 +21,6 @@ if TYPE_CHECKING:
 
 class PoolError(RuntimeError):
     """The workers cannot start (Ray missing, a cluster without the GPUs asked for)."""
-
-
-def devices(executor: Executor) -> list[str]:
-    """The devices executor=multi runs a worker on."""
-    return list(executor.devices) if executor.devices else visible_devices()
 
 
 def spec_device(executor: Executor) -> str:

@@ -31,6 +31,11 @@ def visible_devices() -> list[str]:
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
 
 
+def devices(executor: Executor) -> list[str]:
+    """The devices executor=multi runs a worker on."""
+    return list(executor.devices) if executor.devices else visible_devices()
+
+
 def worker_threads(threads: int, devices: list[str]) -> int:
     """Torch threads per worker: the given count, or on CPU workers the cores shared out
     (two workers each spinning every core would be slower than one)."""
@@ -84,7 +89,7 @@ def early(executor: Executor) -> Iterator[list[Started]]:
     took are killed). None where the devices are of mixed types: the run reports that."""
     started: list[Started] = []
     if executor.name == "multi":
-        names = list(executor.devices) if executor.devices else visible_devices()
+        names = devices(executor)
         if names and len({kind(d) for d in names}) == 1:
             threads = worker_threads(executor.threads, names)
             started = [start(d, threads, f"sdbatch-worker-{w}") for w, d in enumerate(names)]
