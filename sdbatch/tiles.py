@@ -96,8 +96,13 @@ def blend(tiles: list[Image.Image], grid: Grid) -> Image.Image:
     return out
 
 
-def tile_seeds(seed: int, count: int, batch_size: int) -> list[int]:
-    """Each tile's seed as the WebUI's script gives it: the tiles of a batch take seed,
-    seed + 1, ...; the next batch starts one above the previous batch's first seed (so
-    with batches of more than one, neighbouring batches share seeds)."""
-    return [seed + t // batch_size + t % batch_size for t in range(count)]
+def tile_seeds(seed: int, subseed: int, count: int, batch_size: int,
+               variation: bool) -> list[tuple[int, int]]:
+    """Each tile's (seed, variation seed) as the WebUI's script gives them. It renders the
+    tiles ``batch_size`` at a time and starts each batch one above the previous batch's
+    first seed; inside a batch the seeds count up (so neighbouring batches share seeds), or,
+    with a variation strength above 0, the seed stays and the variation seeds count up
+    from ``subseed``, as in any WebUI batch."""
+    if variation:
+        return [(seed + t // batch_size, subseed + t % batch_size) for t in range(count)]
+    return [(seed + t // batch_size + t % batch_size, subseed) for t in range(count)]

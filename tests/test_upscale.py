@@ -85,9 +85,17 @@ def test_blend_ramps_linearly_across_the_overlap():
 
 
 def test_tile_seeds_are_the_webuis_batches():
-    assert tiles.tile_seeds(10, 5, 1) == [10, 11, 12, 13, 14]
+    def seeds(count, batch_size, variation=False):
+        return [s for s, _ in tiles.tile_seeds(10, 50, count, batch_size, variation)]
+
+    assert seeds(5, 1) == [10, 11, 12, 13, 14]
     # batches of 2: (10, 11), then one above the previous batch's first seed: (11, 12), ...
-    assert tiles.tile_seeds(10, 5, 2) == [10, 11, 11, 12, 12]
+    assert seeds(5, 2) == [10, 11, 11, 12, 12]
+    assert {sub for _, sub in tiles.tile_seeds(10, 50, 5, 2, False)} == {50}
+    # with variation a batch keeps its seed and counts the variation seed up, per batch
+    assert tiles.tile_seeds(10, 50, 5, 2, True) == [(10, 50), (10, 51), (11, 50), (11, 51),
+                                                    (12, 50)]
+    assert tiles.tile_seeds(10, 50, 3, 1, True) == [(10, 50), (11, 50), (12, 50)]
 
 
 def test_upscaled_sizes_are_the_webuis_multiples_of_8():
@@ -145,11 +153,12 @@ def test_sd_upscale_samples_batch_size_tiles_per_pass_with_their_seeds(
     renders = matrix.expand(matrix.resolve_seeds(job, 0))
     plan = make_plan(renders[:1], {"tiny": "t"}, 1)
     source = txt2img.run(tiny_stack, (renders[0],))[0]
-    passes = []
+    passes, subseeds = [], []
     real = sd_upscale.sample_tail
 
     def spy(stack, rs, latents, tail, on_step=None):
         passes.append(([r.seed for r in rs], tuple(latents.shape)))
+        subseeds.append([r.subseed for r in rs])
         return real(stack, rs, latents, tail, on_step)
 
     monkeypatch.setattr(sd_upscale, "sample_tail", spy)
@@ -159,6 +168,14 @@ def test_sd_upscale_samples_batch_size_tiles_per_pass_with_their_seeds(
     assert [len(s) for s, _ in passes] == [4, 4, 1]  # 9 tiles, 4 per forward pass
     assert passes[0][1] == (4, 4, 8, 8)  # each pass holds its own tiles only
     assert [s for seeds, _ in passes for s in seeds] == [3, 4, 5, 6, 4, 5, 6, 7, 5]
+    # with a variation strength the seed stays in a pass and the variation seeds count up
+    varied = dataclasses.replace(item, params={**item.params, "subseed": 20,
+                                               "subseed_strength": 0.5})
+    passes.clear()
+    subseeds.clear()
+    sd_upscale.run(tiny_stack, [varied])
+    assert [seeds for seeds, _ in passes] == [[3] * 4, [4] * 4, [5]]
+    assert subseeds == [[20, 21, 22, 23]] * 2 + [[20]]
     flat = dataclasses.replace(item, params={**item.params, "denoise": 0.0})
     [same] = sd_upscale.run(tiny_stack, [flat])
     assert np.array_equal(np.asarray(same.image),

@@ -34,15 +34,17 @@ def upscale_one(stack: Stack, item: Item, on_step: StepCallback | None = None,
     pieces = tiles.split(big, grid)
     if tail.run == 0:
         return Picture(tiles.blend(pieces, grid))
-    seeds = tiles.tile_seeds(p["seed"], len(pieces), p["batch_size"])
+    seeds = tiles.tile_seeds(p["seed"], p["subseed"], len(pieces), p["batch_size"],
+                             p["subseed_strength"] > 0)
     units = control or []
     maps = [controlnet.tile_maps(u, big.size, grid) for u in units]
     done: list = []
     for start in range(0, len(pieces), p["batch_size"]):
         part = pieces[start:start + p["batch_size"]]
         renders = [dataclasses.replace(stage_render(item.render, p, p["steps"],
-                                                    (grid.tile_w, grid.tile_h)), seed=seed)
-                   for seed in seeds[start:start + len(part)]]
+                                                    (grid.tile_w, grid.tile_h)),
+                                       seed=seed, subseed=subseed)
+                   for seed, subseed in seeds[start:start + len(part)]]
         latents = encode(stack.pipe, part, stack.device)
         extra = {"control": units, "control_rows": [m[start:start + len(part)]
                                                     for m in maps]} if units else {}
