@@ -1,4 +1,5 @@
-"""LyCORIS and DoRA files (LoCon, LoHa, LoKr, IA3, full, norm, DoRA) on the tiny model and a
+"""LyCORIS and DoRA files (LoCon, LoHa, LoKr, IA3, full, norm, GLoRA, OFT, BOFT, DoRA) on the
+tiny model and a
 tiny SDXL. Every file is written here, key by key as LyCORIS writes them (not by sdbatch's
 writer), and every expected delta is the format's maths by hand."""
 
@@ -161,9 +162,72 @@ def f_dora(g, tb):
     return m, Q, expected
 
 
+def glora(g, w):
+    out, inner = w.shape
+    return {"a1.weight": rnd(g, R, inner, s=0.1), "a2.weight": rnd(g, inner, R, s=0.1),
+            "b1.weight": rnd(g, R, inner, s=0.1), "b2.weight": rnd(g, out, R, s=0.1),
+            "alpha": torch.tensor(ALPHA)}
+
+
+def f_glora(g, tb):  # the WebUI gives GLoRA no rank for alpha: scale 1
+    m = {n: glora(g, tb[n].weight) for n in (Q, T)}
+    p = m[Q]
+    return m, Q, lambda w: (p["b2.weight"] @ p["b1.weight"]
+                            + w @ p["a2.weight"] @ p["a1.weight"], None)
+
+
+def cayley(blocks, cap=None):
+    """Orthogonal blocks from stored ones by hand: Q = B - B^T, its norm capped, then
+    (I + Q)(I - Q)^-1, solved rather than inverted."""
+    q = blocks - blocks.transpose(-1, -2)
+    if cap is not None:
+        norm = q.norm()
+        q = q * ((torch.clamp(norm, max=cap) + 1e-8) / (norm + 1e-8))
+    eye = torch.eye(blocks.shape[-1]).expand_as(q)
+    return torch.linalg.solve((eye - q).transpose(-1, -2), (eye + q).transpose(-1, -2)
+                              ).transpose(-1, -2)
+
+
+def turned_rows(turns, w):
+    """OFT by hand: the rows, block by block, times each block's transpose."""
+    return (torch.block_diag(*turns).T @ w.reshape(w.shape[0], -1)).reshape(w.shape)
+
+
+def f_oft(g, tb):  # kohya's OFT: alpha caps the norm of the skew parts at alpha x out
+    m = {Q: {"oft_blocks": rnd(g, 4, 32, 32, s=0.05), "alpha": torch.tensor(1e-3)},
+         T: {"oft_blocks": rnd(g, 4, 16, 16, s=0.05)}}
+    p = m[Q]
+    assert (p["oft_blocks"] - p["oft_blocks"].transpose(1, 2)).norm() > 1e-3 * 128  # capped
+    return m, Q, lambda w: (turned_rows(cayley(p["oft_blocks"], 1e-3 * 128), w) - w, None)
+
+
+def f_oft_diag(g, tb):  # an old LyCORIS OFT, on a convolution: the blocks are stored ready
+    m = {C: {"oft_diag": torch.eye(32) + rnd(g, 4, 32, 32, s=0.02)}}
+    return m, C, lambda w: (turned_rows(m[C]["oft_diag"], w) - w, None)
+
+
+def f_boft(g, tb):
+    """BOFT: stage i pairs the rows 2^i x 8 apart (blocks of 16), turns each block, and puts
+    the rows back; then rescale. The pairing is built here index by index."""
+    m = {Q: {"oft_blocks": rnd(g, 2, 8, 16, 16, s=0.05), "rescale": 1 + rnd(g, 128, 1, s=0.1)}}
+    p = m[Q]
+
+    def expected(w):
+        x = w
+        for i, turns in enumerate(cayley(p["oft_blocks"])):
+            k = 2 ** i * 8
+            order = [c * 2 * k + half * k + j for c in range(128 // (2 * k)) for j in range(k)
+                     for half in range(2)]
+            shuffle = torch.eye(128)[order]
+            x = shuffle.T @ torch.block_diag(*turns) @ shuffle @ x
+        return p["rescale"] * x - w, None
+    return m, Q, expected
+
+
 FORMATS = {"locon": f_locon, "locon_cp": f_locon_cp, "loha": f_loha, "loha_cp": f_loha_cp,
            "lokr": f_lokr, "lokr_factorised": f_lokr_factorised, "lokr_cp": f_lokr_cp,
-           "ia3": f_ia3, "full": f_full, "norm": f_norm, "dora": f_dora}
+           "ia3": f_ia3, "full": f_full, "norm": f_norm, "dora": f_dora, "glora": f_glora,
+           "oft": f_oft, "oft_diag": f_oft_diag, "boft": f_boft}
 
 
 def test_module_kinds_as_the_webui_tells_them():
@@ -178,8 +242,11 @@ def test_module_kinds_as_the_webui_tells_them():
     assert kind({"weight", "on_input"}) == "ia3"
     assert kind({"diff", "diff_b"}) == "full"
     assert kind({"w_norm", "b_norm"}) == "norm"
+    assert kind({"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"}) == "glora"
+    assert kind({"a1.weight", "a2.weight", "b1.weight", "b2.weight"}) is None  # the WebUI's
+    assert kind({"oft_blocks", "alpha"}) == kind({"oft_diag"}) == "oft"
+    assert kind({"oft_blocks", "rescale"}) == "oft"
     assert kind({"hada_w1_a", "hada_w1_b"}) is None  # half a LoHa
-    assert kind({"oft_blocks"}) is None
     assert kind({"lora_up.weight", "lora_down.weight", "oft_diag"}) is None
 
 
@@ -268,17 +335,48 @@ def test_locon_beyond_attention_and_resnets_is_placed(stack, table, tmp_path):
 def test_unknown_layout_is_refused_naming_its_keys(stack, table, tmp_path):
     gen = torch.Generator().manual_seed(1)
     modules = full_locon(table, [Q])
-    modules[C] = {"oft_blocks": rnd(gen, 4, 32, 32), "alpha": torch.tensor(1.0)}
-    path = write(tmp_path / "oft.safetensors", modules)
+    modules[C] = {"hada_w1_a": rnd(gen, R, 128), "hada_w1_b": rnd(gen, R, 128)}  # half a LoHa
+    path = write(tmp_path / "half.safetensors", modules)
     s = lora.LoraSet(stack.pipe)
     before = dict(s.adapters)
-    with pytest.raises(NetworkError, match=r"oft\.safetensors: 2 key\(s\) in no layout .*"
-                                           r"resnets_0_conv1\.alpha.*conv1\.oft_blocks.*OFT"):
+    with pytest.raises(NetworkError, match=r"half\.safetensors: 2 key\(s\) in no layout .*"
+                                           r"conv1\.hada_w1_a.*conv1\.hada_w1_b.*BOFT"):
         s.apply([(path, 1.0)])
     assert s.adapters == before
     bad = write(tmp_path / "wide.safetensors", {Q: loha(gen, torch.zeros(96, 96))})
     with pytest.raises(NetworkError, match=r"wide\.safetensors: 1 module\(s\) do not fit.*LoHa"):
         lora.check_lora(bad, stack.pipe)
+    for name, module in (("glora_conv", {C: glora(gen, torch.zeros(128, 128))}),  # Linear only
+                         ("oft_blocks", {Q: {"oft_blocks": rnd(gen, 3, 32, 32)}}),  # 96 rows
+                         ("boft_pairs", {Q: {"oft_blocks": rnd(gen, 5, 8, 16, 16)}})):
+        bad = write(tmp_path / f"{name}.safetensors", module)
+        with pytest.raises(NetworkError, match=rf"{name}\.safetensors: 1 module\(s\) do not fit"):
+            lora.check_lora(bad, stack.pipe)
+
+
+def test_a_weight_dependent_delta_is_taken_against_the_layers_own_weight(stack, table,
+                                                                        tmp_path):
+    """OFT turns the layer's weight: loaded while another file is merged into that layer, it
+    must still turn the model's own weight, as the WebUI's (restored first) does."""
+    gen = torch.Generator().manual_seed(3)
+    full = write(tmp_path / "full.safetensors", {Q: {"diff": rnd(gen, 128, 128, s=0.05)}})
+    oft_modules, _, expected = f_oft(gen, table)
+    oft = write(tmp_path / "oft.safetensors", oft_modules)
+    layer = table[Q]
+    w0 = layer.weight.detach().clone()
+    s = lora.LoraSet(stack.pipe)
+    try:
+        s.apply([(full, 1.0)])
+        s.apply([(full, 1.0), (oft, 1.0)])
+        want = w0 + oft_modules_diff(full) + expected(w0)[0]
+        torch.testing.assert_close(layer.weight, want, rtol=1e-4, atol=1e-5)
+    finally:
+        s.apply([])
+    assert torch.equal(layer.weight, w0)
+
+
+def oft_modules_diff(path):
+    return safetensors.torch.load_file(str(path))[f"{Q}.diff"]
 
 
 # ---- SDXL ------------------------------------------------------------------------------------

@@ -349,6 +349,10 @@ class LoraSet:
                     if n not in taken)
         if not (all(lycoris.is_plain_lora(p) for p in modules.values())
                 and self._load_adapter(path, key, name, {id(table[m]) for m in modules})):
+            # IA3, GLoRA and OFT deltas depend on the layer's weight: its own, not one with
+            # the LoRAs of the last batch fused or merged into it
+            self._unfuse()
+            self._state.merged.restore()
             self._state.deltas[name] = lycoris.load_deltas(key, modules, table)
         self.adapters[key] = name
         return name

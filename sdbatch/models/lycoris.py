@@ -1,12 +1,12 @@
-"""LyCORIS and DoRA network files (LoCon with a CP middle, LoHa, LoKr, IA3, full, norm),
-applied as the WebUI's built-in Lora extension applies them: as a change of each named
-layer's weight.
+"""LyCORIS and DoRA network files (LoCon with a CP middle, LoHa, LoKr, IA3, full, norm,
+GLoRA, OFT and BOFT), applied as the WebUI's built-in Lora extension applies them: as a
+change of each named layer's weight.
 
 A module's format is told from its keys in the WebUI's order (lora_up/lora_down, hada_,
-IA3 ``weight``, lokr_, ``diff``, w_norm/b_norm). Its delta at weight 1 is computed once on the
-CPU; a batch adds the weighted sum of its networks' deltas into the layers and copies the
-saved weights back when the set changes, so a weight sweep never reloads a model and
-weight 0 is the model's own weights bit for bit.
+IA3 ``weight``, lokr_, ``diff``, w_norm/b_norm, GLoRA's a1/a2/b1/b2, oft_blocks/oft_diag).
+Its delta at weight 1 is computed once on the CPU; a batch adds the weighted sum of its
+networks' deltas into the layers and copies the saved weights back when the set changes,
+so a weight sweep never reloads a model and weight 0 is the model's own weights bit for bit.
 
 Why deltas and not peft's LoHa / LoKr / IA3 / DoRA adapters: diffusers' set_adapters, which
 sets per-batch weights, drives LoRA layers only, and peft nests tuners of other types on
@@ -34,10 +34,12 @@ KINDS = {  # format -> the parts of a module key it may hold
              "lokr_t2"},
     "full": {"diff", "diff_b"},
     "norm": {"w_norm", "b_norm"},
+    "glora": {"a1.weight", "a2.weight", "b1.weight", "b2.weight"},
+    "oft": {"oft_blocks", "oft_diag", "rescale"},
 }
 COMMON = {"alpha", "scale", "dora_scale"}
 NAMES = {"lora": "LoRA/LoCon", "loha": "LoHa", "ia3": "IA3", "lokr": "LoKr", "full": "full",
-         "norm": "norm"}
+         "norm": "norm", "glora": "GLoRA", "oft": "OFT/BOFT"}
 
 
 def module_kind(parts) -> str | None:
@@ -58,6 +60,10 @@ def module_kind(parts) -> str | None:
         kind = "full"
     elif {"w_norm", "b_norm"} <= parts:
         kind = "norm"
+    elif KINDS["glora"] | {"alpha"} <= parts:
+        kind = "glora"
+    elif "oft_blocks" in parts or "oft_diag" in parts:
+        kind = "oft"
     if kind is None or parts - KINDS[kind] - COMMON:
         return None
     return kind
@@ -100,6 +106,10 @@ def delta_shape(kind: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...
         return s("diff")
     if kind == "norm":
         return s("w_norm")
+    if kind == "glora":
+        return (s("b2.weight")[0], s("b1.weight")[1])
+    if kind == "oft":  # the rotation blocks: the layer's shape is its own
+        return s("oft_blocks") or s("oft_diag")
     return s("weight")  # ia3: one factor per output (or input) channel
 
 
@@ -107,6 +117,12 @@ def fits(kind: str, shapes: dict[str, tuple[int, ...]], weight: torch.Tensor,
          bias: torch.Tensor | None) -> bool:
     """Whether a module's tensors make a delta this layer can take."""
     shape = delta_shape(kind, shapes)
+    if kind == "glora" and not _glora_fits(shapes, weight):
+        return False
+    if kind == "oft":
+        if not _oft_fits(shapes, weight):
+            return False
+        shape = tuple(weight.shape)
     if kind == "ia3":
         return len(shape) == 1 and weight.ndim >= 2 and shape[0] in weight.shape[:2]
     if kind == "norm" and bias is None:
@@ -118,6 +134,34 @@ def fits(kind: str, shapes: dict[str, tuple[int, ...]], weight: torch.Tensor,
         return False
     dora = shapes.get("dora_scale")
     return dora is None or math.prod(dora) in weight.shape[:2]
+
+
+def _glora_fits(shapes: dict[str, tuple[int, ...]], weight: torch.Tensor) -> bool:
+    """GLoRA is b2 b1 + W a2 a1: a Linear's weight only (the WebUI's product fails on a
+    convolution's)."""
+    if weight.ndim != 2:
+        return False
+    out, inner = weight.shape
+    a1, a2, b1, b2 = (shapes[k] for k in ("a1.weight", "a2.weight", "b1.weight", "b2.weight"))
+    return (a2[0] == inner and a1[1] == inner and a2[1] == a1[0] and b2[0] == out
+            and b1[1] == inner and b2[1] == b1[0])
+
+
+def _oft_fits(shapes: dict[str, tuple[int, ...]], weight: torch.Tensor) -> bool:
+    """Whether the rotation blocks tile the layer's output channels: (blocks, size, size) for
+    OFT, (stages, blocks, size, size) for BOFT, whose butterfly stage i pairs rows
+    2^i x size / 2 apart."""
+    out = weight.shape[0]
+    blocks = shapes.get("oft_blocks") or shapes["oft_diag"]
+    if weight.ndim < 2 or blocks[-1] != blocks[-2] or blocks[-3] * blocks[-1] != out:
+        return False
+    rescale = shapes.get("rescale")
+    if rescale is not None and math.prod(rescale) != out:
+        return False
+    if len(blocks) == 4 and "oft_blocks" in shapes:
+        size = blocks[-1]
+        return size % 2 == 0 and out % (2 ** (blocks[0] - 1) * size) == 0
+    return len(blocks) == 3
 
 
 def _scale(t: dict[str, torch.Tensor], dim: int | None) -> float:
@@ -172,7 +216,48 @@ def _updown(kind: str, t: dict[str, torch.Tensor], weight: torch.Tensor
         shape = [1] * weight.ndim
         shape[1 if on_input else 0] = -1
         return weight * w.reshape(shape), None
+    if kind == "glora":
+        return t["b2.weight"] @ t["b1.weight"] + (weight @ t["a2.weight"]) @ t["a1.weight"], None
+    if kind == "oft":
+        return oft_weight(t, weight) - weight, None
     return t["diff" if kind == "full" else "w_norm"], None
+
+
+def oft_weight(t: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """The layer's weight turned as the WebUI's OFT module turns it. Its output rows, in
+    blocks, are multiplied by orthogonal matrices: the Cayley transform (I + Q)(I - Q)^-1 of
+    the skew part Q of ``oft_blocks`` (Q's norm capped at alpha x out channels where alpha
+    is given), or an old LyCORIS file's ``oft_diag`` as stored. OFT turns each block of
+    rows by its matrix's transpose; BOFT's stages (4-D blocks) each shuffle the rows into
+    butterfly pairs, turn the blocks, and shuffle back. ``rescale`` scales the rows."""
+    out = weight.shape[0]
+    if "oft_blocks" in t:
+        blocks = t["oft_blocks"]
+        q = blocks - blocks.transpose(-1, -2)
+        cap = float(t["alpha"]) * out if "alpha" in t else 0.0
+        if cap != 0:
+            norm = q.flatten().norm()
+            q = q * ((norm.clamp(max=cap) + 1e-8) / (norm + 1e-8))
+        eye = torch.eye(blocks.shape[-1])
+        turns = (eye + q) @ torch.linalg.inv(eye - q)
+    else:
+        turns = t["oft_diag"]
+    rows = weight.reshape(out, -1)
+    cols = rows.shape[1]
+    size = turns.shape[-1]
+    if turns.ndim == 3:
+        turned = torch.einsum("knm,knx->kmx", turns, rows.reshape(-1, size, cols))
+    else:
+        turned = rows
+        for i, stage in enumerate(turns):
+            apart = 2 ** i * size // 2
+            turned = turned.reshape(-1, 2, apart, cols).transpose(1, 2)
+            turned = torch.einsum("kij,kjx->kix", stage, turned.reshape(-1, size, cols))
+            turned = turned.reshape(-1, apart, 2, cols).transpose(1, 2)
+    turned = turned.reshape(out, cols)
+    if "rescale" in t:
+        turned = t["rescale"].reshape(out, 1) * turned
+    return turned.reshape(weight.shape)
 
 
 def weight_decompose(updown: torch.Tensor, weight: torch.Tensor, dora_scale: torch.Tensor
@@ -203,7 +288,7 @@ def module_delta(t: dict[str, torch.Tensor], weight: torch.Tensor, bias: torch.T
     weight = weight.detach().float().cpu()
     kind = module_kind(t)
     updown, dim = _updown(kind, t, weight)
-    updown = updown.reshape(weight.shape) * _scale(t, dim)
+    updown = updown.reshape(weight.shape) * (1.0 if kind == "oft" else _scale(t, dim))
     if "dora_scale" in t:
         updown = weight_decompose(updown, weight, t["dora_scale"])
     ex_bias = t.get("diff_b", t.get("b_norm"))
@@ -299,5 +384,5 @@ def _add(param: torch.Tensor, delta: torch.Tensor) -> None:
 def unplaced_error(path: Path, keys: list[str]) -> NetworkError:
     return NetworkError(
         f"{path}: {len(keys)} key(s) in no layout sdbatch applies (e.g. {', '.join(keys[:4])}); "
-        "it reads LoRA, LoCon, LoHa, LoKr, IA3, full-difference, norm and DoRA files as the "
-        "WebUI does (OFT, BOFT and GLoRA are not): use a network of one of those formats")
+        "it reads LoRA, LoCon, LoHa, LoKr, IA3, full-difference, norm, GLoRA, OFT, BOFT and "
+        "DoRA files as the WebUI does: use a network of one of those formats")
