@@ -135,6 +135,19 @@ def local_run(tmp_path_factory) -> dict[str, str]:
     return _images(cwd / "local")
 
 
+def test_slurm_without_submitit_is_refused_with_the_extra_to_install(tmp_path: Path,
+                                                                    monkeypatch):
+    from sdbatch.executors import slurm
+    from sdbatch.schema import JobError
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
+    job = validate({"prompt": "a red house", "executor": {"name": "slurm"},
+                    "run": {"dir": str(tmp_path / "run")}})
+    with pytest.raises(JobError, match=r"executor\.name .*pip install 'sdbatch\[slurm\]'"):
+        slurm.submit(job, lambda key: "the test", [], [])
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_array_of_two_shards_makes_the_local_run_bytes(tmp_path: Path, local_run):
     write_job(tmp_path, "small", SMALL_JOB)
     out = sdbatch(tmp_path, "+job=small", "run.dir=run", *ARRAY).stdout

@@ -132,6 +132,12 @@ def _executor(job: schema.Job, folder: Path):
 def submit(job: schema.Job, origin: schema.Origin, overrides: list[str],
            argv: list[str]) -> int:
     """The driver: checks, run folder, array, then waiting (see the module)."""
+    try:
+        import submitit  # noqa: F401 - an optional extra: missing, say so before any work
+    except ImportError:
+        raise schema.JobError([schema.Problem(
+            "executor.name", "executor=slurm needs submitit: pip install 'sdbatch[slurm]' "
+            "(or pip install submitit)", origin("executor.name"))]) from None
     from sdbatch import run
     from sdbatch.output.lock import RunFolderBusy, RunLock, sanction
     from sdbatch.output.run_folder import RunFolder, now
