@@ -216,3 +216,65 @@ def test_the_driver_prefers_the_worker_that_holds_the_stack_and_the_input():
     assert driver.pick([a1], 1, holds, [0], {}) is a1  # nothing for B: take what is ready
     c = batch("C")
     assert driver.pick([a1, c], 1, holds, [0], {}) is c  # a stack nobody holds before A
+
+
+class FakeRay:
+    """Ray's surface RayPool uses, recording what it is asked; its init installs a SIGTERM
+    handler that exits, as Ray's does."""
+
+    def __init__(self, cpus=None, gpus=0, refuse=False):
+        self.cpus, self.gpus, self.refuse, self.init_kwargs = cpus, gpus, refuse, None
+
+    def is_initialized(self):
+        return False
+
+    def init(self, **kwargs):
+        if self.refuse:
+            raise ConnectionError("Could not find any running Ray instance.\nmore")
+        self.init_kwargs = kwargs
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(15))
+
+    def cluster_resources(self):
+        cpus = self.cpus if self.cpus is not None else self.init_kwargs["num_cpus"]
+        return {"CPU": cpus, "GPU": self.gpus}
+
+    def remote(self, **resources):
+        return lambda cls: type("Actor", (), {"remote": staticmethod(lambda *a: object())})
+
+    def kill(self, actor):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+def test_ray_sizes_its_cluster_to_its_actors_and_keeps_the_runs_sigterm(monkeypatch):
+    """A local cluster gets a CPU for each actor it will hold (one per GPU by default: with
+    one CPU the second actor would never be placed and the run would hang); Ray's own
+    SIGTERM handler (exit at once) does not replace the run's (finish the batches)."""
+    from sdbatch.executors import PoolError
+    from sdbatch.executors.ray_actors import RayPool
+
+    def mine(*_):
+        pass
+
+    ray = FakeRay(gpus=2)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        pool = RayPool(None, validate({"executor": {"name": "ray"}}).executor, "r")
+        assert ray.init_kwargs["num_cpus"] == 2 and pool.workers == [0, 1]
+        assert signal.getsignal(signal.SIGTERM) is mine
+        monkeypatch.setitem(sys.modules, "ray", FakeRay(cpus=1, gpus=4))
+        with pytest.raises(PoolError, match=r"4 actors .* do not fit .* 1 CPUs .*"
+                                            r"lower executor\.workers"):
+            RayPool(None, validate({"executor": {"name": "ray", "address": "auto"}}).executor,
+                    "r")
+        monkeypatch.setitem(sys.modules, "ray", FakeRay(refuse=True))
+        with pytest.raises(PoolError, match=r"executor\.address=ray://nowhere:1: no Ray "
+                                            r"cluster there \(Could not find.*instance\.\)"):
+            RayPool(None, validate({"executor": {"name": "ray", "address": "ray://nowhere:1",
+                                                 "num_gpus": 0}}).executor, "r")
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -11,6 +11,8 @@ An actor that dies is replaced and its batch handed out again.
 
 from __future__ import annotations
 
+import math
+import signal
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -50,6 +52,13 @@ class RayWorker:
         return "done", outcome, self.worker.holds
 
 
+def actor_count(executor: Executor, gpus: float) -> int:
+    """executor.workers, or (0) one actor per num_gpus of the cluster's GPUs, at least one."""
+    if executor.workers:
+        return executor.workers
+    return max(1, int(gpus // executor.num_gpus)) if executor.num_gpus else 1
+
+
 class RayPool:
     def __init__(self, setup: Setup, executor: Executor, run_id: str):
         try:
@@ -63,18 +72,36 @@ class RayPool:
         self.started = not ray.is_initialized()
         if self.started:
             local = executor.address is None
-            need = max(1, executor.workers) * executor.num_cpus
-            ray.init(address=executor.address, include_dashboard=False, log_to_driver=False,
-                     **({"num_cpus": max(need, 1)} if local else {}))
-        gpus = ray.cluster_resources().get("GPU", 0)
+            count = actor_count(executor, torch.cuda.device_count() if local else 0)
+            kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                ray.init(address=executor.address, include_dashboard=False, log_to_driver=False,
+                         **({"num_cpus": max(1, math.ceil(count * executor.num_cpus))}
+                            if local else {}))
+            except ConnectionError as e:
+                raise PoolError(f"executor.address={executor.address}: no Ray cluster there "
+                                f"({str(e).splitlines()[0]}); give the head's address, "
+                                "auto on a cluster node, or leave it unset for a local "
+                                "cluster") from None
+            finally:  # Ray's SIGTERM handler exits at once: a run stops after its batches
+                for s, handler in kept.items():
+                    if handler is not None:  # None: not set from Python, nothing to put back
+                        signal.signal(s, handler)
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0)
         if executor.num_gpus > gpus:
             self.close()
             raise PoolError(f"the Ray cluster has {gpus:g} GPUs and each actor asks for "
                             f"executor.num_gpus={executor.num_gpus:g}: give "
                             "executor.num_gpus=0 for CPU actors, or join a cluster with GPUs")
-        count = executor.workers
-        if not count:
-            count = max(1, int(gpus // executor.num_gpus)) if executor.num_gpus else 1
+        count = actor_count(executor, gpus)
+        cpus = resources.get("CPU", 0)
+        if count * executor.num_cpus > cpus or count * executor.num_gpus > gpus:
+            self.close()
+            raise PoolError(f"{count} actors of executor.num_cpus={executor.num_cpus:g} and "
+                            f"executor.num_gpus={executor.num_gpus:g} do not fit the Ray "
+                            f"cluster's {cpus:g} CPUs and {gpus:g} GPUs (Ray would never "
+                            "place the rest): lower executor.workers or the actors' share")
         self.actor_class = ray.remote(num_gpus=executor.num_gpus,
                                       num_cpus=executor.num_cpus)(RayWorker)
         if executor.shared_dir:
