@@ -508,6 +508,10 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
             progress.close()
             folder.finish_session("failed", dict(counts), top=shard is None)
             raise
+        except Exception:  # a bug: run.json still says how the session ended
+            progress.close()
+            folder.finish_session("failed", dict(counts), top=shard is None)
+            raise
         finally:
             progress.close()
     elapsed = time.perf_counter() - start

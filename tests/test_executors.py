@@ -278,3 +278,27 @@ def test_ray_sizes_its_cluster_to_its_actors_and_keeps_the_runs_sigterm(monkeypa
                                                  "num_gpus": 0}}).executor, "r")
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_an_intermediate_that_cannot_be_written_fails_the_run_naming_its_file(
+        tmp_path: Path, monkeypatch):
+    """A full disk under intermediates/ stops the run with the path named (not a traceback)
+    and run.json saying the session failed."""
+    import errno
+
+    from sdbatch import atomic
+    from sdbatch.output.writer import WriteError
+
+    real = atomic.write_bytes
+
+    def full(path, data):
+        if "intermediates" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(atomic, "write_bytes", full)
+    job = {**POST, "post": [{"hires_fix": {"scale": 1.5, "denoise": 0.3, "steps": 2}}]}
+    with pytest.raises(WriteError, match=r"cannot write .*intermediates.*No space left"):
+        run_job(job, tmp_path / "run", EXECUTORS["local"])
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["sessions"][-1]["status"] == "failed"

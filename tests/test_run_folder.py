@@ -166,3 +166,20 @@ def test_a_device_change_resume_of_a_job_from_an_init_image(tmp_path: Path, caps
     raw["run"]["allow_device_change"] = True
     assert runner.run(validate(raw), lambda key: "test", [], []) == 0
     assert "0 rendered, 1 already there" in capsys.readouterr().out
+
+
+def test_recording_grids_waits_for_run_json_lock(tmp_path: Path):
+    """`sdbatch grid` on a running run: its run.json write waits for a session's, so
+    neither is lost."""
+    import threading
+
+    from sdbatch.output.run_folder import record_grids
+
+    (tmp_path / "run.json").write_text(json.dumps({"sessions": []}))
+    with FileLock(tmp_path / "run.json.lock"):
+        writer = threading.Thread(target=record_grids, args=(tmp_path, ["grids/a.png"]))
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive() and "grids" not in json.loads((tmp_path / "run.json").read_text())
+    writer.join(10)
+    assert json.loads((tmp_path / "run.json").read_text())["grids"] == ["grids/a.png"]

@@ -20,6 +20,7 @@ from PIL import Image, PngImagePlugin
 from safetensors.torch import load, save
 
 from sdbatch import atomic
+from sdbatch.output.writer import WriteError
 from sdbatch.stages.picture import Picture
 
 FOLDER = "intermediates"
@@ -44,17 +45,20 @@ class Intermediates:
     def put(self, key: str, picture: Picture) -> None:
         """Keep ``picture`` under ``key``: on disk first (latents, then the picture, whose
         file says the pair is complete), then in memory."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic.remove_stale_temps(self.folder)
-        if picture.latents is not None:
-            atomic.write_bytes(self.folder / f"{key}.safetensors",
-                               save({"latents": picture.latents.contiguous()}))
         buf = io.BytesIO()
         info = PngImagePlugin.PngInfo()
         if picture.chain_found:
             info.add_text(FOUND, json.dumps(picture.chain_found))
         picture.image.save(buf, format="PNG", pnginfo=info)
-        atomic.write_bytes(self.folder / f"{key}.png", buf.getvalue())
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic.remove_stale_temps(self.folder)
+            if picture.latents is not None:
+                atomic.write_bytes(self.folder / f"{key}.safetensors",
+                                   save({"latents": picture.latents.contiguous()}))
+            atomic.write_bytes(self.folder / f"{key}.png", buf.getvalue())
+        except OSError as e:
+            raise WriteError(f"cannot write {self.folder / key}.*: {e}") from e
         self._remember(key, picture)
 
     def get(self, key: str) -> Picture:
@@ -116,9 +120,12 @@ class ControlMaps:
                                          unit["processor_res"], unit["low_threshold"],
                                          unit["high_threshold"])
             if path is not None:
-                self.folder.mkdir(parents=True, exist_ok=True)
                 buf = io.BytesIO()
                 Image.fromarray(detected).save(buf, format="PNG")
-                atomic.write_bytes(path, buf.getvalue())
+                try:
+                    self.folder.mkdir(parents=True, exist_ok=True)
+                    atomic.write_bytes(path, buf.getvalue())
+                except OSError as e:
+                    raise WriteError(f"cannot write {path}: {e}") from e
         self._memory[key] = detected
         return detected

@@ -24,6 +24,7 @@ from sdbatch.executors.driver import Died, Done
 from sdbatch.executors.intermediates import Intermediates
 from sdbatch.executors.worker import Outcome, Setup, Task, Worker
 from sdbatch.models.stack import StackLoadError, pick_device
+from sdbatch.output.writer import WriteError
 from sdbatch.schema import Executor
 
 
@@ -45,9 +46,12 @@ class RayWorker:
             return "fatal", str(e), None
         if self.shared is not None and outcome.pictures is not None:
             names = []
-            for picture in outcome.pictures:
-                names.append(uuid.uuid4().hex)
-                self.shared.put(names[-1], picture)
+            try:
+                for picture in outcome.pictures:
+                    names.append(uuid.uuid4().hex)
+                    self.shared.put(names[-1], picture)
+            except WriteError as e:
+                return "pool", f"executor.shared_dir: an actor {e}", None
             outcome = replace(outcome, pictures=names)
         return "done", outcome, self.worker.holds
 
@@ -137,6 +141,8 @@ class RayPool:
                 continue
             if kind == "fatal":
                 raise StackLoadError(outcome)
+            if kind == "pool":
+                raise PoolError(outcome)
             self._holds[w] = holds
             events.append(Done(w, self._fetch(outcome)))
         return events
@@ -146,7 +152,12 @@ class RayPool:
         if self.shared is None or outcome.pictures is None:
             return outcome
         store = Intermediates(self.shared, 0, self.shared)
-        pictures = [store.get(name) for name in outcome.pictures]
+        try:
+            pictures = [store.get(name) for name in outcome.pictures]
+        except FileNotFoundError as e:
+            raise PoolError(f"executor.shared_dir={self.shared.parent}: the driver does not "
+                            f"see what the actors wrote there ({e}); give a folder the "
+                            "driver and every node share, or leave it unset") from None
         for name in outcome.pictures:
             for suffix in (".png", ".safetensors"):
                 (self.shared / f"{name}{suffix}").unlink(missing_ok=True)

@@ -112,10 +112,12 @@ def resume_changes(stored: dict[str, Any], current: dict[str, Any]
 
 def record_grids(path: Path, files: list[str]) -> None:
     """Name grid sheets (paths relative to the run folder) in run.json's ``grids``, after
-    those already named; written atomically like every run.json write."""
-    info = json.loads((path / "run.json").read_text())
-    info["grids"] = list(dict.fromkeys([*info.get("grids", []), *files]))
-    atomic.write_text(path / "run.json", json.dumps(info, indent=2))
+    those already named: a read-modify-write under run.json's lock, like every other (a
+    `sdbatch grid` while a run records its session loses neither)."""
+    with FileLock(path / "run.json.lock"):
+        info = json.loads((path / "run.json").read_text())
+        info["grids"] = list(dict.fromkeys([*info.get("grids", []), *files]))
+        atomic.write_text(path / "run.json", json.dumps(info, indent=2))
 
 
 class RunFolder:
