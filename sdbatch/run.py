@@ -23,7 +23,7 @@ from sdbatch import executors, inputs, matrix, model_specs, schema
 from sdbatch.executors.driver import drive
 from sdbatch.executors.intermediates import ControlMaps, Intermediates
 from sdbatch.executors.local import LocalPool
-from sdbatch.executors.worker import Setup, Worker
+from sdbatch.executors.worker import Setup, Worker, ends_the_task
 from sdbatch.models import stack as stacks
 from sdbatch.models.image_models import ImageModelFile
 from sdbatch.models.stack import StackLoadError
@@ -508,9 +508,10 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
             progress.close()
             folder.finish_session("failed", dict(counts), top=shard is None)
             raise
-        except Exception:  # a bug: run.json still says how the session ended
+        except Exception as e:  # a bug, or SLURM's time up: run.json says how it ended
             progress.close()
-            folder.finish_session("failed", dict(counts), top=shard is None)
+            folder.finish_session("interrupted" if ends_the_task(e) else "failed",
+                                  dict(counts), top=shard is None)
             raise
         finally:
             progress.close()

@@ -302,3 +302,19 @@ def test_an_intermediate_that_cannot_be_written_fails_the_run_naming_its_file(
         run_job(job, tmp_path / "run", EXECUTORS["local"])
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["sessions"][-1]["status"] == "failed"
+
+
+def test_slurms_last_time_out_ends_the_task_and_fails_no_image(tmp_path: Path, monkeypatch):
+    """submitit's handler raises UncompletedJobError (a RuntimeError) when SLURM's time is
+    up for good: the task ends (its session interrupted, for a resume), no image failed."""
+    from submitit.core.utils import UncompletedJobError
+
+    def time_up(stack, renders, on_step=None, **kw):
+        raise UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    monkeypatch.setitem(workers.STAGES, "txt2img", time_up)
+    with pytest.raises(UncompletedJobError):
+        run_job(PLAIN, tmp_path / "r", EXECUTORS["local"])
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["sessions"][-1]["status"] == "interrupted"
+    assert not (tmp_path / "r" / "manifest.jsonl").exists() or entries(tmp_path / "r") == []

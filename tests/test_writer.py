@@ -67,6 +67,29 @@ def test_the_run_goes_on_while_the_writer_writes_and_close_writes_everything(tmp
     assert folder.done == {}  # a run keeps no line it wrote: its memory stays flat
 
 
+def test_a_requeue_while_closing_writes_every_queued_image_first(tmp_path, monkeypatch):
+    """submitit requeues a task SLURM warned of its time limit by raising SystemExit in the
+    main thread: arriving while close() waits for the writer, it ends the task only after
+    every queued image and line is written."""
+    folder = folder_in(tmp_path)
+    gate = Gate(folder, monkeypatch)
+    writer = Writer(folder, threaded=True)
+    for i in range(3):
+        writer.image(f"{i}.png", picture(i), "a", {}, entry(i))
+    assert gate.entered.wait(30)
+    real_join = writer._thread.join
+
+    def join(timeout=None):  # the signal lands while the main thread waits here
+        monkeypatch.setattr(writer._thread, "join", real_join)
+        gate.open.set()
+        raise SystemExit(-1)
+
+    monkeypatch.setattr(writer._thread, "join", join)
+    with pytest.raises(SystemExit):
+        writer.close()
+    assert sorted(manifest.read(folder.path / "manifest.jsonl")) == [0, 1, 2]
+
+
 @pytest.mark.parametrize("threaded", [True, False])
 def test_a_failed_write_stops_the_writer_and_is_raised(tmp_path, monkeypatch, threaded):
     folder = folder_in(tmp_path)

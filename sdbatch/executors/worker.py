@@ -12,6 +12,7 @@ says which, and the manifest records it with each image.
 from __future__ import annotations
 
 import gc
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -104,6 +105,13 @@ def halves(batch: Batch) -> list[Batch]:
             replace(batch, renders=batch.renders[cut:], calls=batch.calls[cut:])]
 
 
+def ends_the_task(e: BaseException) -> bool:
+    """submitit's signal handler raises UncompletedJobError (a RuntimeError) when SLURM's time
+    is up and the task will not be requeued: it ends the task, it is no batch's failure."""
+    utils = sys.modules.get("submitit.core.utils")
+    return utils is not None and isinstance(e, utils.UncompletedJobError)
+
+
 class Worker:
     def __init__(self, setup: Setup, device: torch.device):
         self.setup = setup
@@ -135,6 +143,8 @@ class Worker:
         except stacks.StackLoadError:
             raise
         except Exception as e:  # noqa: BLE001 - one batch's failure must not lose the others
+            if ends_the_task(e):
+                raise
             return Outcome(None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
                            time.perf_counter() - start)
         for call, picture in zip(task.batch.calls, pictures, strict=True):

@@ -53,6 +53,7 @@ class Writer:
 
     def close(self) -> None:
         """Write everything queued, then stop; raise the writer's error if one is pending."""
+        stopping: SystemExit | None = None
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             while self._thread.is_alive():
@@ -60,6 +61,10 @@ class Writer:
                     self._thread.join()
                 except KeyboardInterrupt:  # a second Ctrl-C: the queue is short, finish it
                     continue
+                except SystemExit as e:  # submitit requeuing the task: it ends once written
+                    stopping = e
+        if stopping is not None:
+            raise stopping
         self._raise()
 
     def _put(self, write: Callable[[], None]) -> None:
