@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 import time
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,16 @@ class Prepared:
     keys: dict[int, set[str]]  # index -> content keys an image already there may have
 
 
+def same_file_names(names) -> list[str]:
+    """File names that several images would share: equal, or equal but for case or Unicode
+    composition (one file on NTFS and APFS, where the second image would overwrite the
+    first)."""
+    seen: dict[str, list[str]] = {}
+    for name in names:
+        seen.setdefault(unicodedata.normalize("NFC", name).casefold(), []).append(name)
+    return [group[0] for group in seen.values() if len(group) > 1]
+
+
 def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None = None,
             only: frozenset[int] | None = None) -> Prepared:
     """Every up-front check, then the matrix and plan; raises JobError listing all problems.
@@ -196,11 +207,12 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     specs = model_specs.with_embeddings(specs, renders, normal)
     restorers, restorer_problems = model_specs.resolve_face_restorers(normal, origin)
     problems += restorer_problems
-    repeated = [n for n, c in Counter(names.values()).items() if c > 1]
+    repeated = same_file_names(names.values())
     if repeated:
         problems.append(Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "
-                                f"names to several images (e.g. {repeated[0]}); add [index]",
-                                origin("run.filename")))
+                                f"names to several images (e.g. {repeated[0]}; names that "
+                                "differ only in case are one file on Windows and macOS); "
+                                "add [index]", origin("run.filename")))
     if problems:
         raise JobError(problems)
     network_hashes = {k: f.hash for k, f in networks.items()}

@@ -183,3 +183,18 @@ def test_recording_grids_waits_for_run_json_lock(tmp_path: Path):
         assert writer.is_alive() and "grids" not in json.loads((tmp_path / "run.json").read_text())
     writer.join(10)
     assert json.loads((tmp_path / "run.json").read_text())["grids"] == ["grids/a.png"]
+
+
+def test_file_names_equal_but_for_case_are_refused_before_any_work(tmp_path: Path):
+    """Windows and macOS keep one file for 'A cat.png' and 'a cat.png': the second image
+    would overwrite the first while the manifest vouched for both."""
+    from sdbatch.run import same_file_names
+
+    assert same_file_names(["A cat.png", "a cat.png", "dog.png"]) == ["A cat.png"]
+    assert same_file_names(["caf\u00e9.png", "cafe\u0301.png"]) == ["caf\u00e9.png"]  # NFC/NFD
+    assert same_file_names(["a.png", "b.png"]) == []
+    raw = {**job(tmp_path), "prompt": ["A cat", "a cat"]}
+    raw["run"] = {**raw["run"], "filename": "[prompt_words]"}
+    assert "run.filename (test): '[prompt_words]' gives 1 names to several images" in \
+        refusal(raw)
+    assert not (tmp_path / "r").exists()
