@@ -386,6 +386,14 @@ def write_grids(path: Path) -> list[Path]:
         return []
 
 
+def check_still_fresh(p: Prepared, origin: Origin) -> None:
+    """Under the folder's lock: a folder prepared as new that another process made
+    meanwhile is refused (making it again would replace that run's run.json)."""
+    if p.fresh and (p.path / "run.json").exists():
+        raise JobError([Problem("run.dir", f"another process made {p.path} a moment ago; "
+                                "give another run.dir", origin("run.dir"))])
+
+
 def run(job: Job, origin: Origin, overrides: list[str], argv: list[str],
         shard: Shard | None = None, started: list[executors.Started] | None = None) -> int:
     """Run ``job`` here, or (executor=slurm) submit it as an array; ``shard``: run one task
@@ -404,9 +412,7 @@ def run(job: Job, origin: Origin, overrides: list[str], argv: list[str],
     except (RunFolderBusy, OtherSubmission) as e:
         raise JobError([Problem("run.dir", str(e), origin("run.dir"))]) from None
     try:
-        if p.fresh and (p.path / "run.json").exists():
-            raise JobError([Problem("run.dir", f"another process made {p.path} a moment ago; "
-                                    "give another run.dir", origin("run.dir"))])
+        check_still_fresh(p, origin)
         if lock.took_over:
             print(f"note: {lock.took_over} stopped without releasing {p.path}; taking it over")
         return _render(job, p, overrides, argv, shard, started)

@@ -241,3 +241,25 @@ def test_a_task_warned_of_its_time_limit_is_requeued_and_goes_on(tmp_path: Path)
     again = [s for s in sessions if s["status"] == "complete" and s["counts"]["skipped"]]
     assert warned and again  # the requeued run found what the warned one had written
     assert {s["shard"] for s in again} <= {s["shard"] for s in warned}
+
+
+def test_a_submission_racing_another_for_a_new_folder_is_refused(tmp_path: Path, monkeypatch):
+    """Two submissions to one new run.dir: the one that takes the lock second finds the
+    other's run.json and stops, rather than making the folder again under that array."""
+    from sdbatch.executors import slurm
+    from sdbatch.schema import JobError
+
+    run = tmp_path / "run"
+    real = RunLock.acquire
+
+    def other_first(self):
+        run.mkdir(exist_ok=True)
+        (run / "run.json").write_text('{"made": "by the other submission"}')
+        real(self)
+
+    monkeypatch.setattr(RunLock, "acquire", other_first)
+    job = validate({"prompt": "a red house", "executor": {"name": "slurm", "cluster": "local"},
+                    "run": {"dir": str(run)}})
+    with pytest.raises(JobError, match=r"run\.dir .*another process made .* a moment ago"):
+        slurm.submit(job, lambda key: "the test", [], [])
+    assert json.loads((run / "run.json").read_text()) == {"made": "by the other submission"}

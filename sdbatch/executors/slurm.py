@@ -151,6 +151,7 @@ def submit(job: schema.Job, origin: schema.Origin, overrides: list[str],
     except RunFolderBusy as e:
         raise schema.JobError([schema.Problem("run.dir", str(e), origin("run.dir"))]) from None
     try:
+        run.check_still_fresh(p, origin)
         folder = (RunFolder.create(p.path, schema.to_dict(job), overrides, p.nonce,
                                    len(p.renders), p.made_of)
                   if p.fresh else RunFolder(p.path))
