@@ -198,3 +198,55 @@ def test_file_names_equal_but_for_case_are_refused_before_any_work(tmp_path: Pat
     assert "run.filename (test): '[prompt_words]' gives 1 names to several images" in \
         refusal(raw)
     assert not (tmp_path / "r").exists()
+
+
+BREAKER = """import sys, time
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from sdbatch.output import lock
+folder, me = Path(sys.argv[1]), sys.argv[2]
+real = lock.Holder.stale
+
+def wait_for(*names):
+    while not all((folder.parent / n).exists() for n in names):
+        time.sleep(0.01)
+
+def stale(self, host):
+    found = real(self, host)
+    (folder.parent / me).touch()
+    wait_for("breaker-0", "breaker-1")  # both found the same file stale
+    if me == "breaker-1":
+        wait_for("held-0")  # and the other broke it first
+    return found
+
+lock.Holder.stale = stale
+try:
+    lock.RunLock(folder, "now").acquire()
+except lock.RunFolderBusy:
+    print("busy", flush=True)
+else:
+    print("held", flush=True)
+    (folder.parent / f"held-{{me[-1]}}").touch()
+    time.sleep(3)  # still holding while the other one tries
+"""
+
+
+def test_two_processes_breaking_one_stale_lock_make_one_holder(tmp_path: Path):
+    """Both find the lock stale; the second to break finds the file replaced by the first
+    and is refused, instead of breaking the first's live lock too."""
+    folder = tmp_path / "r"
+    folder.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    held = FileLock(folder / LOCK, timeout=0)
+    held.acquire()
+    (folder / NOTE).write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(),
+                                           "started": "t"}))
+    try:
+        breakers = [subprocess.Popen([sys.executable, "-c", BREAKER.format(repo=str(REPO)),
+                                      str(folder), f"breaker-{n}"], stdout=subprocess.PIPE,
+                                     text=True) for n in range(2)]
+        said = sorted(b.communicate(timeout=60)[0].strip() for b in breakers)
+    finally:
+        held.release()
+    assert said == ["busy", "held"]  # without the check: both held

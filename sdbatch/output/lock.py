@@ -111,8 +111,16 @@ def _submission(folder: Path) -> str | None:
         return None
 
 
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
 def _take(folder: Path, name: str, timeout: float, host: str) -> FileLock:
     """The lock file ``name`` of ``folder``, breaking it when stale (see the module)."""
+    seen = _inode(folder / name)  # before trying: the file a stale holder may hold
     lock = FileLock(folder / name, timeout=timeout)
     try:
         lock.acquire()
@@ -120,8 +128,23 @@ def _take(folder: Path, name: str, timeout: float, host: str) -> FileLock:
         holder = read_holder(folder, name)
         if holder is None or not holder.stale(host):
             raise RunFolderBusy(folder, holder) from None
-        (folder / name).unlink(missing_ok=True)  # stale: break it
-        lock = FileLock(folder / name, timeout=0)
+        lock = _break(folder, name, holder, seen)
+    return lock
+
+
+def _break(folder: Path, name: str, holder: Holder, seen: int | None) -> FileLock:
+    """Take a stale lock over: one breaker at a time (``name``.break), and only the very
+    file found held: one replaced meanwhile was broken by another process, which holds
+    it now (a second break would make two holders)."""
+    path = folder / name
+    with FileLock(folder / f"{name}.break", timeout=CHECK_IN_WAIT_S):
+        if _inode(path) != seen:
+            raise RunFolderBusy(folder, read_holder(folder, name))
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # Windows keeps a file open elsewhere: its holder is alive
+            raise RunFolderBusy(folder, holder) from None
+        lock = FileLock(path, timeout=0)
         try:
             lock.acquire()
         except Timeout:
