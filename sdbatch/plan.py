@@ -98,17 +98,6 @@ class Plan:
         """The content key of an image: the key of its last stage call."""
         return self.chains[index][-1].key
 
-    def consumers(self) -> dict[str, int]:
-        """How many distinct calls take each call's output as their input."""
-        counts: dict[str, int] = {}
-        seen: set[str] = set()
-        for chain in self.chains.values():
-            for call in chain:
-                if call.input_key and call.key not in seen:
-                    counts[call.input_key] = counts.get(call.input_key, 0) + 1
-                seen.add(call.key)
-        return counts
-
 
 def _networks(render: Render, networks: dict[tuple[str, str], str]) -> dict[str, Any]:
     params = {}

@@ -362,7 +362,7 @@ def render_one(job: Job, origin: Origin, index: int,
                                 stacks.pick_device(job.executor.device)))
         try:
             for result in drive(needed(p.plan, others, lambda key: False), pool, store,
-                                p.plan.consumers(), ControlMaps(scratch)):
+                                ControlMaps(scratch)):
                 for call, picture in zip(result.batch.calls, result.pictures or [],
                                          strict=False):
                     if call.key == final:
@@ -473,7 +473,7 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
                 pool = executors.open_pool(job.executor, setup(p, job), device, progress.step,
                                            f"{p.nonce:x}", started)
                 stack_names = {s.identity: s.name for s in p.specs.values()}
-                for result in drive(batches, pool, store, plan.consumers(), maps,
+                for result in drive(batches, pool, store, maps,
                                     lambda: stop.requested,
                                     lambda b: progress.stage(
                                         b.kind, stack_names.get(b.calls[0].stack, ""))):

@@ -318,3 +318,53 @@ def test_slurms_last_time_out_ends_the_task_and_fails_no_image(tmp_path: Path, m
     info = json.loads((tmp_path / "r" / "run.json").read_text())
     assert info["sessions"][-1]["status"] == "interrupted"
     assert not (tmp_path / "r" / "manifest.jsonl").exists() or entries(tmp_path / "r") == []
+
+
+def test_an_input_is_let_go_when_its_last_consumer_ends_even_failing():
+    """A base picture kept for its two post-steps is released (store and worker) once both
+    ended, the failed one included; before, a failure kept it for the run's life."""
+    from sdbatch.plan import Batch, StageCall
+    from sdbatch.stages.picture import Picture
+
+    def batch(name: str, input_key: str | None = None) -> Batch:
+        return Batch("txt2img", (None,), (StageCall("txt2img", {"n": name}, input_key, "A"),))
+
+    base = batch("base")
+    ok, failing = batch("ok", base.calls[0].key), batch("failing", base.calls[0].key)
+
+    class Store:
+        def __init__(self):
+            self.kept, self.released = {}, []
+
+        def put(self, key, picture):
+            self.kept[key] = picture
+
+        def get(self, key):
+            return self.kept[key]
+
+        def release(self, key):
+            self.released.append(key)
+
+    class OneWorker:
+        workers = [0]
+
+        def __init__(self):
+            self.tasks = []
+
+        def holds(self, worker):
+            return "A"
+
+        def submit(self, worker, task):
+            self.tasks.append(task)
+
+        def wait(self):
+            task = self.tasks[-1]
+            if task.batch is failing:
+                return [driver.Done(0, workers.Outcome(None, "boom", 0.0))]
+            return [driver.Done(0, workers.Outcome([Picture(None)], None, 0.0))]
+
+    store, pool = Store(), OneWorker()
+    results = list(driver.drive([base, failing, ok], pool, store, None))
+    assert [r.error for r in results] == [None, "boom", None]
+    assert store.released == [base.calls[0].key]
+    assert pool.tasks[0].keep == (base.calls[0].key,)  # kept by the worker that made it

@@ -104,8 +104,7 @@ def pick(ready: list[Batch], worker: int, holds: Callable[[int], str | None],
     return min(ready, key=rank)  # min keeps the plan's order among equals
 
 
-def drive(batches: Iterable[Batch], pool: Pool, store: Intermediates | None,
-          consumers: dict[str, int], maps: ControlMaps,
+def drive(batches: Iterable[Batch], pool: Pool, store: Intermediates | None, maps: ControlMaps,
           should_stop: Callable[[], bool] = lambda: False,
           on_start: Callable[[Batch], None] | None = None) -> Iterator[BatchResult]:
     """Render ``batches`` on ``pool``; results come in the order batches finish. After
@@ -114,10 +113,12 @@ def drive(batches: Iterable[Batch], pool: Pool, store: Intermediates | None,
     pending = list(batches)
     state = _State(pending, {c.key for b in pending for c in b.calls},
                    on_worker={w: set() for w in pool.workers})
-    consumers = dict(consumers)
+    consumers = waiting_for(pending)
     forget: dict[int, list[str]] = {w: [] for w in pool.workers}
     while state.pending or state.busy:
-        yield from _fail_lost(state)
+        for lost in _fail_lost(state):
+            _ended(lost.batch, state, store, consumers, forget)
+            yield lost
         if not should_stop():
             for worker in pool.workers:
                 if worker in state.busy:
@@ -150,6 +151,7 @@ def drive(batches: Iterable[Batch], pool: Pool, store: Intermediates | None,
                     continue
                 error = f"its worker died {DEATHS_TO_FAIL} times rendering it ({event.why})"
                 state.failed.update({c.key: error for c in batch.calls})
+                _ended(batch, state, store, consumers, forget)
                 yield BatchResult(batch, None, error, time.perf_counter()
                                   - state.sent[event.worker], restarts=DEATHS_TO_FAIL)
                 continue
@@ -192,6 +194,7 @@ def _finish(batch: Batch, event: Done, state: _State, store: Intermediates | Non
     restarts = state.deaths.pop(id(batch), 0)
     if outcome.error is not None:
         state.failed.update({c.key: outcome.error for c in batch.calls})
+        _ended(batch, state, store, consumers, forget)
         return BatchResult(batch, None, outcome.error, outcome.seconds, outcome.retries,
                            restarts)
     for call, picture in zip(batch.calls, outcome.pictures, strict=True):
@@ -199,13 +202,30 @@ def _finish(batch: Batch, event: Done, state: _State, store: Intermediates | Non
         if consumers.get(call.key) and store is not None:
             store.put(call.key, picture)
             state.made_by[call.key] = event.worker
-        if call.input_key is not None and call.input_key in consumers:
-            consumers[call.input_key] -= 1
-            if consumers[call.input_key] <= 0:
-                if store is not None:
-                    store.release(call.input_key)
-                holder = state.made_by.pop(call.input_key, None)
-                if holder is not None and call.input_key in state.on_worker[holder]:
-                    forget[holder].append(call.input_key)
+    _ended(batch, state, store, consumers, forget)
     return BatchResult(batch, outcome.pictures, None, outcome.seconds, outcome.retries,
                        restarts, outcome.machine)
+
+
+def waiting_for(batches: list[Batch]) -> dict[str, int]:
+    """How many of these calls take each output as their input: an output is kept (in the
+    store, in the worker that made it) until every one of them has ended."""
+    return dict(Counter(c.input_key for b in batches for c in b.calls
+                        if c.input_key is not None))
+
+
+def _ended(batch: Batch, state: _State, store: Intermediates | None,
+           consumers: dict[str, int], forget: dict[int, list[str]]) -> None:
+    """The batch's calls ended (made, failed or lost): an input no call waits for any more
+    is let go, in the store and in the worker that keeps it."""
+    for call in batch.calls:
+        key = call.input_key
+        if key is None or key not in consumers:
+            continue
+        consumers[key] -= 1
+        if consumers[key] <= 0:
+            if store is not None:
+                store.release(key)
+            holder = state.made_by.pop(key, None)
+            if holder is not None and key in state.on_worker[holder]:
+                forget[holder].append(key)

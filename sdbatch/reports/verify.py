@@ -300,7 +300,7 @@ def _render(run: Path, present: dict[int, dict[str, Any]], ok: list[dict[str, An
         print(f"verify: rendering {len(wanted)} image{'s' if len(wanted) != 1 else ''} of "
               f"{run} again ({len(batches)} batches)")
         try:
-            for result in drive(batches, pool, store, p.plan.consumers(), ControlMaps(scratch)):
+            for result in drive(batches, pool, store, ControlMaps(scratch)):
                 for i, call in enumerate(result.batch.calls):
                     for index in finishes.get(call.key, ()):
                         if index not in wanted:
