@@ -65,13 +65,20 @@ def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the
             problems.append(Problem(key, str(e), origin(key)))
             return None
 
+    from_hub = hub.is_hub_id(checkpoint) and not _found(checkpoint, models)
     if checkpoint in EMBEDDED:
         path: Path | None = EMBEDDED[checkpoint]()
-    elif hub.is_hub_id(checkpoint) and not _found(checkpoint, models):
+    elif from_hub:
         try:
             path = hub.fetch(checkpoint)
         except hub.HubError as e:
-            problems.append(Problem("model.checkpoint", str(e), origin("model.checkpoint")))
+            try:  # a local name mistyped looks like a hub id: say what is there too
+                _find_in(roots, "checkpoint", checkpoint)
+                local = ""
+            except names.NameNotFound as missing:
+                local = f"; and {missing}"
+            problems.append(Problem("model.checkpoint", f"{e}{local}",
+                                    origin("model.checkpoint")))
             path = None
     else:
         path = find("checkpoint", checkpoint, "model.checkpoint")
@@ -86,15 +93,14 @@ def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the
     family = model.family
     if path.is_file() and config is None:
         try:
-            detected = families.detect_family(path)
+            detected = families.detect_family(path, model.allow_pickle)
             if family == "auto":
                 family = detected
             else:
                 families.check_compatible(family, detected, str(path))
         except ModelFileError as e:
             return None, [Problem("model.checkpoint", str(e), origin("model.checkpoint"))]
-    name = (checkpoint if checkpoint in EMBEDDED or hub.is_hub_id(checkpoint)
-            else names.stem(path.name))
+    name = checkpoint if checkpoint in EMBEDDED or from_hub else names.stem(path.name)
     return StackSpec(name, path, model.dtype, family, vae, embeddings, model.allow_pickle,
                      config, device, switches), []
 

@@ -83,6 +83,41 @@ def test_hub_id_offline_and_uncached_fails_up_front(monkeypatch):
     assert problems and "HF_HUB_OFFLINE" in problems[0].message
 
 
+def test_the_webuis_folders_links_and_extension_choice(models, tmp_path):
+    """A stock WebUI keeps embeddings beside models/, links subfolders in, and of x.ckpt and
+    x.safetensors loads the .safetensors."""
+    beside = models.parent / "embeddings" / "neg" / "badhands.safetensors"
+    beside.parent.mkdir(parents=True)
+    beside.write_bytes(b"x")
+    assert names.resolve("embedding", "badhands", models) == beside
+    assert names.embeddings_in([models])["badhands"] == beside
+    elsewhere = tmp_path / "shared-loras"
+    elsewhere.mkdir()
+    (elsewhere / "detail.safetensors").write_bytes(b"x")
+    (elsewhere / "loop").symlink_to(elsewhere)  # a link back up is walked once
+    (models / "Lora" / "shared").symlink_to(elsewhere)
+    assert names.resolve("lora", "detail", models) == models / "Lora/shared/detail.safetensors"
+    assert names.resolve("lora", "shared/detail", models).name == "detail.safetensors"
+    (models / "Stable-diffusion/dreamshaper_8.ckpt").write_bytes(b"x")  # sorts first
+    assert names.resolve("checkpoint", "dreamshaper_8", models).suffix == ".safetensors"
+    assert names.resolve("checkpoint", "dreamshaper_8.ckpt", models).suffix == ".ckpt"
+
+
+def test_a_mistyped_local_name_that_looks_like_a_hub_id_says_what_is_there(models):
+    job = validate({"model": {"checkpoint": "SDXL/juggernaut"}, "paths": {"models": str(models)}})
+    _, problems = resolve(job.model, job.paths, "SDXL/juggernaut")
+    assert "HF_HUB_OFFLINE" in problems[0].message
+    assert "nearest: sdxl/juggernaut" in problems[0].message
+    import shutil
+
+    from sdbatch.models import tiny
+
+    shutil.copytree(tiny.family_models() / "tiny", models / "Stable-diffusion/sub/tiny-copy")
+    job = validate({"model": {"checkpoint": "sub/tiny-copy"}, "paths": {"models": str(models)}})
+    spec, problems = resolve(job.model, job.paths, "sub/tiny-copy")
+    assert problems == [] and spec.name == "tiny-copy"  # the WebUI's Model: the file's name
+
+
 def test_hash_is_computed_once_per_file_version(tmp_path, monkeypatch):
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"weights" * 1000)

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import save_file
 
@@ -283,6 +284,22 @@ def test_a_pickle_needing_code_is_refused_unless_allowed(tiny_sd, tmp_path):
     pipe = single_file.load_single_file(path, config=tiny_sd.config, allow_pickle=True)
     assert marker.exists()  # the opt-in really unpickles
     assert same_weights(tiny_sd.pipe.unet, pipe.unet) == []
+    marker.rmdir()
+    assert families.detect_family(path, allow_pickle=True) == "sd15"  # checking the job too
+    assert marker.exists()
+
+
+def test_an_early_sd1_file_without_text_model_in_its_keys_loads(tiny_sd, tmp_path):
+    """The first SD1 files name the CLIP parts cond_stage_model.transformer.encoder...; the
+    WebUI renames them, so sdbatch does too."""
+    sd = single_file.read_state_dict(tiny_sd.file)
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."):
+           v for k, v in sd.items()}
+    assert "cond_stage_model.transformer.encoder.layers.0.mlp.fc1.weight" in old
+    path = tmp_path / "early.safetensors"
+    safetensors.torch.save_file(old, str(path))
+    pipe = single_file.load_single_file(path, config=tiny_sd.config)
+    assert same_weights(tiny_sd.pipe.text_encoder, pipe.text_encoder) == []
 
 
 @pytest.mark.parametrize("cut", [0, 7, 0.5, -1])

@@ -64,7 +64,8 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
 
 
-def detect_family(source: str | os.PathLike | Mapping[str, Any]) -> str:
+def detect_family(source: str | os.PathLike | Mapping[str, Any],
+                  allow_pickle: bool = False) -> str:
     """A checkpoint's family from its keys and shapes alone (no weights are read).
 
     source is a checkpoint path or a mapping key -> tensor or shape. The rules are those of
@@ -78,7 +79,7 @@ def detect_family(source: str | os.PathLike | Mapping[str, Any]) -> str:
     else:
         from sdbatch.models.single_file import read_shapes
 
-        shapes = read_shapes(source)
+        shapes = read_shapes(source, allow_pickle)
         where = str(source)
     if CONV_IN not in shapes:
         from sdbatch.models.single_file import ModelFileError

@@ -2,9 +2,11 @@
 
 A bare name ("dreamshaper_8", "LegoAlrev.safetensors", "sub/x") is looked up in the kind's
 subfolder of paths.models (Stable-diffusion/, VAE/, Lora/, embeddings/, hypernetworks/,
-ESRGAN/ and the other upscaler folders, GFPGAN/, Codeformer/, ControlNet/),
-with or without its extension, in subfolders too; an existing path is taken as is. An
-unknown name fails up front with the nearest names that do exist.
+ESRGAN/ and the other upscaler folders, GFPGAN/, Codeformer/, ControlNet/; embeddings also
+in the WebUI's own embeddings/ beside models/), with or without its extension, in
+subfolders too (linked ones included); an existing path is taken as is. Of files that differ
+only in extension the WebUI's choice wins (.safetensors first). An unknown name fails up
+front with the nearest names that do exist.
 """
 
 from __future__ import annotations
@@ -44,13 +46,28 @@ class NameNotFound(LookupError):
     pass
 
 
+def roots(kind: str, models: Path | None) -> list[Path]:
+    """The folders a kind's names are looked up in: models/<sub>, and for embeddings also
+    the WebUI's <webui>/embeddings beside models/ (where a stock install keeps them)."""
+    if models is None:
+        return []
+    found = [models / sub for sub in SUBFOLDERS[kind]]
+    if kind == "embedding":
+        found.append(models.parent / "embeddings")
+    return found
+
+
 def candidates(kind: str, models: Path | None) -> list[Path]:
     """Every file (and diffusers folder, where allowed) of a kind under paths.models."""
     found: list[Path] = []
-    if models is None:
-        return found
-    for sub in SUBFOLDERS[kind]:
-        for folder, dirs, files in os.walk(models / sub):
+    seen: set[str] = set()
+    for root in roots(kind, models):
+        for folder, dirs, files in os.walk(root, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:  # a link back up: walked already
+                dirs.clear()
+                continue
+            seen.add(real)
             here = Path(folder)
             if kind in FOLDERS_ALLOWED and ({"model_index.json", "config.json"} & set(files)):
                 if "model_index.json" in files or kind in ("vae", "controlnet"):
@@ -72,12 +89,13 @@ def resolve(kind: str, name: str, models: Path | None) -> Path:
         raise NameNotFound(f"no such file or folder: {direct}")
     files = candidates(kind, models)
     wanted = name.replace("\\", "/")
-    for p in files:
-        rel = p.relative_to(_root_of(p, kind, models)).as_posix()
-        if wanted in (rel, p.name, stem(rel), stem(p.name)):
-            return p
+    matches = [p for p in files
+               if wanted in ((rel := p.relative_to(_root_of(p, kind, models)).as_posix()),
+                             p.name, stem(rel), stem(p.name))]
+    if matches:  # x.ckpt and x.safetensors: the extension the WebUI prefers
+        return min(matches, key=lambda p: _extension_rank(kind, p))
     names = [stem(p.relative_to(_root_of(p, kind, models)).as_posix()) for p in files]
-    where = (f"under {models}/{'|'.join(SUBFOLDERS[kind])}" if models
+    where = (f"under {' or '.join(str(r) for r in roots(kind, models))}" if models
              else "(paths.models is not set, so only paths are looked up)")
     close = difflib.get_close_matches(stem(wanted), names, n=3, cutoff=0.4)
     hint = f"; nearest: {', '.join(close)}" if close else (
@@ -107,11 +125,15 @@ def face_restorer(name: str, models: Path | None) -> Path:
 
 
 def _root_of(p: Path, kind: str, models: Path | None) -> Path:
-    for sub in SUBFOLDERS[kind]:
-        root = models / sub
+    for root in roots(kind, models):
         if root in p.parents:
             return root
     return p.parent
+
+
+def _extension_rank(kind: str, p: Path) -> int:
+    order = EXTENSIONS[kind]
+    return order.index(p.suffix.lower()) if p.suffix.lower() in order else len(order)
 
 
 def stem(name: str) -> str:

@@ -107,12 +107,13 @@ def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False
     return _load_pickle(path, allow_pickle)
 
 
-def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+def read_shapes(path: str | os.PathLike, allow_pickle: bool = False
+                ) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a checkpoint; a .safetensors header is read without its weights."""
     path = Path(path)
     _check_file(path)
     if path.suffix.lower() != ".safetensors":
-        return {k: tuple(v.shape) for k, v in read_state_dict(path).items()}
+        return {k: tuple(v.shape) for k, v in read_state_dict(path, allow_pickle).items()}
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -120,6 +121,18 @@ def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except SafetensorError as e:
         raise _corrupt(path, f"safetensors: {e}") from None
+
+
+# early SD1 files name the CLIP text model's parts without text_model.; the WebUI renames them
+OLD_SD1_TEXT = "cond_stage_model.transformer."
+OLD_SD1_TEXT_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def old_sd1_text_key(key: str) -> str:
+    """A text encoder key in today's layout (the WebUI's checkpoint_dict_replacements_sd1)."""
+    if key.startswith(OLD_SD1_TEXT) and key[len(OLD_SD1_TEXT):].startswith(OLD_SD1_TEXT_PARTS):
+        return f"{OLD_SD1_TEXT}text_model.{key[len(OLD_SD1_TEXT):]}"
+    return key
 
 
 # LDM key prefixes of each model a pipeline is built from; others take the whole file
@@ -160,13 +173,15 @@ class Checkpoint:
             self.shapes = {k: v for k, v in self.shapes.items() if k not in set(keys)}
         if self._tensors is not None:
             take = self._tensors.pop if name in PREFIXES else self._tensors.__getitem__
-            return {k: self._cast(take(k)) for k in keys}
-        out = {}
-        staging = torch.empty(STAGING_BYTES, dtype=torch.uint8)
-        with open(self.path, "rb", buffering=0) as f:
-            for k in keys:
-                out[k] = self._read(f, k, staging)
-        return out
+            out = {k: self._cast(take(k)) for k in keys}
+        else:
+            out = {}
+            staging = torch.empty(STAGING_BYTES, dtype=torch.uint8)
+            with open(self.path, "rb", buffering=0) as f:
+                for k in keys:
+                    out[k] = self._read(f, k, staging)
+        return {old_sd1_text_key(k): v for k, v in out.items()} if name == "text_encoder" \
+            else out
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.dtype) if t.is_floating_point() else t
