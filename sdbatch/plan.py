@@ -206,8 +206,9 @@ def output_size(kind: str, params: dict[str, Any], size: tuple[int, int]) -> tup
         return hires_size(*size, params["scale"], params["resize_x"], params["resize_y"]).final
     if kind == "sd_upscale":
         return scaled_size(*size, params["scale"])
-    if kind == "face_restore":
-        return size
+    if kind == "face_restore" or (kind == "inpaint"
+                                   and params["inpaint_area"] == "only_masked"):
+        return size  # only masked pastes the repaint back into the picture as it came
     if kind == "upscale":
         if params["resize_x"] and params["resize_y"]:
             return params["resize_x"], params["resize_y"]

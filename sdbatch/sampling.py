@@ -173,7 +173,8 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
             out = guide(out, cond, scales, negatives)
         if mask is not None:
             alpha, sigma = noise_level(scheduler, latents, x_t, t)
-            if sigma > 1e-4:  # at no noise (a last midpoint) the input is its own prediction
+            if bool((sigma > 1e-4).all()):  # at no noise (a last midpoint) the input is its
+                # own prediction
                 out = keep_known(out, x_t, alpha, sigma, init_latents, mask,
                                  scheduler.config.get("prediction_type", "epsilon"))
         if variance is not None:
@@ -189,9 +190,10 @@ def noise_level(scheduler, latents: torch.Tensor, x_t: torch.Tensor, t
     k-diffusion style schedulers keep latents = x0 + s * eps and feed latents / sqrt(1+s^2):
     alpha is that ratio (whatever s this call uses: Heun's, DPM2's midpoint...). The others
     feed the latents as they are, at the noise of their sigma table or of alphas_cumprod."""
-    if scheduler.init_noise_sigma > 1.0:
+    if scheduler.init_noise_sigma > 1.0:  # per image: its bits never depend on its batch
         x, lat = x_t.float(), latents.float()
-        alpha = (x * lat).sum() / (lat * lat).sum()
+        alpha = (x * lat).sum((1, 2, 3), keepdim=True) / (lat * lat).sum((1, 2, 3),
+                                                                          keepdim=True)
     else:
         sigmas = getattr(scheduler, "sigmas", None)
         where = (scheduler.timesteps == t).nonzero()

@@ -305,6 +305,85 @@ def test_a_nine_channel_inpainting_model_takes_the_mask_as_input(tmp_path):
     assert np.abs(outs[0.0][inside] - outs[0.5][inside]).mean() > 1
 
 
+def test_a_nine_channel_model_sees_a_grey_hole_and_keeps_the_webuis_blends(tmp_path,
+                                                                          monkeypatch):
+    """As the WebUI: the masked picture's hole is 0 in the VAE's -1..1 (mid-grey, not black),
+    made from the filled picture, and every model call and the result blend the known
+    latents back in, for 9-channel models too."""
+    import torch
+
+    init = tmp_path / "init.png"
+    Image.fromarray(np.full((64, 64, 3), (90, 150, 220), np.uint8)).save(init)
+    mask = centre_mask(tmp_path / "mask.png")
+    model = nine_channel_copy(tmp_path / "inpaint", 0.5)
+    encoded, masked_kw = [], []
+    real_encode, real_tail = inpaint.encode, inpaint.sample_tail
+
+    def encode(pipe, pictures, device):
+        encoded.append(pictures if isinstance(pictures, torch.Tensor)
+                       else inpaint.pixels(pictures))
+        return real_encode(pipe, pictures, device)
+
+    def tail(*args, **kw):
+        masked_kw.append(kw["mask"])
+        return real_tail(*args, **kw)
+
+    monkeypatch.setattr(inpaint, "encode", encode)
+    monkeypatch.setattr(inpaint, "sample_tail", tail)
+    job = {**BASE, "model": {"checkpoint": str(model)}, "init_image": str(init),
+           "post": [{"inpaint": {"mask": str(mask), "denoise": 0.8, "mask_blur": 0,
+                                 "masked_content": "fill"}}]}
+    assert run_job(job, tmp_path / "r") == 0
+    start, masked = encoded
+    hole = torch.from_numpy(masks.read_mask(mask) >= 128)
+    assert (masked[:, :, hole] == 0).all()  # grey
+    assert torch.equal(masked[:, :, ~hole], start[:, :, ~hole])  # the filled picture
+    assert masked_kw[0] is not None and masked_kw[0].max() == 1
+
+
+def test_only_masked_with_a_blank_mask_is_img2img_of_the_whole_picture(tiny_stack,
+                                                                       base_picture, tmp_path):
+    """The WebUI: "mask is blank, switch to img2img mode"; a pass of several masks must not
+    lose the others to one blank one."""
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(blank)
+    [item] = items_for("inpaint", {"mask": str(blank), "denoise": 0.6,
+                                   "inpaint_area": "only_masked"}, base_picture, tmp_path)
+    [out] = inpaint.run(tiny_stack, [item])
+    before = np.asarray(base_picture[1].image, dtype=int)
+    after = np.asarray(out.image, dtype=int)
+    assert out.image.size == base_picture[1].image.size
+    assert (np.abs(after - before).max(axis=2) > 0).mean() > 0.9  # repainted everywhere
+
+
+def test_only_masked_keeps_the_pictures_size_for_the_next_step():
+    from sdbatch.plan import output_size
+
+    step = {"width": 32, "height": 32, "inpaint_area": "only_masked"}
+    assert output_size("inpaint", step, (128, 96)) == (128, 96)  # pasted back into it
+    assert output_size("inpaint", {**step, "inpaint_area": "whole_picture"},
+                       (128, 96)) == (32, 32)
+
+
+def test_the_inpaint_blends_noise_level_is_each_images_own():
+    """k-diffusion inputs are latents / sqrt(1 + s^2): the ratio read back per image, so an
+    image's bits do not depend on the others in its pass."""
+    import torch
+
+    from sdbatch import samplers, sampling
+    from sdbatch.models import tiny
+
+    config = json.loads((tiny.model_folder() / "scheduler/scheduler_config.json").read_text())
+    scheduler = samplers.make_scheduler(config, "Euler", "Automatic")
+    scheduler.set_timesteps(4)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=gen) * torch.tensor([1.0, 30.0]).view(2, 1, 1, 1)
+    x_t = scheduler.scale_model_input(latents, scheduler.timesteps[0])
+    both, _ = sampling.noise_level(scheduler, latents, x_t, scheduler.timesteps[0])
+    alone, _ = sampling.noise_level(scheduler, latents[:1], x_t[:1], scheduler.timesteps[0])
+    assert torch.equal(both[:1], alone)
+
+
 def test_an_init_image_folder_is_an_axis(tmp_path):
     folder = tmp_path / "inits"
     folder.mkdir()

@@ -52,17 +52,27 @@ def stage_render(render: Render, params: dict[str, Any], steps: int,
         width=size[0], height=size[1])
 
 
+def pixels(images: list[Image.Image]) -> torch.Tensor:
+    """Pictures -> (B, 3, H, W) float32 in [-1, 1], the VAE's input range."""
+    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32))
+                        .permute(2, 0, 1) / 127.5 - 1.0 for im in images])
+
+
+def encode(pipe, images: list[Image.Image] | torch.Tensor, device: torch.device
+           ) -> torch.Tensor:
+    """Pictures (or their pixels(), -1..1) -> scaled latents (B, C, h, w), the posterior's
+    mode: an encode depends on the picture alone, not on a seed, so equal inputs give
+    equal keys' results."""
+    return _encode(pipe, images if isinstance(images, torch.Tensor) else pixels(images), device)
+
+
 @torch.no_grad()
-def encode(pipe, images: list[Image.Image], device: torch.device) -> torch.Tensor:
-    """Pictures -> scaled latents (B, C, h, w), the posterior's mode: an encode depends on
-    the picture alone, not on a seed, so equal inputs give equal keys' results."""
+def _encode(pipe, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     vae = pipe.vae
     upcast = is_sdxl(pipe) and vae.dtype == torch.float16 and vae.config.force_upcast
     if upcast:
         vae.to(torch.float32)
-    x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32))
-                     .permute(2, 0, 1) / 127.5 - 1.0 for im in images]).to(device, vae.dtype)
-    latents = vae.encode(x).latent_dist.mode()
+    latents = vae.encode(x.to(device, vae.dtype)).latent_dist.mode()
     if upcast:
         vae.to(torch.float16)
     mean, std = (getattr(vae.config, "latents_mean", None),

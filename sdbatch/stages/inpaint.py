@@ -8,8 +8,10 @@ blurred mask, so every pixel outside it keeps its bytes.
 - ``inpaint_area``: ``whole_picture`` samples all of it at the processing size;
   ``only_masked`` crops the mask's box plus padding, grown to the processing aspect,
   samples that at the full processing size and pastes it back.
-- Ordinary 4-channel models get the unmasked latent re-imposed after every step;
-  9-channel inpainting models take mask and masked-picture latents as extra input.
+- Every model call's denoised prediction keeps the picture's latents outside the mask, and
+  so do the final latents (the WebUI's blend, for every model); 9-channel inpainting models
+  also take the mask and the masked picture (its hole mid-grey) as extra input.
+- ``only_masked`` with a blank mask is the WebUI's fallback: img2img of the whole picture.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sdbatch.stages.common import (
     Item,
     StepCallback,
     encode,
+    pixels,
     sample_tail,
     stage_render,
 )
@@ -46,6 +49,7 @@ class Region:
     base: Image.Image  # the picture composited over (the original at output size)
     overlay: np.ndarray  # the mask the repaint is composited through, at output size
     box: tuple[int, int, int, int] | None  # only masked: where the repaint is pasted
+    plain: bool = False  # a blank mask under only_masked: img2img, as the WebUI falls back
 
 
 def region(item: Item) -> Region:
@@ -61,9 +65,10 @@ def region(item: Item) -> Region:
     blurred = masks.blur(mask, p["mask_blur"])
     if p["inpaint_area"] == "only_masked":
         box = masks.crop_box(blurred, p["only_masked_padding"], pw, ph)
-        if box is None:
-            raise ValueError(f"the mask {p['mask']} is empty (nothing is white): only_masked "
-                             "has nothing to repaint")
+        if box is None:  # the WebUI: "mask is blank, switch to img2img mode"
+            base = images.resize(original, "just_resize", pw, ph)
+            whole = np.full((ph, pw), 255, dtype=np.uint8)
+            return Region(base, whole, base, whole, None, plain=True)
         crop = images.resize(original.crop(box), "resize_and_fill", pw, ph)
         crop_mask = images.resize(Image.fromarray(blurred).crop(box), "resize_and_fill", pw, ph)
         return Region(crop, np.asarray(crop_mask), original, masks.overlay_mask(blurred, True),
@@ -84,37 +89,34 @@ def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None,
         return [Picture(r.base) for r in regions]
     pipe = stack.pipe
     content = p["masked_content"]
-    starts = [r.picture if content == "original" else masks.fill(r.picture, r.mask)
+    starts = [r.picture if content == "original" or r.plain else masks.fill(r.picture, r.mask)
               for r in regions]
-    init = encode(pipe, starts, stack.device).float()
+    init = encode(pipe, starts, stack.device).float().cpu()  # masks and noise are on the CPU
     h, w = init.shape[2:]
     latent_mask = torch.stack([torch.from_numpy(masks.latent_mask(r.mask, w, h))[None]
                                for r in regions])
     renders = [stage_render(item.render, item.params, item.params["steps"],
                             regions[i].picture.size) for i, item in enumerate(items)]
+    hole_mask = latent_mask * torch.tensor([0.0 if r.plain else 1.0 for r in regions]
+                                           ).view(-1, 1, 1, 1)  # plain: no hole to empty
     if content == "latent_noise":
         hole = torch.stack([randn(r.seed, tuple(init.shape[1:])) for r in renders])
-        init = init * (1 - latent_mask) + hole * latent_mask
+        init = init * (1 - hole_mask) + hole * hole_mask
     elif content == "latent_nothing":
-        init = init * (1 - latent_mask)
-    nine = pipe.unet.config.in_channels == 9
+        init = init * (1 - hole_mask)
     conditioning = None
-    if nine:
-        hard = [np.asarray(r.mask) >= 128 for r in regions]
-        masked = [Image.fromarray(np.where(m[..., None], 0, np.asarray(r.picture)).astype(
-            np.uint8)) for m, r in zip(hard, regions, strict=True)]
-        small = F.interpolate(torch.stack([torch.from_numpy(m.astype(np.float32))[None]
-                                           for m in hard]), size=(h, w))
-        conditioning = torch.cat([small, encode(pipe, masked, stack.device).float()], dim=1)
+    if pipe.unet.config.in_channels == 9:  # the mask, rounded, and the picture with its
+        hard = torch.stack([torch.from_numpy((np.asarray(r.mask) >= 128).astype(np.float32))
+                            for r in regions])[:, None]  # hole at 0: mid-grey
+        masked = encode(pipe, pixels(starts) * (1 - hard), stack.device).float().cpu()
+        conditioning = torch.cat([F.interpolate(hard, size=(h, w)), masked], dim=1)
     units = control or []
     rows = [[controlnet.at_size(u, *r.picture.size) if r.box is None else
              controlnet.cropped(u, r.base.size, r.box, *r.picture.size) for r in regions]
             for u in units]
-    latents = sample_tail(stack, renders, init, tail, on_step,
-                          mask=None if nine else latent_mask, image_conditioning=conditioning,
-                          control=units, control_rows=rows)
-    if not nine:
-        latents = latents.float().cpu() * latent_mask + init * (1 - latent_mask)
+    latents = sample_tail(stack, renders, init, tail, on_step, mask=latent_mask,
+                          image_conditioning=conditioning, control=units, control_rows=rows)
+    latents = latents.float().cpu() * latent_mask + init * (1 - latent_mask)
     out = []
     for r, repainted in zip(regions, decode(pipe, latents.to(stack.device, stack.dtype)),
                             strict=True):
