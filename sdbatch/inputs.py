@@ -45,17 +45,17 @@ def find(text: str, bases: list[Path]) -> list[Path] | None:
     None when nothing is there."""
     candidates = [Path(text)] if Path(text).is_absolute() else [b / text for b in bases]
     for path in candidates:
-        if any(ch in text for ch in "*?["):
+        if path.is_file():  # first: "hq [v2].png" is a name, not a pattern
+            return [path]
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in PICTURES)
+            if found:
+                return found
+        elif any(ch in text for ch in "*?["):
             found = sorted(Path(p) for p in glob.glob(str(path))
                            if Path(p).suffix.lower() in PICTURES)
             if found:
                 return found
-        elif path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in PICTURES)
-            if found:
-                return found
-        elif path.is_file():
-            return [path]
     return None
 
 

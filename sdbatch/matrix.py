@@ -125,7 +125,10 @@ def post_step(kind: str, given: dict[str, Any], base: Render, position: int,
     for name in ("prompt", "negative_prompt", "cfg_scale"):
         if v.get(name) is None:
             v[name] = getattr(base, name)
-    v["seed"] = base.seed if v.get("seed") is None else v["seed"] + position
+    # a step's own seed counts up within a cell as the image's do: not under a variation
+    # strength, where the seed stays and the variation seed counts up
+    v["seed"] = base.seed if v.get("seed") is None else v["seed"] + (
+        0 if base.subseed_strength > 0 else position)
     if not v.get("steps"):
         v["steps"] = base.steps
     if kind == "hires_fix" and v.get("checkpoint") is None:

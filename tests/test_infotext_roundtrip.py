@@ -224,3 +224,19 @@ def test_random_dynamic_prompt_reproduces_without_its_wildcard_file(tmp_path):
     out = tmp_path / "again.png"
     assert reproduce(images[-1], out)
     assert png.read_recipe(out)["recipe"]["params"]["prompt"] == prompts[-1]
+
+
+@pytest.mark.parametrize("path", ["/data/loras/add_detail.safetensors",
+                                  "C:\\loras\\styles\\add_detail.safetensors"])
+def test_a_lora_given_by_path_is_named_by_its_file_in_the_infotext(tiny_spec, path):
+    """The WebUI knows a LoRA by its file's stem: a path in the tag would not resolve there,
+    and a drive's ':' would break the tag."""
+    from sdbatch.output.infotext import parse_infotext
+    from sdbatch.plan import make_plan
+
+    r = render_of({"params": {"seed": 1, "steps": 2, "width": 64, "height": 64},
+                   "model": {"loras": [{"name": path, "weight": 0.6}]}, "prompt": "a house"})
+    plan = make_plan([r], {"tiny": "x"}, 1, networks={("lora", path): "dddddddddddd"})
+    prompt, _, params = parse_infotext(records.infotext(r, tiny_spec, plan.chains[0]))
+    assert prompt == "a house<lora:add_detail:0.6>"
+    assert params["Lora hashes"] == "add_detail: dddddddddddd"

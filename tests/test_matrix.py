@@ -64,3 +64,16 @@ def test_images_that_differ_in_eta_never_share_a_forward_pass():
     plan = make_plan(rs, {"tiny": "stack"}, max_batch=4)
     assert [[r.eta for r in b.renders] for b in plan.batches] == [[0.0, 0.0], [0.5, 0.5]]
     assert [[r.ensd for r in b.renders] for b in plan.batches] == [[0, 7], [0, 7]]
+
+
+def test_a_steps_seed_counts_up_only_as_the_images_do():
+    """With a variation strength the images keep the seed and count the variation seed up;
+    a step's own seed does the same (it stays)."""
+    def step_seeds(strength):
+        rs = renders({"params": {"seed": 100, "batch_size": 3, "subseed": 7,
+                                 "subseed_strength": strength},
+                      "post": [{"img2img": {"seed": 50}}]})
+        return [dict(r.post[0].values)["seed"] for r in rs]
+
+    assert step_seeds(0) == [50, 51, 52]
+    assert step_seeds(0.5) == [50, 50, 50]

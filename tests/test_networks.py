@@ -626,3 +626,18 @@ def test_sdxl_hypernetwork(sdxl_pipe, tmp_path):
     nets.apply([])
     assert not torch.equal(plain, changed)
     assert torch.equal(plain, unet())
+
+
+def test_a_lora_cut_short_is_refused_up_front_naming_the_file(tmp_path):
+    """A half-downloaded LoRA has a whole header (and maybe its sshs_model_hash): its
+    tensors' end past the file's end gives it away before any work."""
+    import safetensors.torch
+
+    path = tmp_path / "half.safetensors"
+    safetensors.torch.save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 64)},
+                                str(path), metadata={"sshs_model_hash": "0" * 64})
+    assert lora.read_safetensors_header(path)[0] == {"lora_unet_x.lora_down.weight": (4, 64)}
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(NetworkError, match=r"half\.safetensors: not a readable .*cut short.*"
+                                           r"download it again"):
+        lora.read_safetensors_header(path)

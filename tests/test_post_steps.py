@@ -451,3 +451,12 @@ def test_inpaint_repaints_with_every_sampler(tiny_stack, base_picture, tmp_path,
     assert np.array_equal(out[outside], before[outside])
     near = ~inside & ~outside  # the seam: the unmasked latent was held to the picture
     assert np.abs(out[near] - before[near]).mean() < 25
+
+
+def test_a_picture_whose_name_holds_brackets_is_a_file_not_a_pattern(tmp_path):
+    from sdbatch import inputs
+
+    picture = tmp_path / "hq [v2].png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
+    assert inputs.find("hq [v2].png", [tmp_path]) == [picture]
+    assert inputs.find("hq*.png", [tmp_path]) == [picture]  # a pattern still is one

@@ -46,7 +46,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dic
             if size > 100 << 20:
                 raise ValueError(f"header of {size} bytes")
             header = json.loads(f.read(size))
-    except (OSError, ValueError, struct.error) as e:
+        end = 8 + size + max((v["data_offsets"][1] for k, v in header.items()
+                              if k != "__metadata__"), default=0)
+        if end > path.stat().st_size:
+            raise ValueError(f"cut short: its tensors end at byte {end}, the file at "
+                             f"{path.stat().st_size}")
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise NetworkError(f"{path}: not a readable .safetensors file ({e}); download it again "
                            "or convert it to safetensors") from e
     metadata = header.pop("__metadata__", None) or {}

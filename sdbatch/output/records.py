@@ -19,11 +19,17 @@ from sdbatch.prompts.parser import extract_extra_networks
 USES_ENSD = {"Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast", "DPM adaptive"}
 
 
+def network_name(name: str) -> str:
+    """A network as the WebUI names it: its file's stem, whatever folder or path led to it
+    (a path in a tag would not resolve in the WebUI, and a Windows drive's ':' breaks it)."""
+    return names.stem(name.replace("\\", "/").rsplit("/", 1)[-1])
+
+
 def _tag_names(prompt: str) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {"lora": set(), "hypernet": set()}
     for tag in extract_extra_networks(prompt)[1]:
         if tag.network in found:
-            found[tag.network].add(names.stem(tag.name))
+            found[tag.network].add(network_name(tag.name))
     return found
 
 
@@ -31,7 +37,7 @@ def network_tag(kind: str, name: str, weight: Any) -> str:
     """A network as the WebUI's tag writes it: <lora:name:w>, or <lora:name:te:unet> for
     a LoRA whose text encoder and UNet weights differ."""
     weights = weight if isinstance(weight, tuple | list) else (weight,)
-    return f"<{kind}:{name}:{':'.join(number(w) for w in weights)}>"
+    return f"<{kind}:{network_name(name)}:{':'.join(number(w) for w in weights)}>"
 
 
 def infotext_prompt(render: Render) -> str:
@@ -42,7 +48,7 @@ def infotext_prompt(render: Render) -> str:
     tagged = _tag_names(render.prompt)
     extra = [network_tag(kind, name, weight)
              for kind, entries in (("lora", render.loras), ("hypernet", render.hypernetworks))
-             for name, weight in entries if names.stem(name) not in tagged[kind]]
+             for name, weight in entries if network_name(name) not in tagged[kind]]
     return render.prompt + "".join(extra)
 
 
@@ -200,10 +206,10 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
     second tag."""
     stage = _networks(calls)
     prompt = infotext_prompt(render)
-    lora_hash = {names.stem(name): digest for name, _, digest in stage["loras"]}
-    loras = {tag.name: lora_hash[names.stem(tag.name)]
+    lora_hash = {network_name(name): digest for name, _, digest in stage["loras"]}
+    loras = {network_name(tag.name): lora_hash[network_name(tag.name)]
              for tag in extract_extra_networks(prompt)[1]
-             if tag.network == "lora" and names.stem(tag.name) in lora_hash}
+             if tag.network == "lora" and network_name(tag.name) in lora_hash}
     embeddings = _embedding_hashes(render, spec)
     # the first pass's size; a chain from an init image starts at its first step's size
     size = (render.width, render.height) if calls[0].kind == "txt2img" else \

@@ -51,7 +51,9 @@ class DynamicPrompts:
             try:
                 tree = parse(text)
             except Exception as e:  # noqa: BLE001 - the library raises several parse errors
-                return [f"cannot parse '{text}': {e}"]
+                return [f"cannot parse '{text}': {e}; it reads as dynamic prompts syntax "
+                        "({a|b}, __wildcard__): set dynamic_prompts.mode=off to take the "
+                        "prompt as written"]
             for name in _wildcards(tree):
                 if name in seen:
                     continue
