@@ -341,6 +341,29 @@ def test_a_nine_channel_model_sees_a_grey_hole_and_keeps_the_webuis_blends(tmp_p
     assert masked_kw[0] is not None and masked_kw[0].max() == 1
 
 
+def test_an_inpainting_model_draws_txt2img_and_img2img_as_the_webui(tmp_path, monkeypatch):
+    """Outside inpaint a 9-channel model takes the WebUI's "everything to paint"
+    conditioning: the mask all 1, the masked picture mid-grey (it failed every batch)."""
+    import torch
+
+    from sdbatch import sampling
+
+    model = nine_channel_copy(tmp_path / "inpaint", 0.5)
+    seen = []
+    real = sampling.sample
+
+    def spy(*args, **kw):
+        seen.append(kw.get("image_conditioning"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sampling, "sample", spy)
+    job = {**BASE, "model": {"checkpoint": str(model)}, "post": [{"img2img": {"denoise": 0.5}}]}
+    assert run_job(job, tmp_path / "r") == 0
+    assert len(seen) == 2 and all(c is not None and c.shape[1] == 5 for c in seen)
+    assert all(torch.equal(c[:, :1], torch.ones_like(c[:, :1])) for c in seen)
+    assert torch.equal(seen[0][:, 1:], seen[1][:, 1:])  # the same grey picture
+
+
 def test_only_masked_with_a_blank_mask_is_img2img_of_the_whole_picture(tiny_stack,
                                                                        base_picture, tmp_path):
     """The WebUI: "mask is blank, switch to img2img mode"; a pass of several masks must not

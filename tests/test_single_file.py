@@ -339,15 +339,6 @@ def test_missing_file_and_wrong_family_are_explained(tiny_sd, tmp_path):
         single_file.load_single_file(tiny_sd.file)  # tiny weights in the real SD1.5 shapes
 
 
-def test_txt2img_refuses_an_inpainting_unet(tiny_sd):
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_config({**tiny_sd.pipe.unet.config, "in_channels": 9})
-    pipe = type(tiny_sd.pipe)(**{**tiny_sd.pipe.components, "unet": unet})
-    with pytest.raises(ValueError, match="9 input channels"):
-        txt2img_images(stack_of(pipe), (render(),))
-
-
 # --- VAE overrides ------------------------------------------------------------------------
 
 

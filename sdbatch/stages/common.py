@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from sdbatch import control as controlnet
 from sdbatch import noise, samplers, sampling
@@ -26,8 +25,8 @@ from sdbatch.stages.txt2img import (
     _same_length_groups,
     _time_ids,
     batch_conditioning,
-    is_sdxl,
 )
+from sdbatch.stages.vae import encode, full_mask_conditioning, pixels  # noqa: F401 - the stages' API
 
 StepCallback = Callable[[int, int], None]
 
@@ -50,38 +49,6 @@ def stage_render(render: Render, params: dict[str, Any], steps: int,
         sampler=params["sampler"], schedule_type=params["schedule_type"],
         cfg_scale=params["cfg_scale"], seed=params["seed"], steps=steps,
         width=size[0], height=size[1])
-
-
-def pixels(images: list[Image.Image]) -> torch.Tensor:
-    """Pictures -> (B, 3, H, W) float32 in [-1, 1], the VAE's input range."""
-    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32))
-                        .permute(2, 0, 1) / 127.5 - 1.0 for im in images])
-
-
-def encode(pipe, images: list[Image.Image] | torch.Tensor, device: torch.device
-           ) -> torch.Tensor:
-    """Pictures (or their pixels(), -1..1) -> scaled latents (B, C, h, w), the posterior's
-    mode: an encode depends on the picture alone, not on a seed, so equal inputs give
-    equal keys' results."""
-    return _encode(pipe, images if isinstance(images, torch.Tensor) else pixels(images), device)
-
-
-@torch.no_grad()
-def _encode(pipe, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    vae = pipe.vae
-    upcast = is_sdxl(pipe) and vae.dtype == torch.float16 and vae.config.force_upcast
-    if upcast:
-        vae.to(torch.float32)
-    latents = vae.encode(x.to(device, vae.dtype)).latent_dist.mode()
-    if upcast:
-        vae.to(torch.float16)
-    mean, std = (getattr(vae.config, "latents_mean", None),
-                 getattr(vae.config, "latents_std", None))
-    if mean is not None and std is not None:
-        view = (1, len(mean), 1, 1)
-        m, s = torch.tensor(mean).view(view).to(latents), torch.tensor(std).view(view).to(latents)
-        return (latents - m) * vae.config.scaling_factor / s
-    return latents * vae.config.scaling_factor
 
 
 def image_noise(render: Render, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -112,6 +79,9 @@ def sample_tail(stack: Stack, renders: list[Render], init: torch.Tensor, tail: T
     pipe = stack.pipe
     first = renders[0]
     init = init.to(stack.device, stack.dtype)
+    if image_conditioning is None:  # an inpainting model outside inpaint: all to paint
+        image_conditioning = full_mask_conditioning(pipe, len(renders), init.shape[2:],
+                                                    stack.device)
     per_step = sampling.calls_per_step(
         samplers.make_scheduler(stack.scheduler_config, first.sampler, first.schedule_type))
     first_call = tail.start * per_step  # as sampling.sample slices the schedule

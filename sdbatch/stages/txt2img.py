@@ -28,12 +28,9 @@ from sdbatch.prompts.encode import encode_sdxl
 from sdbatch.prompts.parser import extract_extra_networks, prompt_at_step, split_and
 from sdbatch.sampling import Conditioning
 from sdbatch.stages.picture import Picture
+from sdbatch.stages.vae import full_mask_conditioning, is_sdxl
 
 StepCallback = Callable[[int, int], None]  # (step done, steps)
-
-
-def is_sdxl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
 
 
 def encode_text(pipe, text: str, clip_skip: int, device: torch.device, dtype: torch.dtype,
@@ -240,9 +237,6 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
     units = control or []
     pipe = stack.pipe
     channels = pipe.vae.config.latent_channels
-    if pipe.unet.config.in_channels != channels:
-        raise ValueError(f"txt2img needs a {channels}-channel model; this one takes "
-                         f"{pipe.unet.config.in_channels} input channels (an inpainting model)")
     per_step = sampling.calls_per_step(
         samplers.make_scheduler(stack.scheduler_config, first.sampler, first.schedule_type))
     timelines = [Timeline(pipe, r, per_step, stack.device, stack.dtype) for r in renders]
@@ -251,6 +245,7 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
         raise ValueError("this model is guidance-distilled (no negative pass), so it cannot "
                          "compose prompts with AND; remove the AND")
     shape = (channels, first.height // 8, first.width // 8)
+    everything = full_mask_conditioning(pipe, len(renders), shape[1:], stack.device)
     time_ids = _time_ids(pipe, first, stack.dtype, stack.device)
     out: list[Picture | None] = [None] * len(renders)
 
@@ -279,6 +274,8 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
                 seeds=seeds, on_step=on_step,
                 timestep_cond=_guidance_embedding(pipe, cfg_scales, stack.dtype,
                                                   stack.device),
+                image_conditioning=(None if everything is None else
+                                    everything[group].to(stack.device, stack.dtype)),
                 control=ctrl)
         for i, picture in zip(group, pictures(pipe, latents), strict=True):
             out[i] = picture

@@ -1,0 +1,59 @@
+"""Pictures into latents: the VAE's input side, and what a 9-channel inpainting model
+takes beside its latents where its step has no mask. (Latents out to pictures: txt2img's
+decode.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def pixels(images: list[Image.Image]) -> torch.Tensor:
+    """Pictures -> (B, 3, H, W) float32 in [-1, 1], the VAE's input range."""
+    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32))
+                        .permute(2, 0, 1) / 127.5 - 1.0 for im in images])
+
+
+def encode(pipe, images: list[Image.Image] | torch.Tensor, device: torch.device
+           ) -> torch.Tensor:
+    """Pictures (or their pixels(), -1..1) -> scaled latents (B, C, h, w), the posterior's
+    mode: an encode depends on the picture alone, not on a seed, so equal inputs give
+    equal keys' results."""
+    return _encode(pipe, images if isinstance(images, torch.Tensor) else pixels(images), device)
+
+
+@torch.no_grad()
+def _encode(pipe, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    vae = pipe.vae
+    upcast = is_sdxl(pipe) and vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        vae.to(torch.float32)
+    latents = vae.encode(x.to(device, vae.dtype)).latent_dist.mode()
+    if upcast:
+        vae.to(torch.float16)
+    mean, std = (getattr(vae.config, "latents_mean", None),
+                 getattr(vae.config, "latents_std", None))
+    if mean is not None and std is not None:
+        view = (1, len(mean), 1, 1)
+        m, s = torch.tensor(mean).view(view).to(latents), torch.tensor(std).view(view).to(latents)
+        return (latents - m) * vae.config.scaling_factor / s
+    return latents * vae.config.scaling_factor
+
+
+def full_mask_conditioning(pipe, n: int, latent_size: tuple[int, int],
+                           device: torch.device) -> torch.Tensor | None:
+    """What a 9-channel inpainting model takes where its step has no mask, as the WebUI
+    gives it (txt2img, img2img without a mask): the mask all 1 and the masked picture all
+    mid-grey (0 in -1..1), so everything is to be painted; (n, 5, h, w) on the CPU. None
+    for other models."""
+    if pipe.unet.config.in_channels != 9:
+        return None
+    h, w = latent_size
+    scale = pipe.vae_scale_factor
+    grey = encode(pipe, torch.zeros(1, 3, h * scale, w * scale), device).float().cpu()
+    return torch.cat([torch.ones(1, 1, h, w), grey], dim=1).expand(n, -1, -1, -1)
