@@ -273,7 +273,6 @@ def expand(job: Job, picked: dict[int, tuple[str, str]] | None = None) -> list[R
                 prompt = dynamic.pick(prompt, image_seed)
                 negative = dynamic.pick(negative, image_seed)
             loras, hypernets = networks(job, prompt)
-            embeddings = triggered([extract_extra_networks(prompt)[0], negative], triggers)
             base = Render(
                 index=len(renders), cell=cell, checkpoint=values["model.checkpoint"],
                 prompt=prompt, negative_prompt=negative, sampler=sampler,
@@ -286,7 +285,7 @@ def expand(job: Job, picked: dict[int, tuple[str, str]] | None = None) -> list[R
                 seed_resize_from_h=values["params.seed_resize_from_h"],
                 eta=values["params.eta"], ensd=values["params.ensd"],
                 tiling=values["params.tiling"],
-                loras=loras, hypernetworks=hypernets, embeddings=embeddings,
+                loras=loras, hypernetworks=hypernets,
                 init_image=values["init_image"],
                 controlnet=units_of(values, "", len(job.controlnet)),
             )
@@ -295,5 +294,10 @@ def expand(job: Job, picked: dict[int, tuple[str, str]] | None = None) -> list[R
                                                and ".controlnet." not in k}, base, i,
                                    p.batch_size, _step_units(step, values, n))
                          for n, step in enumerate(job.post))
-            renders.append(dataclasses.replace(base, post=post))
+            steps_text = [dict(s.values).get(k) or "" for s in post
+                          for k in ("prompt", "negative_prompt")]
+            embeddings = triggered([extract_extra_networks(prompt)[0], negative,
+                                    *(extract_extra_networks(t)[0] for t in steps_text)],
+                                   triggers)  # a step's own prompt may name one too
+            renders.append(dataclasses.replace(base, post=post, embeddings=embeddings))
     return renders

@@ -256,10 +256,16 @@ def with_embeddings(specs: dict[str, StackSpec | None], renders, job: Job
             out[checkpoint] = None
             continue
         files = {**found, **{names.stem(p.name): p for p in spec.embeddings}}
-        used = dict.fromkeys(n for r in renders if r.checkpoint == checkpoint
+        used = dict.fromkeys(n for r in renders if checkpoint in _checkpoints(r)
                              for n in r.embeddings)
         out[checkpoint] = dataclasses.replace(spec, embeddings=tuple(files[n] for n in used))
     return out
+
+
+def _checkpoints(render) -> set[str]:
+    """The checkpoints an image's chain samples with: its own and its steps' (hires fix)."""
+    return {render.checkpoint} | {c for s in render.post
+                                  if (c := dict(s.values).get("checkpoint"))}
 
 
 def _roots(job: Job) -> list[Path | None]:

@@ -77,3 +77,19 @@ def test_a_steps_seed_counts_up_only_as_the_images_do():
 
     assert step_seeds(0) == [50, 51, 52]
     assert step_seeds(0.5) == [50, 50, 50]
+
+
+def test_an_embedding_named_only_in_a_steps_prompt_is_loaded_for_it():
+    """tiny's embedding 'nightsky' in an img2img step's prompt: the image's stack loads it
+    (it was encoded as plain words, silently)."""
+    from sdbatch import model_specs
+
+    raw = {"model": {"checkpoint": "tiny"}, "prompt": "a red building",
+           "params": {"seed": 1}, "post": [{"img2img": {"prompt": "nightsky, a red building"}}]}
+    [r] = renders(raw)
+    assert r.embeddings == ("nightsky",)
+    job = validate(raw)
+    spec, problems = model_specs.resolve(job.model, job.paths, "tiny")
+    assert problems == []
+    [with_it] = model_specs.with_embeddings({"tiny": spec}, [r], job).values()
+    assert [p.stem for p in with_it.embeddings] == ["nightsky"]
