@@ -104,9 +104,12 @@ class Step:
 
 
 def post_step(kind: str, given: dict[str, Any], base: Render, position: int,
-              batch_size: int = 1, units: tuple[Unit, ...] | None = None) -> Step:
-    """A post-step's values for one image: unset sampling keys take the image's; a seed the
-    step sets counts up within the cell as the image's seeds do. SD upscale's tiles are the
+              batch_size: int = 1, units: tuple[Unit, ...] | None = None,
+              schedule: str = "Automatic") -> Step:
+    """A post-step's values for one image: unset sampling keys take the image's (a step
+    that sets only its sampler takes the image's ``schedule`` as the job asked it, where
+    that sampler takes it); a seed the step sets counts up within the cell as the image's
+    seeds do. SD upscale's tiles are the
     image's processing size unless set, and go batch_size to a forward pass (which sets
     their seeds, as in the WebUI's script). An upscale or a face restoration samples
     nothing: it takes nothing."""
@@ -120,8 +123,9 @@ def post_step(kind: str, given: dict[str, Any], base: Render, position: int,
     if v.get("sampler") is None and v.get("schedule_type") is None:
         v["sampler"], v["schedule_type"] = base.sampler, base.schedule_type
     else:
-        v["sampler"], v["schedule_type"] = sampler_names.split(v.get("sampler") or base.sampler,
-                                                          v.get("schedule_type") or "Automatic")
+        sampler = v.get("sampler") or base.sampler
+        v["sampler"], v["schedule_type"] = sampler_names.split(
+            sampler, v.get("schedule_type") or sampler_names.inherited(sampler, schedule))
     for name in ("prompt", "negative_prompt", "cfg_scale"):
         if v.get(name) is None:
             v[name] = getattr(base, name)
@@ -262,6 +266,8 @@ def expand(job: Job, picked: dict[int, tuple[str, str]] | None = None) -> list[R
         strength = values["params.subseed_strength"]
         sampler, schedule_type = sampler_names.split(values["params.sampler"],
                                                 values["params.schedule_type"])
+        asked = sampler_names.given_schedule(values["params.sampler"],
+                                             values["params.schedule_type"])
         for i in range(per_cell):
             # the WebUI: with a variation strength the seed stays and the subseed counts up
             image_seed, image_subseed = (seed, subseed + i) if strength > 0 else (seed + i,
@@ -292,7 +298,7 @@ def expand(job: Job, picked: dict[int, tuple[str, str]] | None = None) -> list[R
             post = tuple(post_step(step.kind, {k.rsplit(".", 1)[1]: v for k, v in values.items()
                                                if k.startswith(f"post.{n}.")
                                                and ".controlnet." not in k}, base, i,
-                                   p.batch_size, _step_units(step, values, n))
+                                   p.batch_size, _step_units(step, values, n), asked)
                          for n, step in enumerate(job.post))
             steps_text = [dict(s.values).get(k) or "" for s in post
                           for k in ("prompt", "negative_prompt")]

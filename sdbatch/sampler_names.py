@@ -79,6 +79,27 @@ def split(name: str, schedule_type: str = "Automatic") -> tuple[str, str]:
     return sampler_name, schedule_type
 
 
+def given_schedule(name: str, schedule_type: str) -> str:
+    """The schedule type a WebUI name and schedule_type ask for, Automatic unresolved (a
+    step that inherits it resolves it for its own sampler)."""
+    for suffix in ("Karras", "Exponential"):
+        if name not in SAMPLERS and name.removesuffix(f" {suffix}") in SAMPLERS \
+                and name.endswith(f" {suffix}"):
+            return suffix
+    return schedule_type
+
+
+def inherited(sampler: str, schedule_type: str) -> str:
+    """A step's schedule type when it sets only its sampler: the image's, as the WebUI's
+    "use same scheduler", where the step's sampler takes it; else Automatic (a schedule the
+    step's sampler cannot run in diffusers, or one its own name already says)."""
+    try:
+        split(sampler, schedule_type)
+    except SamplerError:
+        return "Automatic"
+    return schedule_type
+
+
 def _unknown_sampler(name: str) -> str:
     if name in UNSUPPORTED:
         return (f"'{name}' is a WebUI sampler that diffusers cannot run; the nearest one is "

@@ -729,28 +729,49 @@ def _check_sampler_pairs(job: Job, origin: Origin) -> list[Problem]:
     problems = []
     for i, step in enumerate(job.post):
         s = step.step
-        if not isinstance(s, Sampling) or (s.sampler is None and s.schedule_type is None):
-            continue
+        if not isinstance(s, Sampling) or s.schedule_type is None:
+            continue  # a sampler alone takes the image's schedule where it can (matrix)
         key = f"post[{i}].{step.kind}.sampler"
-        for name in dict.fromkeys(_values(s.sampler or job.params.sampler)):
-            for schedule in dict.fromkeys(_values(s.schedule_type or "Automatic")):
-                try:
-                    sampler_names.split(name, schedule)
-                except sampler_names.SamplerError as e:
-                    problems.append(Problem(key, str(e), origin(key)))
+        names = _values(s.sampler) if s.sampler is not None else tuple(
+            _base_name(n) for n in _values(job.params.sampler))  # its own schedule replaces
+        for name, schedule in _pairs(job, names, _values(s.schedule_type),  # the job's
+                                     f"post.{i}.{step.kind}"):
+            try:
+                sampler_names.split(name, schedule)
+            except sampler_names.SamplerError as e:
+                problems.append(Problem(key, str(e), origin(key)))
     if any(e is not None for e in _values(job.params.eta)):
         others = [s for s in _values(job.params.sampler) if sampler_names.split(s)[0] != "DDIM"]
         if others:
             problems.append(Problem("params.eta", f"eta applies to DDIM only (diffusers' other "
                                     f"samplers take none), not to {', '.join(others)}",
                                     origin("params.eta")))
-    for name in dict.fromkeys(_values(job.params.sampler)):
-        for schedule in dict.fromkeys(_values(job.params.schedule_type)):
-            try:
-                sampler_names.split(name, schedule)
-            except sampler_names.SamplerError as e:
-                problems.append(Problem("params.sampler", str(e), origin("params.sampler")))
+    for name, schedule in _pairs(job, _values(job.params.sampler),
+                                 _values(job.params.schedule_type), "params"):
+        try:
+            sampler_names.split(name, schedule)
+        except sampler_names.SamplerError as e:
+            problems.append(Problem("params.sampler", str(e), origin("params.sampler")))
     return problems
+
+
+def _base_name(name: str) -> str:
+    """A sampler name without the schedule type its old combined form carries."""
+    try:
+        return sampler_names.split(name)[0]
+    except sampler_names.SamplerError:
+        return name  # reported where the job's own sampler is checked
+
+
+def _pairs(job: Job, samplers: tuple, schedules: tuple, prefix: str) -> list[tuple]:
+    """The (sampler, schedule type) pairs the matrix makes: zipped lists pair up, others
+    cross."""
+    keys = (f"{prefix}.sampler", f"{prefix}.schedule_type")
+    dotted = {**{v: v for v in all_axes(job).values()}, **all_axes(job)}
+    if any({dotted.get(k) for k in group} >= set(keys) for group in job.zip) \
+            and len(samplers) == len(schedules):
+        return list(dict.fromkeys(zip(samplers, schedules, strict=True)))
+    return [(n, s) for n in dict.fromkeys(samplers) for s in dict.fromkeys(schedules)]
 
 
 def _values(x: Any) -> tuple:

@@ -93,3 +93,35 @@ def test_an_embedding_named_only_in_a_steps_prompt_is_loaded_for_it():
     assert problems == []
     [with_it] = model_specs.with_embeddings({"tiny": spec}, [r], job).values()
     assert [p.stem for p in with_it.embeddings] == ["nightsky"]
+
+
+def test_a_step_that_sets_only_its_sampler_takes_the_images_schedule_type():
+    """The WebUI's hires "use same scheduler": the image's schedule type as the job asked
+    it, where the step's sampler takes it (Euler a takes no Karras in diffusers)."""
+    def step(params, post):
+        [r] = renders({"params": {"seed": 1, **params}, "post": [{"hires_fix": post}]})
+        return dict(r.post[0].values)["sampler"], dict(r.post[0].values)["schedule_type"]
+
+    assert step({"sampler": "DPM++ 2M", "schedule_type": "Exponential"},
+                {"sampler": "Euler"}) == ("Euler", "Exponential")
+    assert step({"sampler": "DPM++ 2M Karras"}, {"sampler": "Euler"}) == ("Euler", "Karras")
+    assert step({"sampler": "DPM++ 2M Karras"}, {"sampler": "Euler a"}) == ("Euler a",
+                                                                          "Automatic")
+    # a step's own schedule type replaces the one the job's old combined name carries
+    assert step({"sampler": "DPM++ 2M Karras"},
+                {"schedule_type": "Exponential"}) == ("DPM++ 2M", "Exponential")
+
+
+def test_zipped_samplers_and_schedule_types_are_checked_as_pairs():
+    rs = renders({"params": {"sampler": ["Euler a", "DPM++ 2M"], "seed": 1,
+                             "schedule_type": ["Automatic", "Karras"]},
+                  "zip": [["sampler", "schedule_type"]]})
+    assert [(r.sampler, r.schedule_type) for r in rs] == [("Euler a", "Automatic"),
+                                                          ("DPM++ 2M", "Karras")]
+    import pytest
+
+    from sdbatch.schema import JobError
+
+    with pytest.raises(JobError, match="'Euler a' cannot use schedule type 'Karras'"):
+        validate({"params": {"sampler": ["Euler a", "DPM++ 2M"],
+                             "schedule_type": ["Automatic", "Karras"]}})  # crossed
