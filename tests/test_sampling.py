@@ -191,6 +191,21 @@ def test_sampling_can_start_part_way_from_init_latents(tiny_stack):
 
 
 
+def test_a_hires_pass_goes_on_with_its_first_passes_prompt_schedule(tiny_stack):
+    """The WebUI (1.6 on): the hires pass's schedule continues the first pass's: a fraction
+    counts from 1.0 and an integer from the first pass's steps."""
+    def keys(prompt, first_pass):
+        timeline = txt2img.Timeline(tiny_stack.pipe, render(prompt=prompt, steps=4), 1,
+                                    tiny_stack.device, tiny_stack.dtype, first_pass)
+        return [k[0][0] for k in timeline.keys]
+
+    # the WebUI's counting: the entry ending at call 2 holds through call 2
+    assert keys("[red:blue:0.5] house", None) == ["red house"] * 3 + ["blue house"]
+    assert keys("[red:blue:0.5] house", 10) == ["blue house"] * 4  # switched in pass one
+    assert keys("[red:blue:1.5] house", 10) == ["red house"] * 3 + ["blue house"]
+    assert keys("[red:blue:12] house", 10) == ["red house"] * 3 + ["blue house"]
+
+
 def test_guide_gives_each_image_its_own_cfg_scale():
     """Rows as _unet orders them: the negatives of the images that need one, then every
     image's parts. Image 1 (CFG 1, one plain part) has no negative and is its part alone."""

@@ -63,14 +63,16 @@ def sample_tail(stack: Stack, renders: list[Render], init: torch.Tensor, tail: T
                 image_conditioning: torch.Tensor | None = None,
                 control: list[controlnet.Unit] | None = None,
                 control_rows: list[list[np.ndarray]] | None = None,
-                hires: bool = False) -> torch.Tensor:
+                hires: bool = False, first_passes: list[int | None] | None = None
+                ) -> torch.Tensor:
     """Run the last ``tail.run`` steps of a ``tail.schedule``-step schedule from ``init``
     (B, C, h, w) for images of one forward pass; returns the sampled latents.
 
     Prompt schedules ([a:b:when], [a|b], AND) count from the first step run, over the
     step's own steps, as the WebUI's second passes count them. ``control`` are the pass's
     ControlNet units; ``control_rows[u]`` unit u's maps, one per image (default: the map
-    at the step's size for every image); ``hires`` marks a hires fix pass.
+    at the step's size for every image); ``hires`` marks a hires fix pass, whose images'
+    prompt schedules go on from their ``first_passes`` (model calls) as the WebUI's do.
     """
     units = control or []
     if control_rows is None:
@@ -85,7 +87,9 @@ def sample_tail(stack: Stack, renders: list[Render], init: torch.Tensor, tail: T
     per_step = sampling.calls_per_step(
         samplers.make_scheduler(stack.scheduler_config, first.sampler, first.schedule_type))
     first_call = tail.start * per_step  # as sampling.sample slices the schedule
-    timelines = [Timeline(pipe, r, per_step, stack.device, stack.dtype) for r in renders]
+    timelines = [Timeline(pipe, r, per_step, stack.device, stack.dtype,
+                          first_passes[i] if first_passes else None)
+                 for i, r in enumerate(renders)]
     shape = tuple(init.shape[1:])
     out = torch.empty_like(init)
     time_ids = _time_ids(pipe, first, stack.dtype, stack.device)  # the step's size

@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sdbatch import denoise_steps, upscalers
+from sdbatch import denoise_steps, samplers, sampling, upscalers
 from sdbatch.images import hires_size
+from sdbatch.matrix import Render
 from sdbatch.models.stack import Stack
 from sdbatch.models.upscaler_models import UpscalerModels
 from sdbatch.stages.common import (
@@ -69,4 +70,17 @@ def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None,
     renders = [stage_render(item.render, item.params, item.params["steps"], size.final)
                for item in items]
     return pictures(stack.pipe, sample_tail(stack, renders, latents, tail, on_step,
-                                            control=control, hires=True))
+                                            control=control, hires=True,
+                                            first_passes=[first_pass(stack, i.render)
+                                                          for i in items]))
+
+
+def first_pass(stack: Stack, render: Render) -> int | None:
+    """The image's txt2img pass in model calls (steps x calls a step), which the WebUI's
+    hires prompt schedules go on from; None for a chain from an init image (no first
+    pass: the hires pass counts alone)."""
+    if render.init_image is not None:
+        return None
+    scheduler = samplers.make_scheduler(stack.scheduler_config, render.sampler,
+                                        render.schedule_type)
+    return render.steps * sampling.calls_per_step(scheduler)

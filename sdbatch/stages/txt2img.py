@@ -110,14 +110,20 @@ class Timeline:
     """
 
     def __init__(self, pipe, render: Render, calls_per_step: int, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, first_pass: int | None = None):
+        """``first_pass``: a hires pass's first pass, in model calls: the WebUI's hires
+        timeline goes on from it (integers count on from it, fractions from 1.0)."""
         prompt, negative = (clean_text(pipe, render.prompt),
                             clean_text(pipe, render.negative_prompt))
         parts = split_and(prompt)
         self.weights = tuple(w for _, w in parts)
         total = render.steps * calls_per_step
-        self.keys = [(tuple(prompt_at_step(p, c, total) for p, _ in parts),
-                      prompt_at_step(negative, c, total)) for c in range(total)]
+        base, hires = (total, None) if first_pass is None else (first_pass, total)
+
+        def at(text: str, call: int) -> str:
+            return prompt_at_step(text, call, base, hires_steps=hires)
+        self.keys = [(tuple(at(p, c) for p, _ in parts), at(negative, c))
+                     for c in range(total)]
 
         def encoder(negative: bool):
             cache: dict[str, Encoded] = {}
