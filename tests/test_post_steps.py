@@ -116,6 +116,19 @@ def test_a_run_stopped_after_its_base_pass_resumes_without_drawing_it_again(
     assert [e["sha256"] for e in resumed] == [e["sha256"] for e in fresh]
 
 
+def test_a_hires_prompt_carries_the_images_networks(tmp_path):
+    """The WebUI's hires pass takes the networks its own prompt names: a pasted Hires prompt
+    without them would lose the image's LoRA in the second pass."""
+    job = {**BASE, "model": {"checkpoint": "tiny", "loras": [{"name": "LegoAlrev",
+                                                             "weight": 0.5}]},
+           "post": [{"hires_fix": {"scale": 1.5, "steps": 2, "denoise": 0.3,
+                                   "prompt": "a red building, lawn"}}]}
+    assert run_job(job, tmp_path / "r") == 0
+    [entry] = entries(tmp_path / "r")
+    _, _, params = parse_infotext(png.read_text(tmp_path / "r" / entry["file"])["parameters"])
+    assert params["Hires prompt"] == "a red building, lawn<lora:LegoAlrev:0.5>"
+
+
 def test_hires_infotext_and_denoise_zero(tmp_path):
     job = {**BASE, "post": [{"hires_fix": {"scale": 1.5, "steps": 3, "denoise": 0.5,
                                            "upscaler": "Lanczos", "sampler": "DDIM"}}]}
@@ -209,14 +222,20 @@ def test_inpaint_from_an_init_image_in_a_job(tmp_path):
     Image.fromarray(np.full((64, 64, 3), (40, 160, 60), np.uint8)).save(init)
     mask = centre_mask(tmp_path / "mask.png", 32)  # half size: resized to fit
     job = {**BASE, "init_image": str(init),
-           "post": [{"inpaint": {"mask": str(mask), "denoise": 0.8, "mask_blur": 1}}]}
+           "post": [{"inpaint": {"mask": str(mask), "denoise": 0.8, "mask_blur": 1,
+                                 "prompt": "flowers", "steps": 5, "seed": 42,
+                                 "sampler": "DDIM"}}]}
     assert run_job(job, tmp_path / "r") == 0
     [entry] = entries(tmp_path / "r")
     out = image(tmp_path / "r", entry)
     assert (out[:, 56:] == (40, 160, 60)).all()  # far from the mask: the init image's bytes
     assert [s["kind"] for s in entry["recipe"]["stages"]] == ["image", "inpaint"]
-    _, _, params = parse_infotext(png.read_text(tmp_path / "r" / entry["file"])["parameters"])
+    prompt, _, params = parse_infotext(png.read_text(tmp_path / "r" / entry["file"])[
+        "parameters"])
     assert params["Mask blur"] == "1" and params["Denoising strength"] == "0.8"
+    # what the WebUI's img2img tab writes: the pass's own prompt, steps, sampler and seed
+    assert (prompt, params["Steps"], params["Sampler"], params["Seed"]) == \
+        ("flowers", "5", "DDIM", "42")
 
 
 def test_bad_images_are_refused_up_front_with_their_key(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ def network_name(name: str) -> str:
     """A network as the WebUI names it: its file's stem, whatever folder or path led to it
     (a path in a tag would not resolve in the WebUI, and a Windows drive's ':' breaks it)."""
     return names.stem(name.replace("\\", "/").rsplit("/", 1)[-1])
+
+
+# a sampling step's keys that are the infotext's own when a chain starts from an init image
+SAMPLING = ("prompt", "negative_prompt", "steps", "sampler", "schedule_type", "cfg_scale", "seed")
 
 
 def _tag_names(prompt: str) -> dict[str, set[str]]:
@@ -97,6 +102,9 @@ def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]
                    "Hires prompt": (hires["prompt"], render.prompt),
                    "Hires negative prompt": (hires["negative_prompt"], render.negative_prompt)}
         out |= {k: mine for k, (mine, base) in differs.items() if mine != base}
+        if "Hires prompt" in out:  # the WebUI's hires pass takes the networks its prompt names
+            out["Hires prompt"] = infotext_prompt(dataclasses.replace(render,
+                                                                      prompt=hires["prompt"]))
         if hires["resize_x"] or hires["resize_y"]:
             out["Hires resize"] = f"{hires['resize_x']}x{hires['resize_y']}"
         else:
@@ -204,6 +212,9 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
     are encoded, Eta DDIM when sampling starts). Hypernetworks are named only by their
     tags: the WebUI writes no Hypernet keys, and on paste it turns a "Hypernet" key into a
     second tag."""
+    if calls[0].kind != "txt2img" and len(calls) > 1 and "sampler" in calls[1].params:
+        # from an init image, as the WebUI's img2img tab writes it: its first step's own
+        render = dataclasses.replace(render, **{k: calls[1].params[k] for k in SAMPLING})
     stage = _networks(calls)
     prompt = infotext_prompt(render)
     lora_hash = {network_name(name): digest for name, _, digest in stage["loras"]}
