@@ -114,9 +114,15 @@ def test_prompt_file_errors_name_the_line(tmp_path):
         norm({"prompt_file": str(tmp_path / "p.txt")}, tmp_path)
     text = str(e.value)
     assert "line 2: --steps needs int" in text and "line 3: unknown option --colour" in text
-    (tmp_path / "p.txt").write_text('--prompt "x" --width 500\n')
-    with pytest.raises(JobError, match=r"params.width \(.*p.txt\): must be a multiple"):
+    (tmp_path / "p.txt").write_text('x\n--prompt "x" --width 500\n')
+    with pytest.raises(JobError, match=r"line 2: params.width: must be a multiple"):
         norm({"prompt_file": str(tmp_path / "p.txt")}, tmp_path)
+
+
+def test_prompt_file_joins_unquoted_prompt_words_as_the_webuis_script():
+    assert prompt_file.parse_line("--prompt a red house --steps 5 --negative_prompt blurry, dark"
+                                  ) == {"prompt": "a red house", "params.steps": 5,
+                                        "negative_prompt": "blurry, dark"}
 
 
 def test_prompt_file_and_a_list_axis_of_the_same_key_conflict(tmp_path):

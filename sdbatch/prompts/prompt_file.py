@@ -52,6 +52,12 @@ def parse_line(line: str) -> dict[str, Any]:
         if i + 1 >= len(words):
             raise ValueError(f"--{name} needs a value")
         key, kind = OPTIONS[name]
+        if kind is str and name in ("prompt", "negative_prompt"):  # the script joins the
+            end = next((j for j in range(i + 1, len(words))  # words up to the next option
+                        if words[j].startswith("--")), len(words))
+            out[key] = " ".join(words[i + 1:end])
+            i = end
+            continue
         try:
             out[key] = kind(words[i + 1])
         except ValueError:
@@ -61,16 +67,33 @@ def parse_line(line: str) -> dict[str, Any]:
 
 
 def read(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """(recipes, problems): every bad line is reported with its number."""
+    """(recipes, problems): every bad line is reported with its number, a value the job's
+    schema refuses too (--steps 0)."""
+    from sdbatch import schema
+
     recipes, problems = [], []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
         if not line:
             continue
         try:
-            recipes.append(parse_line(line))
+            recipe = parse_line(line)
         except ValueError as e:
             problems.append(f"line {n}: {e}")
+            continue
+        raw: dict[str, Any] = {}
+        for dotted, value in recipe.items():
+            *parents, last = dotted.split(".")
+            node = raw
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        try:
+            schema.validate(raw)
+        except schema.JobError as e:
+            problems += [f"line {n}: {p.key}: {p.message}" for p in e.problems]
+            continue
+        recipes.append(recipe)
     if not recipes and not problems:
         problems.append("has no prompts")
     return recipes, problems
