@@ -434,13 +434,23 @@ def test_sdxl_conditioning_matches_diffusers_own_prompt_encoding(tiny_xl):
     assert ours["original_size"] == ours["target_size"] == (64, 64)
 
 
-def test_sdxl_clip_skip_starts_at_the_penultimate_layer(tiny_xl):
-    def embeds(clip_skip):
+def test_sdxl_and_sd2_take_their_penultimate_layer_whatever_the_clip_skip(tiny_xl, tiny_sd):
+    """The WebUI applies no clip skip to SDXL (trained on both encoders' penultimate layer)
+    nor to SD2's OpenCLIP (whose config already ends at it)."""
+    def embeds(pipe, clip_skip):
         r = (render(clip_skip=clip_skip),)
-        return conds(tiny_xl.pipe, r)["prompt_embeds"]
+        return conds(pipe, r)["prompt_embeds"]
 
-    assert torch.equal(embeds(1), embeds(2))  # SDXL is trained on the penultimate layer
-    assert not torch.allclose(embeds(2), embeds(3))
+    assert torch.equal(embeds(tiny_xl.pipe, 1), embeds(tiny_xl.pipe, 2))
+    assert torch.equal(embeds(tiny_xl.pipe, 1), embeds(tiny_xl.pipe, 3))
+    sd1 = tiny_sd.pipe
+    assert not torch.allclose(embeds(sd1, 1), embeds(sd1, 2))  # SD1's CLIP-L does skip
+    width = sd1.text_encoder.config.hidden_size
+    sd1.text_encoder.config.hidden_size = 1024  # as SD2's OpenCLIP ViT-H
+    try:
+        assert torch.equal(embeds(sd1, 1), embeds(sd1, 2))
+    finally:
+        sd1.text_encoder.config.hidden_size = width
 
 
 def test_sdxl_empty_negative_is_zeroed_per_image_not_per_batch(tiny_xl):

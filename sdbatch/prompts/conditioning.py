@@ -175,28 +175,25 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], clip_skip: i
 
 
 @torch.no_grad()
-def encode_prompts_sdxl(tokenizers, text_encoders, prompts: Sequence[str], clip_skip: int,
+def encode_prompts_sdxl(tokenizers, text_encoders, prompts: Sequence[str],
                         device: torch.device, *, backtrack: int = COMMA_BACKTRACK
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL: (both encoders' chunked hidden states side by side, pooled embedding).
 
-    SDXL was trained on the penultimate layer of both encoders with no final layer norm, so
-    clip skip 1 and 2 are the same (the WebUI ignores it for SDXL); N > 2 goes further back on
-    both. Each encoder chunks and weights the prompt on its own, as the WebUI's two wrapped
-    embedders do; the pooled embedding is the last encoder's projection of the end token of
-    the first chunk, unweighted, as in the WebUI.
+    SDXL was trained on the penultimate layer of both encoders with no final layer norm,
+    which is what it gets whatever the clip skip: the WebUI ignores clip skip for SDXL
+    (unless a setting applies it to CLIP-L, off by default). Each encoder chunks and weights
+    the prompt on its own, as the WebUI's two wrapped embedders do; the pooled embedding is
+    the last encoder's projection of the end token of the first chunk, unweighted, as in
+    the WebUI.
     """
-    layer = -max(2, clip_skip)
     hidden, pooled = [], None
     for tokenizer, text_encoder in zip(tokenizers, text_encoders, strict=True):
         special, zs = _special_ids(tokenizer), []
         for i, batch in enumerate(chunk_batches(tokenizer, prompts, backtrack=backtrack)):
             ids = chunk_ids(batch, **special).to(device)
             out = text_encoder(input_ids=ids, output_hidden_states=True)
-            if -layer > len(out.hidden_states):
-                raise ValueError(f"clip skip {clip_skip} is more than this text encoder's "
-                                 f"{len(out.hidden_states) - 1} layers")
-            zs.append(apply_emphasis(out.hidden_states[layer], _weights(batch, ids.device)))
+            zs.append(apply_emphasis(out.hidden_states[-2], _weights(batch, ids.device)))
             if i == 0:
                 pooled = getattr(out, "text_embeds", None)
         hidden.append(torch.cat(zs, dim=1))

@@ -33,6 +33,12 @@ from sdbatch.stages.vae import full_mask_conditioning, is_sdxl
 StepCallback = Callable[[int, int], None]  # (step done, steps)
 
 
+def is_open_clip(pipe) -> bool:
+    """SD2's text encoder (OpenCLIP ViT-H, 1024 wide), whose penultimate layer it was trained
+    on and its config ends at; the WebUI applies no clip skip to it."""
+    return pipe.text_encoder.config.hidden_size == 1024
+
+
 def encode_text(pipe, text: str, clip_skip: int, device: torch.device, dtype: torch.dtype,
                 *, negative: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One text cleaned by clean_text -> ((1, 77 * chunks, dim), SDXL's pooled (1, dim) or None).
@@ -42,11 +48,11 @@ def encode_text(pipe, text: str, clip_skip: int, device: torch.device, dtype: to
     prompt's own chunk is zeroed: padding chunks added later stay as for any short prompt.
     """
     if not is_sdxl(pipe):
-        embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [text], clip_skip, device)
+        skip = 1 if is_open_clip(pipe) else clip_skip
+        embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [text], skip, device)
         return embeds.to(dtype), None
     embeds, pooled = encode_sdxl((pipe.tokenizer, pipe.tokenizer_2),
-                                 (pipe.text_encoder, pipe.text_encoder_2), [text], clip_skip,
-                                 device)
+                                 (pipe.text_encoder, pipe.text_encoder_2), [text], device)
     if negative and text == "" and pipe.config.get("force_zeros_for_empty_prompt", False):
         embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
     return embeds.to(dtype), pooled.to(dtype)
