@@ -138,6 +138,31 @@ def test_two_loras_at_once(stack, base, loras, lora_set):
     assert diff(render(stack), base) == 0
 
 
+def test_an_axis_over_many_loras_keeps_only_a_few_loaded(stack, base, loras, tmp_path,
+                                                         monkeypatch):
+    """Each file of a LoRA axis is loaded when asked for; beyond KEEP_UNUSED unused ones the
+    least recently used goes (adapters lived on the GPU until the stack went), and one asked
+    for again loads again to the same image."""
+    monkeypatch.setattr(lora, "KEEP_UNUSED", 1)
+    pipe = stack.pipe
+    files = [lora.write_kohya_lora(tmp_path / f"x{i}.safetensors", pipe.unet,
+                                   pipe.text_encoder, seed=10 + i) for i in range(4)]
+    s = lora.LoraSet(pipe)
+    try:
+        s.apply([(files[0], 1.0)])
+        first = render(stack)
+        for f in files[1:]:
+            s.apply([(f, 1.0)])
+            assert len(s.adapters) <= 2  # the one in use and one unused
+        loaded = {n for names in pipe.get_list_adapters().values() for n in names}
+        assert len(loaded) <= 2 and set(s.adapters.values()) == loaded
+        s.apply([(files[0], 1.0)])
+        assert diff(render(stack), first) == 0
+    finally:
+        s.apply([])
+    assert diff(render(stack), base) == 0
+
+
 def test_unet_only_lora_leaves_the_text_encoder_alone(stack, loras, lora_set):
     from sdbatch.prompts.encode import encode
 

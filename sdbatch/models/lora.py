@@ -17,6 +17,7 @@ import re
 import struct
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,6 +321,12 @@ class _PipeLoras:
     saved: dict = field(default_factory=dict)  # fused layer -> its own weight, kept on the CPU
     deltas: dict[str, lycoris.DeltaNetwork] = field(default_factory=dict)  # by adapter name
     merged: lycoris.MergedDeltas = field(default_factory=lycoris.MergedDeltas)
+    used: OrderedDict[str, None] = field(default_factory=OrderedDict)  # least recent first
+
+
+# loaded networks kept beyond the set in use (an axis over many LoRA files would otherwise
+# hold every one of them, on the GPU for adapters, until the stack goes)
+KEEP_UNUSED = 4
 
 
 _per_pipe: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -408,6 +415,10 @@ class LoraSet:
             te, unet = part_weights(weight)
             was_te, was_unet = weights.get(name, (0.0, 0.0))
             weights[name] = (was_te + te, was_unet + unet)
+        for name in weights:
+            self._state.used[name] = None
+            self._state.used.move_to_end(name)
+        self._evict(set(weights))
         deltas = self._state.deltas
         active = {n: w for n, w in weights.items() if w != (0.0, 0.0) and n not in deltas}
         merged = {deltas[n]: w for n, w in weights.items() if w != (0.0, 0.0) and n in deltas}
@@ -418,6 +429,17 @@ class LoraSet:
         self._activate(active)
         if fuse and active:
             self._fuse(active)
+
+    def _evict(self, in_use: set[str]) -> None:
+        """Unload the least recently used networks beyond KEEP_UNUSED; they load again if
+        asked for (the same file, the same deltas: an image never depends on it)."""
+        unused = [n for n in self._state.used if n not in in_use]
+        for name in unused[:max(0, len(unused) - KEEP_UNUSED)]:
+            del self._state.used[name]
+            path = next(p for p, n in self.adapters.items() if n == name)
+            del self.adapters[path]
+            if self._state.deltas.pop(name, None) is None:
+                self.pipe.delete_adapters(name)
 
     def _lora_layers(self) -> Iterator[torch.nn.Module]:
         from peft.tuners.lora import LoraLayer
