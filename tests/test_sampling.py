@@ -261,3 +261,26 @@ def test_guidance_embedding_is_each_images_own():
         assert torch.equal(row, txt2img._guidance_embedding(pipe, [cfg], torch.float32,
                                                             torch.device("cpu"))[0])
     assert not torch.equal(both[0], both[1])
+
+
+def test_a_half_precision_vae_that_overflows_decodes_again_in_float32(tiny_stack):
+    """The WebUI's automatic VAE precision: NaN from an fp16 VAE (some SD1 VAEs at large
+    sizes) means the same decode again in float32, not a black picture."""
+    import copy
+    from types import SimpleNamespace
+
+    pipe = tiny_stack.pipe
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    want = txt2img.decode(SimpleNamespace(vae=pipe.vae, image_processor=pipe.image_processor),
+                          latents)
+    vae = copy.deepcopy(pipe.vae).half()
+    real = vae.decode
+
+    def overflowing(z, **kw):
+        out = real(z, **kw)
+        return (torch.full_like(out[0], float("nan")),) if z.dtype == torch.float16 else out
+
+    vae.decode = overflowing
+    got = txt2img.decode(SimpleNamespace(vae=vae, image_processor=pipe.image_processor), latents)
+    assert vae.dtype == torch.float16  # put back
+    assert np.array_equal(np.asarray(got[0]), np.asarray(want[0]))

@@ -28,7 +28,7 @@ from sdbatch.prompts.encode import encode_sdxl
 from sdbatch.prompts.parser import extract_extra_networks, prompt_at_step, split_and
 from sdbatch.sampling import Conditioning
 from sdbatch.stages.picture import Picture
-from sdbatch.stages.vae import full_mask_conditioning, is_sdxl
+from sdbatch.stages.vae import full_mask_conditioning, half_safe, is_sdxl
 
 StepCallback = Callable[[int, int], None]  # (step done, steps)
 
@@ -227,7 +227,7 @@ def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
     upcast = is_sdxl(pipe) and vae.dtype == torch.float16 and vae.config.force_upcast
     if upcast:
         vae.to(torch.float32)
-    latents = latents.to(vae.dtype)
+    latents = latents.float()
     mean, std = (getattr(vae.config, "latents_mean", None),
                  getattr(vae.config, "latents_std", None))
     if mean is not None and std is not None:
@@ -236,7 +236,7 @@ def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
                    / vae.config.scaling_factor + torch.tensor(mean).view(view).to(latents))
     else:
         latents = latents / vae.config.scaling_factor
-    image = vae.decode(latents, return_dict=False)[0]
+    image = half_safe(vae, lambda: vae.decode(latents.to(vae.dtype), return_dict=False)[0])
     if upcast:
         vae.to(torch.float16)
     return pipe.image_processor.postprocess(image, output_type="pil")

@@ -4,6 +4,8 @@ decode.)"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from PIL import Image
@@ -11,6 +13,21 @@ from PIL import Image
 
 def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def half_safe(vae, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """run() with the VAE as it is; where a half-precision VAE overflows (NaN or inf: some
+    SD1 VAEs at large sizes), run() again with the VAE in float32, as the WebUI's automatic
+    VAE precision does. run() casts its input to vae.dtype itself."""
+    out = run()
+    if vae.dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(out).all()):
+        dtype = vae.dtype
+        vae.to(torch.float32)
+        try:
+            out = run()
+        finally:
+            vae.to(dtype)
+    return out
 
 
 def pixels(images: list[Image.Image]) -> torch.Tensor:
@@ -33,7 +50,7 @@ def _encode(pipe, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     upcast = is_sdxl(pipe) and vae.dtype == torch.float16 and vae.config.force_upcast
     if upcast:
         vae.to(torch.float32)
-    latents = vae.encode(x.to(device, vae.dtype)).latent_dist.mode()
+    latents = half_safe(vae, lambda: vae.encode(x.to(device, vae.dtype)).latent_dist.mode())
     if upcast:
         vae.to(torch.float16)
     mean, std = (getattr(vae.config, "latents_mean", None),
