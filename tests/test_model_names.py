@@ -157,3 +157,17 @@ def test_stack_cache_loads_once_and_evicts_least_recently_used():
 @pytest.fixture(autouse=True)
 def _identity_without_files(monkeypatch):
     monkeypatch.setattr(StackSpec, "identity", property(lambda self: self.name), raising=False)
+
+
+def test_a_lora_is_found_by_the_name_it_was_trained_as(models):
+    """The WebUI inserts a LoRA's alias (ss_output_name) into prompts by default; copied,
+    such a tag must find the file."""
+    import safetensors.torch
+
+    path = models / "Lora" / "more_details.safetensors"
+    safetensors.torch.save_file({"x": torch.zeros(1)}, str(path),
+                                metadata={"ss_output_name": "add_detail"})
+    assert names.resolve("lora", "add_detail", models) == path
+    assert names.resolve("lora", "more_details", models) == path
+    with pytest.raises(names.NameNotFound):
+        names.resolve("lora", "add_details", models)

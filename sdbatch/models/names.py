@@ -12,6 +12,7 @@ front with the nearest names that do exist.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 from pathlib import Path
@@ -94,6 +95,11 @@ def resolve(kind: str, name: str, models: Path | None) -> Path:
                              p.name, stem(rel), stem(p.name))]
     if matches:  # x.ckpt and x.safetensors: the extension the WebUI prefers
         return min(matches, key=lambda p: _extension_rank(kind, p))
+    if kind == "lora":  # the name the file says it was trained as: the WebUI's alias
+        aliased = [p for p in files if p.suffix.lower() == ".safetensors"
+                   and trained_name(p) == wanted]
+        if aliased:
+            return aliased[0]
     names = [stem(p.relative_to(_root_of(p, kind, models)).as_posix()) for p in files]
     where = (f"under {' or '.join(str(r) for r in roots(kind, models))}" if models
              else "(paths.models is not set, so only paths are looked up)")
@@ -101,6 +107,21 @@ def resolve(kind: str, name: str, models: Path | None) -> Path:
     hint = f"; nearest: {', '.join(close)}" if close else (
         f"; found: {', '.join(names[:8])}" if names else "")
     raise NameNotFound(f"no {kind} named '{name}' {where}{hint}")
+
+
+def trained_name(path: Path) -> str | None:
+    """A LoRA's ss_output_name (its training run's name, which prompts copied from the
+    WebUI use where it prefers aliases), from the .safetensors header alone."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > 100 << 20:
+                return None
+            metadata = json.loads(f.read(size)).get("__metadata__") or {}
+    except (OSError, ValueError):
+        return None
+    name = metadata.get("ss_output_name")
+    return name if isinstance(name, str) and name else None
 
 
 def face_restorer(name: str, models: Path | None) -> Path:
