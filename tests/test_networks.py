@@ -479,6 +479,22 @@ def test_hypernetwork_multiplier(stack, base, tmp_path, monkeypatch):
     assert diff(render(stack), base) == 0
 
 
+def test_an_axis_over_many_hypernetworks_keeps_only_a_few_loaded(stack, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setattr(hypernetwork, "KEEP_UNUSED", 1)
+    files = [hypernetwork.write_a1111_hypernetwork(tmp_path / f"h{i}.pt", 64, [1, 2, 1],
+                                                   seed=i) for i in range(4)]
+    nets = hypernetwork.Hypernetworks(stack.pipe)
+    try:
+        for f in files:
+            nets.apply([(f, 1.0)])
+            assert len(nets.loaded) <= 2
+        nets.apply([(files[2], 1.0), (files[3], 0.5)])
+        assert set(nets.loaded) == {files[2].resolve(), files[3].resolve()}
+    finally:
+        nets.apply([])
+
+
 def test_hypernetwork_file_format(tmp_path):
     import torch.nn.functional as F
 

@@ -225,6 +225,7 @@ class _PipeHypernetworks:
 
 
 _per_pipe: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+KEEP_UNUSED = 4  # files kept loaded beyond those in use (as for LoRAs)
 
 
 class Hypernetworks:
@@ -251,12 +252,17 @@ class Hypernetworks:
                     f"checkpoint's attentions see widths {sorted(widths)}, so it would change "
                     "nothing; use a hypernetwork trained for this checkpoint's family")
             self.loaded[key] = net.to(self.pipe.unet.device)
+        self.loaded[key] = self.loaded.pop(key)  # the most recently used last
         return self.loaded[key]
 
     def apply(self, entries: Iterable[tuple[Path, float]]) -> None:
         """Make exactly these hypernetworks active, in order; none (or all at 0) detaches."""
+        entries = list(entries)
         active = [(self.load(path), float(m)) for path, m in entries]
         self.active[:] = [(net, m) for net, m in active if m != 0.0]
+        in_use = {Path(path).resolve() for path, _ in entries}
+        for key in [k for k in self.loaded if k not in in_use][:-KEEP_UNUSED or None]:
+            del self.loaded[key]  # the least recently used go: an axis over many files
         if self.active:
             self.attach()
         else:
