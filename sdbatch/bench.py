@@ -39,7 +39,7 @@ def random_stack(family: str, device: torch.device, dtype: torch.dtype,
 
     stacks.quiet_libraries()
     folder = families.config_folder(family)
-    index = json.loads((folder / "model_index.json").read_text())
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     parts: dict[str, object] = {}
     gen = torch.Generator(device).manual_seed(0)
     for name, value in index.items():

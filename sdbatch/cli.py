@@ -186,9 +186,11 @@ def reproduce(args: list[str]) -> None:
     parser.add_argument("image", type=Path)
     parser.add_argument("--out", type=Path, help="also save the new render here")
     ns = parser.parse_args(args)
+    from sdbatch.models.stack import StackLoadError
+
     try:
         same = check(ns.image, ns.out)
-    except (JobError, ValueError, FileNotFoundError) as e:
+    except (JobError, ValueError, OSError, StackLoadError) as e:
         fail(e)
     sys.exit(0 if same else 1)
 
@@ -266,7 +268,7 @@ def grid(args: list[str]) -> None:
         fail(f"{ns.run_dir} is not an sdbatch run folder (no run.json)")
     try:
         written = grids.write_all(ns.run_dir, ns.x, ns.y, ns.z, ns.max_megapixels)
-    except JobError as e:
+    except (JobError, OSError, ValueError) as e:  # OSError: an image that cannot be read
         fail(e)
     print("\n".join(map(str, written)) or f"{ns.run_dir}: one image, no grid")
 

@@ -212,7 +212,7 @@ def unet_config(spec: StackSpec) -> dict:
     config a single file is built from (model.config, else its family's shipped one)."""
     folder = spec.path if spec.path.is_dir() else (spec.config or
                                                    families.config_folder(spec.family))
-    return json.loads((Path(folder) / "unet" / "config.json").read_text())
+    return json.loads((Path(folder) / "unet" / "config.json").read_text(encoding="utf-8"))
 
 
 def controlnet_problems(plan, specs: dict[str, StackSpec],

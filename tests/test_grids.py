@@ -206,3 +206,17 @@ def test_grid_command_line_names_the_axes_it_has(run_2x2: Path, tmp_path: Path):
     assert "its axes: prompt, cfg_scale" in proc.stderr
     out = sdbatch(tmp_path, "grid", str(run_2x2), "--x", "prompt").stdout
     assert out.strip().endswith("prompt-by-cfg_scale.png")
+
+
+def test_x_values_are_csv_as_the_webuis_plot_reads_them_back():
+    """The WebUI parses X/Y/Z values with a CSV reader: a comma or quote means quotes, with
+    quotes doubled and the text as it is (no JSON escapes)."""
+    import csv
+    import io
+
+    axis = grids.GridAxis(("prompt",), (("猫 on a roof, at night",), ('a "red" house',),
+                                        ("plain",)))
+    text = axis.values_text()
+    assert text == '"猫 on a roof, at night", "a ""red"" house", plain'
+    row = next(csv.reader(io.StringIO(text), skipinitialspace=True))
+    assert row == ["猫 on a roof, at night", 'a "red" house', "plain"]

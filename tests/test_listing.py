@@ -85,6 +85,9 @@ def test_show_refuses_a_picture_sdbatch_did_not_make(tmp_path: Path):
     Image.new("RGB", (8, 8)).save(tmp_path / "other.png")
     with pytest.raises(ValueError, match="no 'sdbatch' chunk"):
         listing.show(tmp_path / "other.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "other.jpg")
+    with pytest.raises(ValueError, match="a JPEG picture, not a PNG"):
+        listing.show(tmp_path / "other.jpg")
 
 
 def test_ls_and_show_on_the_command_line(outputs: Path, tmp_path: Path):

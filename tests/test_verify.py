@@ -162,6 +162,18 @@ def test_a_moved_image_is_named_with_a_heat_map_and_exit_1(run: Path, tmp_path: 
     assert heat.exists() and Image.open(heat).width > 3 * 64
 
 
+def test_a_cut_short_first_image_is_a_named_regression_not_a_crash(run: Path,
+                                                                   tmp_path: Path):
+    """The job comes from an intact image's recipe; the broken one is a regression (exit 1)
+    and the others are still checked."""
+    first = run / sorted(entries(run), key=lambda e: e["index"])[0]["file"]
+    first.write_bytes(first.read_bytes()[:200])
+    proc = sdbatch(tmp_path, "verify", str(run), "--out", "report", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "cannot be read as a picture" in proc.stdout
+    assert "REGRESSIONS: 3 of 4 hold" in proc.stdout
+
+
 def test_sample_1_verifies_one_image(run: Path, tmp_path: Path):
     report = verify.verify(run, tmp_path / "report", sample=1)
     assert len(report.checks) == 1 and report.ok

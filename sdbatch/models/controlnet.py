@@ -94,7 +94,7 @@ def signature(path: str | os.PathLike) -> Signature:
         config = path / "config.json"
         if not config.is_file():
             raise ModelFileError(f"{path} is not a diffusers ControlNet folder (no config.json)")
-        return config_signature(json.loads(config.read_text()))
+        return config_signature(json.loads(config.read_text(encoding="utf-8")))
     return shapes_signature(read_shapes(path), str(path))
 
 

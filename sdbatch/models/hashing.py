@@ -20,7 +20,7 @@ def _cache_file() -> Path:
 
 def _load() -> dict[str, dict]:
     try:
-        return json.loads(_cache_file().read_text())
+        return json.loads(_cache_file().read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
 

@@ -289,7 +289,7 @@ def import_model_classes() -> None:
     for sampler in samplers.SAMPLERS.values():
         getattr(diffusers, sampler.scheduler)
     for index in families.CONFIGS.glob("*/model_index.json"):
-        for name, value in json.loads(index.read_text()).items():
+        for name, value in json.loads(index.read_text(encoding="utf-8")).items():
             if name == "_class_name":
                 getattr(diffusers, value)
             elif isinstance(value, list) and value[0] in libraries:
@@ -321,7 +321,7 @@ def load_single_file(path: str | os.PathLike, family: str = "auto",
     if not (folder / "model_index.json").is_file():
         raise ModelFileError(f"config folder {folder} has no model_index.json; give a diffusers "
                              "folder that describes the checkpoint's models")
-    index = json.loads((folder / "model_index.json").read_text())
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     pipeline_class = getattr(diffusers, index["_class_name"])
     accepted = set(pipeline_class._get_signature_keys(pipeline_class)[0]) | set(
         pipeline_class._get_signature_keys(pipeline_class)[1])

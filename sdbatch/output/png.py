@@ -22,7 +22,11 @@ def encode(image: Image.Image, infotext: str, recipe: dict[str, Any]) -> bytes:
 
 
 def read_text(path: Path) -> dict[str, str]:
+    """A PNG's text chunks; ValueError for a picture of another format (no such chunks)."""
     with Image.open(path) as im:
+        if not hasattr(im, "text"):
+            raise ValueError(f"{path} is a {im.format} picture, not a PNG: sdbatch writes its "
+                             "parameters and recipe into PNG text chunks")
         return dict(im.text)
 
 

@@ -115,7 +115,7 @@ def record_grids(path: Path, files: list[str]) -> None:
     those already named: a read-modify-write under run.json's lock, like every other (a
     `sdbatch grid` while a run records its session loses neither)."""
     with FileLock(path / "run.json.lock"):
-        info = json.loads((path / "run.json").read_text())
+        info = json.loads((path / "run.json").read_text(encoding="utf-8"))
         info["grids"] = list(dict.fromkeys([*info.get("grids", []), *files]))
         atomic.write_text(path / "run.json", json.dumps(info, indent=2))
 
@@ -124,7 +124,7 @@ class RunFolder:
     def __init__(self, path: Path):
         self.path = path
         self.images = path / "images"
-        self.info: dict[str, Any] = json.loads((path / "run.json").read_text())
+        self.info: dict[str, Any] = json.loads((path / "run.json").read_text(encoding="utf-8"))
         # what the manifest held when the folder was opened (what a resume skips); lines
         # written since are not kept, so a long run's memory does not grow with its images
         self.done = manifest.read(path / "manifest.jsonl")
@@ -133,7 +133,7 @@ class RunFolder:
 
     @staticmethod
     def stored_info(path: Path) -> dict[str, Any]:
-        return json.loads((path / "run.json").read_text())
+        return json.loads((path / "run.json").read_text(encoding="utf-8"))
 
     @staticmethod
     def stored_entries(path: Path) -> dict[int, dict[str, Any]]:
@@ -142,7 +142,7 @@ class RunFolder:
     @staticmethod
     def stored_job(path: Path) -> dict[str, Any] | None:
         config = path / "config.yaml"
-        return yaml.safe_load(config.read_text()) if config.exists() else None
+        return yaml.safe_load(config.read_text(encoding="utf-8")) if config.exists() else None
 
     @staticmethod
     def mismatch(path: Path, job: dict[str, Any]) -> list[str]:
@@ -188,7 +188,7 @@ class RunFolder:
     def _update(self, change) -> None:
         """run.json read afresh, changed by ``change(info)`` and replaced, under its lock."""
         with FileLock(self.path / "run.json.lock"):
-            info = json.loads((self.path / "run.json").read_text())
+            info = json.loads((self.path / "run.json").read_text(encoding="utf-8"))
             change(info)
             atomic.write_text(self.path / "run.json", json.dumps(info, indent=2))
         self.info = info

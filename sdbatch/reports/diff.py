@@ -215,7 +215,11 @@ def diff(run_a: Path, run_b: Path, out: Path) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for p in pairs:
-        x, y = rgb(Image.open(run_a / p.a["file"])), rgb(Image.open(run_b / p.b["file"]))
+        try:
+            x, y = rgb(Image.open(run_a / p.a["file"])), rgb(Image.open(run_b / p.b["file"]))
+        except OSError as e:  # cut short, or no picture any more: this pair differs
+            p.problem = f"cannot be read as a picture: {e}"
+            continue
         if x.shape != y.shape:
             p.problem = (f"sizes differ: {x.shape[1]}x{x.shape[0]} and "
                          f"{y.shape[1]}x{y.shape[0]}")
@@ -240,6 +244,6 @@ def diff(run_a: Path, run_b: Path, out: Path) -> Report:
         stack_rows(rows[n:n + ROWS_PER_SHEET]).save(out / name)
         report.sheets.append(name)
     (out / "report.json").write_text(json.dumps(report.as_dict(), indent=2,
-                                                ensure_ascii=False))
-    (out / "report.txt").write_text(report.text())
+                                                ensure_ascii=False), encoding="utf-8")
+    (out / "report.txt").write_text(report.text(), encoding="utf-8")
     return report

@@ -125,11 +125,15 @@ class GridAxis:
         return ["\n".join(lines) for lines in zip(*columns, strict=True)], notes
 
     def values_text(self) -> str:
-        """The values as the WebUI's infotext writes "X Values": comma separated."""
-        return ", ".join(" / ".join(json.dumps(t) if "," in t else t
-                                    for t in (value_text(k, v) for k, v in zip(self.keys, row,
-                                                                             strict=True)))
+        """The values as the WebUI's infotext writes "X Values": CSV, as its X/Y/Z plot reads
+        them back (a value with a comma or a quote in quotes, its quotes doubled)."""
+        return ", ".join(_csv(" / ".join(value_text(k, v)
+                                         for k, v in zip(self.keys, row, strict=True)))
                          for row in self.values)
+
+
+def _csv(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if ("," in text or '"' in text) else text
 
 
 def run_axes(job: Job) -> list[GridAxis]:
@@ -425,8 +429,8 @@ def encode(image: Image.Image, sheet: Sheet, text: str) -> bytes:
 def load_job(run_dir: Path) -> tuple[Job, schema.Grid]:
     """The job that made a run folder, seeds resolved as the run drew them (run.json's
     expanded job; config.yaml for folders made before run.json held it), and its grid."""
-    info = json.loads((run_dir / "run.json").read_text())
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
     raw = info.get("made_of", {}).get("job") or {k: v for k, v in config.items()
                                                  if k != "grid"}
     job = schema.validate(raw, lambda key: str(run_dir / "run.json"))

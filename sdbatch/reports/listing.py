@@ -61,9 +61,9 @@ def wall_seconds(sessions: list[dict[str, Any]], last_write: dt.datetime | None,
 
 
 def read_run(path: Path) -> RunRow:
-    info = json.loads((path / "run.json").read_text())
+    info = json.loads((path / "run.json").read_text(encoding="utf-8"))
     config = path / "config.yaml"
-    job = (yaml.safe_load(config.read_text()) or {}).get("job", {}).get("name") \
+    job = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("job", {}).get("name") \
         if config.exists() else None
     entries = manifest.read(path / "manifest.jsonl")
     statuses = [e.get("status") for e in entries.values()]
@@ -80,7 +80,7 @@ def find_runs(root: Path) -> list[Path]:
     """Run folders at or under ``root`` (a folder holding run.json), oldest first."""
     found = [root] if (root / "run.json").is_file() else \
         sorted(p.parent for p in root.rglob("run.json"))
-    return sorted(found, key=lambda p: (json.loads((p / "run.json").read_text())
+    return sorted(found, key=lambda p: (json.loads((p / "run.json").read_text(encoding="utf-8"))
                                         .get("created", ""), str(p)))
 
 

@@ -208,7 +208,7 @@ def verify(run: Path, out: Path, sample: int | None = None,
     info = RunFolder.stored_info(run)
     chosen = choose(ok, sample)
     checks = {e["index"]: Check(e["index"], e["file"]) for e in chosen}
-    present = {}
+    present, intact = {}, set()
     for e in chosen:
         file = run / e["file"]
         if not file.exists():
@@ -220,6 +220,7 @@ def verify(run: Path, out: Path, sample: int | None = None,
             present[e["index"]] = e
         else:
             present[e["index"]] = e
+            intact.add(e["index"])
     out.mkdir(parents=True, exist_ok=True)
     notes = []
     if info.get("status") != "complete":
@@ -231,7 +232,7 @@ def verify(run: Path, out: Path, sample: int | None = None,
     if count:
         torch.set_num_threads(count)
     try:
-        fresh = _render(run, present, ok, out / "rendered") if present else {}
+        fresh = _render(run, present, intact, ok, out / "rendered") if present else {}
     finally:
         torch.set_num_threads(previous)
     here = next((f.machine for f in fresh.values()), {})
@@ -242,8 +243,8 @@ def verify(run: Path, out: Path, sample: int | None = None,
     report = Report(str(run), info.get("status", "unknown"), info.get("images", len(entries)),
                     len(ok), sample, tolerance, here, now,
                     [checks[e["index"]] for e in chosen], notes)
-    (out / "report.json").write_text(json.dumps(report.as_dict(), indent=2))
-    (out / "report.txt").write_text(report.text())
+    (out / "report.json").write_text(json.dumps(report.as_dict(), indent=2), encoding="utf-8")
+    (out / "report.txt").write_text(report.text(), encoding="utf-8")
     return report
 
 
@@ -257,9 +258,11 @@ class Fresh:
     error: str | None = None
 
 
-def _render(run: Path, present: dict[int, dict[str, Any]], ok: list[dict[str, Any]],
-            folder: Path) -> dict[int, Fresh]:
-    """The images of ``present`` rendered again by the run's plan, each with its PNG."""
+def _render(run: Path, present: dict[int, dict[str, Any]], intact: set[int],
+            ok: list[dict[str, Any]], folder: Path) -> dict[int, Fresh]:
+    """The images of ``present`` rendered again by the run's plan, each with its PNG; the
+    job comes from an ``intact`` image's recipe first (a changed one may be cut short or
+    stripped of its chunks)."""
     from sdbatch import schema
     from sdbatch.executors.driver import drive
     from sdbatch.executors.intermediates import ControlMaps, Intermediates
@@ -271,8 +274,17 @@ def _render(run: Path, present: dict[int, dict[str, Any]], ok: list[dict[str, An
     from sdbatch.plan import finals, needed
     from sdbatch.run import prepare, setup
 
-    first = next(run / e["file"] for e in present.values() if (run / e["file"]).exists())
-    embedded = png.read_recipe(first)["job"]  # seed-resolved, prompt files written in
+    embedded, first = None, None
+    for e in sorted(present.values(), key=lambda e: e["index"] not in intact):
+        try:  # seed-resolved, prompt files written in
+            first = run / e["file"]
+            embedded = png.read_recipe(first)["job"]
+            break
+        except (OSError, ValueError):
+            continue
+    if embedded is None:
+        raise ValueError(f"no image of {run} holds its sdbatch recipe any more (changed or "
+                         "re-saved without it): nothing says how to render them again")
     config = RunFolder.stored_job(run)
     raw = json.loads(json.dumps(embedded))
     # the prompts as rendered: a random dynamic prompt is not drawn again (see reproduce)
@@ -343,7 +355,12 @@ def _compare(run: Path, entry: dict[str, Any], fresh: Fresh | None, check: Check
         check.notes.append(f"its recipe now has another content key ({entry['key']} then, "
                               f"{fresh.key} now): the job, a model file or sdbatch's keying "
                               "changed")
-    old, new = rgb(Image.open(run / entry["file"])), rgb(fresh.image)
+    try:
+        old = rgb(Image.open(run / entry["file"]))
+    except OSError as e:  # cut short or not a picture any more: a regression, named
+        check.problems.append(f"{entry['file']} cannot be read as a picture: {e}")
+        return
+    new = rgb(fresh.image)
     check.bytes_same = (run / entry["file"]).read_bytes() == fresh.data
     if old.shape != new.shape:
         check.problems.append(f"sizes differ: {old.shape[1]}x{old.shape[0]} then, "

@@ -300,8 +300,8 @@ def reuse_vae(folder: Path, settings: Settings, report: dict):
     settings.shares["vae"] = 0.0
     made = folder.parent / "train_settings.json"
     report["vae"] = {"reused": str(folder / "vae"), "steps": 0, "steps_done": 0,
-                     "made_by": json.loads(made.read_text())["command"] if made.is_file()
-                     else None}
+                     "made_by": (json.loads(made.read_text(encoding="utf-8"))["command"]
+                                 if made.is_file() else None)}
     return vae.eval()
 
 
