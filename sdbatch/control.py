@@ -73,11 +73,12 @@ def at_size(unit: Unit, w: int, h: int) -> np.ndarray:
 
 def cropped(unit: Unit, picture: tuple[int, int], box: tuple[int, int, int, int],
             w: int, h: int) -> np.ndarray:
-    """The map fitted to the whole picture, cut to ``box`` and stretched to w x h (inpaint's
-    only-masked area: the box already has the processing aspect)."""
+    """The map fitted to the whole picture, cut to ``box`` and fitted to w x h as inpaint
+    fits the picture's crop there (resize and fill: a box clipped at the picture's edge has
+    another aspect than the processing size)."""
     x1, y1, x2, y2 = box
     whole = at_size(unit, *picture)
-    return preprocessors.fit(whole[y1:y2, x1:x2], "just_resize", w, h)
+    return preprocessors.fit(whole[y1:y2, x1:x2], "resize_and_fill", w, h)
 
 
 def tile_maps(unit: Unit, size: tuple[int, int], grid: tiles.Grid) -> list[np.ndarray]:

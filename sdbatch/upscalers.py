@@ -24,19 +24,22 @@ def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
 
 def upscale(image: Image.Image, scale: float, upscaler: str,
             model: ModelPass | None = None) -> Image.Image:
+    """The WebUI's Upscaler.upscale: up to 3 passes of the upscaler (a model's own scale, a
+    built-in's ``scale``) while the picture is smaller than the target, none when it is
+    already as large (a scale below 1), then a Lanczos resize to the target."""
     target = scaled_size(image.width, image.height, scale)
-    if model is not None:
-        out = image
-        for _ in range(3):
-            before = out.size
-            out = model(out)
-            if out.size == before or (out.width >= target[0] and out.height >= target[1]):
-                break
-    elif upscaler in BUILT_IN:
-        out = image.resize((int(image.width * scale), int(image.height * scale)),
-                           BUILT_IN[upscaler])
-    else:
+    if model is None and upscaler not in BUILT_IN:
         raise ValueError(f"unknown upscaler {upscaler!r}; built in: {', '.join(BUILT_IN)}")
+    step = model or (lambda im: im.resize((int(im.width * scale), int(im.height * scale)),
+                                          BUILT_IN[upscaler]))
+    out = image
+    for i in range(3):
+        if out.width >= target[0] and out.height >= target[1] and (i > 0 or scale != 1):
+            break
+        before = out.size
+        out = step(out)
+        if out.size == before:
+            break
     if out.size != target:
         out = out.resize(target, Image.Resampling.LANCZOS)
     return out

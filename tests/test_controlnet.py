@@ -94,6 +94,13 @@ def test_a_file_in_the_extensions_layout_loads_offline_weight_for_weight(tiny_st
     again = controlnet.load(tmp_path / "control_y.pth", tiny_stack.pipe.unet.config,
                             torch.float32).state_dict()
     assert all(torch.equal(want[k], again[k]) for k in want)
+    # ControlNet 1.0 files hold the whole SD model beside control_model.*: only it is taken
+    whole = {**prefixed, "model.diffusion_model.time_embed.0.weight": torch.zeros(4, 4),
+             "first_stage_model.decoder.conv_in.bias": torch.zeros(4)}
+    torch.save(whole, tmp_path / "control_sd15_canny.pth")
+    third = controlnet.load(tmp_path / "control_sd15_canny.pth", tiny_stack.pipe.unet.config,
+                            torch.float32).state_dict()
+    assert all(torch.equal(want[k], third[k]) for k in want)
 
 
 def test_a_diffusers_folder_is_found_by_name_and_loads(tiny_stack, tmp_path):
@@ -397,3 +404,16 @@ def test_a_released_size_sd15_controlnet_file_loads_offline(tmp_path):
     assert sum(p.numel() for p in loaded.parameters()) > 3.5e8
     for k, v in samples.items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_an_only_masked_box_clipped_at_the_edge_cuts_the_map_as_the_picture():
+    """Inpaint fits the box's crop of the picture to the processing size with resize and
+    fill; the map's crop must land on the same pixels (it was stretched)."""
+    from sdbatch import control
+
+    detected = np.zeros((64, 64, 3), np.uint8)
+    detected[:, 10:12] = 255  # a line 10 px from the left
+    unit = control.Unit({"resize_mode": "just_resize"}, None, detected)
+    cut = control.cropped(unit, (64, 64), (0, 0, 32, 64), 64, 64)  # a half-width box
+    # the 32 x 64 crop fits the height as it is, centred: 16 px of fill on the left
+    assert list(np.flatnonzero(cut[32, :, 0] > 128)) == [26, 27]  # stretched: 20-23

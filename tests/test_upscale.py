@@ -98,6 +98,28 @@ def test_tile_seeds_are_the_webuis_batches():
     assert tiles.tile_seeds(10, 50, 3, 1, True) == [(10, 50), (11, 50), (12, 50)]
 
 
+def test_an_upscale_to_a_smaller_size_runs_no_upscaler_pass():
+    """The WebUI's loop checks the size first: a scale below 1 is one Lanczos resize, the
+    model never runs (it ran, 4x up and back down)."""
+    from PIL import Image
+
+    picture = Image.fromarray(np.arange(64 * 48 * 3, dtype=np.uint8).reshape(48, 64, 3))
+    calls = []
+
+    def model(im):
+        calls.append(im.size)
+        return im.resize((im.width * 4, im.height * 4))
+
+    small = upscalers.upscale(picture, 0.5, "R-ESRGAN 4x+", model)
+    assert calls == [] and small.size == (32, 24)
+    assert np.array_equal(np.asarray(small), np.asarray(
+        picture.resize((32, 24), Image.Resampling.LANCZOS)))
+    assert np.array_equal(np.asarray(upscalers.upscale(picture, 0.5, "Lanczos")),
+                          np.asarray(small))
+    upscalers.upscale(picture, 2, "R-ESRGAN 4x+", model)
+    assert calls == [(64, 48)]  # up: one pass of the model, then down to the target
+
+
 def test_upscaled_sizes_are_the_webuis_multiples_of_8():
     assert upscalers.scaled_size(64, 64, 2) == (128, 128)
     assert upscalers.scaled_size(100, 60, 1.5) == (144, 88)

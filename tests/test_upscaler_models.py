@@ -326,3 +326,21 @@ def test_jobs_on_tiny_find_upscalers_beside_it(tmp_path, monkeypatch):
     job = validate({**BASE, "post": [{"upscale": {"upscaler": "4x-Family"}}]})
     files, problems = model_specs.resolve_upscalers(job)
     assert problems == [] and files["4x-Family"].path == family / "ESRGAN/4x-Family.safetensors"
+
+
+def test_a_model_file_spandrel_cannot_parse_names_the_file(tmp_path):
+    """Keys of a known architecture with a weight cut short: spandrel's own checks fail
+    (an AssertionError for Compact), which must name the file, not end the run."""
+    import safetensors.torch
+
+    from sdbatch.models import spandrel_files, tiny
+    from sdbatch.models.single_file import ModelFileError
+
+    weights = safetensors.torch.load_file(
+        str(tiny.family_models() / "ESRGAN" / "2x-tiny-Compact.safetensors"))
+    last = sorted(weights)[-1]
+    weights[last] = weights[last][:1].contiguous()
+    broken = tmp_path / "broken.safetensors"
+    safetensors.torch.save_file(weights, str(broken))
+    with pytest.raises(ModelFileError, match=r"broken\.safetensors: spandrel cannot read it"):
+        spandrel_files.load(broken)

@@ -133,7 +133,8 @@ def _ldm_to_diffusers(sd: dict, config: dict[str, Any]) -> dict:
     ``label_emb`` (which that converter leaves out) mapped to ``add_embedding``."""
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
-    sd = {k.removeprefix(LDM_PREFIX): v for k, v in sd.items()}
+    if any(k.startswith(LDM_PREFIX) for k in sd):  # a ControlNet 1.0 file holds all of SD
+        sd = {k.removeprefix(LDM_PREFIX): v for k, v in sd.items() if k.startswith(LDM_PREFIX)}
     out = convert_controlnet_checkpoint(sd, config)
     if config.get("addition_embed_type") or config.get("class_embed_type"):
         target = "add_embedding" if config.get("addition_embed_type") else "class_embedding"

@@ -67,6 +67,9 @@ def load(path: str | os.PathLike, allow_pickle: bool = False):
             f"{path}: spandrel does not recognise this model's architecture (it reads "
             "ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, GFPGAN, CodeFormer and more; some need "
             "the spandrel-extra-arches package installed)") from None
+    except Exception as e:  # noqa: BLE001 - an architecture's own checks fail many ways
+        raise ModelFileError(f"{path}: spandrel cannot read it ({type(e).__name__}: {e}); "
+                             "is the file complete? download it again") from None
 
 
 class Loaded:
