@@ -368,3 +368,25 @@ def test_an_input_is_let_go_when_its_last_consumer_ends_even_failing():
     assert [r.error for r in results] == [None, "boom", None]
     assert store.released == [base.calls[0].key]
     assert pool.tasks[0].keep == (base.calls[0].key,)  # kept by the worker that made it
+
+
+def test_control_maps_kept_in_memory_are_bounded_and_read_back_from_disk(tmp_path: Path,
+                                                                         monkeypatch):
+    """A sweep over many control images: the maps beyond MAPS_KEPT leave memory and come
+    back from controlnet/ (a run keeps nothing per image)."""
+    import numpy as np
+    from PIL import Image
+
+    from sdbatch.executors import intermediates
+
+    monkeypatch.setattr(intermediates, "MAPS_KEPT", 2)
+    maps = intermediates.ControlMaps(tmp_path)
+    units = []
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(tmp_path / f"{i}.png")
+        units.append({"map": f"k{i}", "preprocessor": "none", "image": str(tmp_path / f"{i}.png"),
+                      "processor_res": 64, "low_threshold": 100, "high_threshold": 200})
+    first = [maps.get(u) for u in units]
+    assert len(maps._memory) == 2
+    again = maps.get(units[0])  # from controlnet/k0.png
+    assert np.array_equal(again, first[0]) and again[0, 0, 0] == 0

@@ -91,6 +91,7 @@ class Intermediates:
 
 
 CONTROL_FOLDER = "controlnet"
+MAPS_KEPT = 16  # control maps kept in memory, the most recently used (the rest: on disk)
 
 
 class ControlMaps:
@@ -101,11 +102,12 @@ class ControlMaps:
 
     def __init__(self, run_dir: Path | None):
         self.folder = None if run_dir is None else run_dir / CONTROL_FOLDER
-        self._memory: dict[str, np.ndarray] = {}
+        self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def get(self, unit: dict) -> np.ndarray:
         key = unit["map"]
         if key in self._memory:
+            self._memory.move_to_end(key)
             return self._memory[key]
         path = None if self.folder is None else self.folder / f"{key}.png"
         if path is not None and path.exists():
@@ -128,4 +130,6 @@ class ControlMaps:
                 except OSError as e:
                     raise WriteError(f"cannot write {path}: {e}") from e
         self._memory[key] = detected
+        if len(self._memory) > MAPS_KEPT and self.folder is not None:  # a sweep over many
+            self._memory.popitem(last=False)  # control images: memory stays flat
         return detected
