@@ -164,6 +164,23 @@ def test_family_signatures_of_released_shapes():
     assert "SD1.x" in a.words() and "SDXL" in b.words()
 
 
+def test_a_controlnet_of_another_architecture_is_refused_before_any_work(tiny_stack,
+                                                                       tmp_path):
+    """A ControlNet-Union (extra task layers) has the family's signature but not our layers:
+    it is refused while the job is checked, not in every batch."""
+    from safetensors.torch import load_file, save_file
+
+    path = ldm_export.save_controlnet(random_controlnet(tiny_stack.pipe.unet),
+                                      tmp_path / "plain.safetensors")
+    unet = tiny_stack.pipe.unet.config
+    assert controlnet.misfit(path, unet, "tiny") is None
+    union = {**load_file(path), "task_embedding": torch.zeros(8, 32),
+             "control_add_embedding.linear_1.weight": torch.zeros(32, 8)}
+    save_file(union, str(tmp_path / "union.safetensors"))
+    why = controlnet.misfit(tmp_path / "union.safetensors", unet, "tiny")
+    assert why and "union.safetensors" in why and "ControlNet-Union" in why
+
+
 def test_a_controlnet_of_another_family_is_refused_before_any_work(tmp_path, tiny_stack,
                                                                    edges):
     from tests.conftest import build_tiny_sdxl

@@ -21,6 +21,9 @@ from typing import Any
 from sdbatch.models.single_file import ModelFileError, read_shapes, read_state_dict
 
 LDM_PREFIX = "control_model."
+# the parts of a ControlNet in the original layout (the extension's cldm)
+LDM_PARTS = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.", "zero_convs.",
+             "middle_block_out.", "input_hint_block.")
 CONDITIONING_CHANNELS = (16, 32, 96, 256)  # every released ControlNet's hint encoder
 SHARED = ("flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention",
           "block_out_channels", "layers_per_block", "downsample_padding",
@@ -101,11 +104,21 @@ def signature(path: str | os.PathLike) -> Signature:
 def misfit(path: str | os.PathLike, unet_config: Mapping[str, Any], stack: str) -> str | None:
     """Why the ControlNet at ``path`` cannot steer the stack's UNet, or None."""
     mine, theirs = signature(path), config_signature(unet_config)
-    if mine == theirs:
-        return None
-    return (f"{Path(path).name} is a ControlNet for {mine.words()}, but the stack {stack} is "
-            f"{theirs.words()}: give a ControlNet made for the stack's family (SD1.x: "
-            "control_v11*_sd15_*; SDXL: *xl*; the tiny family: control_tiny_canny)")
+    if mine != theirs:
+        return (f"{Path(path).name} is a ControlNet for {mine.words()}, but the stack {stack} "
+                f"is {theirs.words()}: give a ControlNet made for the stack's family (SD1.x: "
+                "control_v11*_sd15_*; SDXL: *xl*; the tiny family: control_tiny_canny)")
+    if not Path(path).is_dir():  # its weights, as shapes only, into a model on no device:
+        import torch  # a Union or a small/mid SDXL ControlNet has other layers than ours
+
+        shapes = read_shapes(path)
+        try:
+            _build({k: torch.empty(s, device="meta") for k, s in shapes.items()},
+                   unet_config, torch.float32, Path(path))
+        except ModelFileError as e:
+            return (f"{e}; sdbatch builds ControlNets the shape of the stack's UNet encoder "
+                    "(ControlNet-Union and the small/mid SDXL ones are other architectures)")
+    return None
 
 
 def config_from_unet(unet_config: Mapping[str, Any],
@@ -128,13 +141,21 @@ def hint_channels(sd: Mapping[str, Any]) -> tuple[int, ...]:
             *(sd[key.format(i)].shape[0] for i in range(1, blocks, 2)))
 
 
+def own_tensors(sd: dict) -> dict:
+    """The ControlNet's tensors without their ``control_model.`` prefix; of a ControlNet 1.0
+    file, which holds all of SD beside them, only those."""
+    if any(k.startswith(LDM_PREFIX) for k in sd):
+        return {k.removeprefix(LDM_PREFIX): v for k, v in sd.items()
+                if k.startswith(LDM_PREFIX)}
+    return sd
+
+
 def _ldm_to_diffusers(sd: dict, config: dict[str, Any]) -> dict:
     """The original layout -> diffusers' keys, through diffusers' own converter; SDXL's
     ``label_emb`` (which that converter leaves out) mapped to ``add_embedding``."""
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
-    if any(k.startswith(LDM_PREFIX) for k in sd):  # a ControlNet 1.0 file holds all of SD
-        sd = {k.removeprefix(LDM_PREFIX): v for k, v in sd.items() if k.startswith(LDM_PREFIX)}
+    sd = own_tensors(sd)
     out = convert_controlnet_checkpoint(sd, config)
     if config.get("addition_embed_type") or config.get("class_embed_type"):
         target = "add_embedding" if config.get("addition_embed_type") else "class_embedding"
@@ -148,7 +169,6 @@ def _ldm_to_diffusers(sd: dict, config: dict[str, Any]) -> dict:
 def load(path: str | os.PathLike, unet_config: Mapping[str, Any], dtype,
          allow_pickle: bool = False):
     """A ControlNetModel in ``dtype`` from a file or diffusers folder, fully offline."""
-    import torch
     from diffusers import ControlNetModel
 
     from sdbatch.models.stack import quiet_libraries
@@ -157,11 +177,33 @@ def load(path: str | os.PathLike, unet_config: Mapping[str, Any], dtype,
     path = Path(path)
     if path.is_dir():
         return ControlNetModel.from_pretrained(path, local_files_only=True, dtype=dtype).eval()
-    sd = read_state_dict(path, allow_pickle)
+    model = _build(read_state_dict(path, allow_pickle), unet_config, dtype, path)
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise ModelFileError(f"{path} has no weights for {len(empty)} tensors (e.g. {empty[0]})")
+    return model.eval()
+
+
+def _build(sd: dict, unet_config: Mapping[str, Any], dtype, path: Path):
+    """A ControlNetModel holding the file's tensors (converted from the original layout),
+    every one of them in place, or ModelFileError."""
+    import torch
+    from diffusers import ControlNetModel
+
     config = config_from_unet(unet_config)
-    if "time_embedding.linear_1.weight" not in sd:
-        sd = _ldm_to_diffusers(sd, config)
-    config = config_from_unet(unet_config, hint_channels(sd))
+    try:
+        if "time_embedding.linear_1.weight" not in sd:
+            original = own_tensors(sd)
+            sd = _ldm_to_diffusers(sd, config)
+            if len(sd) < len(original):  # the converter drops what it has no place for
+                odd = sorted(k for k in original if not k.startswith(LDM_PARTS))
+                raise ModelFileError(
+                    f"{path}: {len(original) - len(sd)} of its tensors have no place in a "
+                    f"ControlNet of the stack's UNet (e.g. {(odd or sorted(original))[0]})")
+        config = config_from_unet(unet_config, hint_channels(sd))
+    except (KeyError, ValueError, IndexError) as e:
+        raise ModelFileError(f"{path}: not a ControlNet sdbatch can read ({type(e).__name__}: "
+                             f"{e})") from e
     with torch.device("meta"):
         model = ControlNetModel.from_config(config)
     try:
@@ -170,7 +212,4 @@ def load(path: str | os.PathLike, unet_config: Mapping[str, Any], dtype,
     except RuntimeError as e:
         raise ModelFileError(f"{path}: its weights do not fit the stack's UNet "
                              f"({str(e).splitlines()[0]})") from e
-    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if empty:
-        raise ModelFileError(f"{path} has no weights for {len(empty)} tensors (e.g. {empty[0]})")
-    return model.eval()
+    return model
