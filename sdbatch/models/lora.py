@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sdbatch.models import lycoris
+from sdbatch.models import lycoris, safetensors_header
 from sdbatch.models.networks_errors import NetworkError
 
 __all__ = ["NetworkError", "LoraSet", "Weight", "check_lora", "lora_hash",
@@ -42,17 +42,13 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dic
     """Tensor shapes and metadata of a .safetensors file, without reading its tensors."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > 100 << 20:
-                raise ValueError(f"header of {size} bytes")
-            header = json.loads(f.read(size))
-        end = 8 + size + max((v["data_offsets"][1] for k, v in header.items()
-                              if k != "__metadata__"), default=0)
+        header, start = safetensors_header.read(path)
+        end = start + max((v["data_offsets"][1] for k, v in header.items()
+                           if k != "__metadata__"), default=0)
         if end > path.stat().st_size:
             raise ValueError(f"cut short: its tensors end at byte {end}, the file at "
                              f"{path.stat().st_size}")
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise NetworkError(f"{path}: not a readable .safetensors file ({e}); download it again "
                            "or convert it to safetensors") from e
     metadata = header.pop("__metadata__", None) or {}
@@ -87,9 +83,9 @@ def _addnet_sha256(path: Path) -> str:
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _hash_cache:
         h = hashlib.sha256()
+        start = safetensors_header.read(path)[1]
         with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            f.seek(8 + size)
+            f.seek(start)
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         _hash_cache[key] = h.hexdigest()

@@ -12,10 +12,11 @@ front with the nearest names that do exist.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 from pathlib import Path
+
+from sdbatch.models import safetensors_header
 
 SUBFOLDERS = {
     "checkpoint": ("Stable-diffusion",),
@@ -113,11 +114,7 @@ def trained_name(path: Path) -> str | None:
     """A LoRA's ss_output_name (its training run's name, which prompts copied from the
     WebUI use where it prefers aliases), from the .safetensors header alone."""
     try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if size > 100 << 20:
-                return None
-            metadata = json.loads(f.read(size)).get("__metadata__") or {}
+        metadata = safetensors_header.read(path)[0].get("__metadata__") or {}
     except (OSError, ValueError):
         return None
     name = metadata.get("ss_output_name")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from sdbatch.models import families
+from sdbatch.models import families, safetensors_header
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -220,12 +220,10 @@ def _safetensors_layout(path: Path) -> dict[str, dict[str, Any]]:
             pass
     except SafetensorError as e:
         raise _corrupt(path, f"safetensors: {e}") from None
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+    header, start = safetensors_header.read(path)
     header.pop("__metadata__", None)
     return {k: {"dtype": v["dtype"], "shape": v["shape"],
-                "offsets": (8 + size + v["data_offsets"][0], 8 + size + v["data_offsets"][1])}
+                "offsets": (start + v["data_offsets"][0], start + v["data_offsets"][1])}
             for k, v in header.items()}
 
 
