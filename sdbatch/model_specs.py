@@ -72,13 +72,11 @@ def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the
         try:
             path = hub.fetch(checkpoint)
         except hub.HubError as e:
-            try:  # a local name mistyped looks like a hub id: say what is there too
+            try:  # a mistyped local folder/name looks like a hub id: say what is there too
                 _find_in(roots, "checkpoint", checkpoint)
-                local = ""
             except names.NameNotFound as missing:
-                local = f"; and {missing}"
-            problems.append(Problem("model.checkpoint", f"{e}{local}",
-                                    origin("model.checkpoint")))
+                e = hub.HubError(f"{e}; and {missing}")
+            problems.append(Problem("model.checkpoint", str(e), origin("model.checkpoint")))
             path = None
     else:
         path = find("checkpoint", checkpoint, "model.checkpoint")
