@@ -37,7 +37,7 @@ from sdbatch.stages.common import (
     stage_render,
 )
 from sdbatch.stages.picture import Picture
-from sdbatch.stages.txt2img import decode
+from sdbatch.stages.vae import decode
 
 
 @dataclass

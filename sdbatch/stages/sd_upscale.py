@@ -17,7 +17,7 @@ from sdbatch.models.stack import Stack
 from sdbatch.models.upscaler_models import UpscalerModels
 from sdbatch.stages.common import Item, StepCallback, encode, sample_tail, stage_render
 from sdbatch.stages.picture import Picture
-from sdbatch.stages.txt2img import decode
+from sdbatch.stages.vae import decode
 
 
 def upscale_one(stack: Stack, item: Item, on_step: StepCallback | None = None,

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from PIL import Image
 
 from sdbatch import control as controlnet
 from sdbatch import noise, samplers, sampling
@@ -28,7 +27,7 @@ from sdbatch.prompts.encode import encode_sdxl
 from sdbatch.prompts.parser import extract_extra_networks, prompt_at_step, split_and
 from sdbatch.sampling import Conditioning
 from sdbatch.stages.picture import Picture
-from sdbatch.stages.vae import full_mask_conditioning, half_safe, is_sdxl
+from sdbatch.stages.vae import decode, full_mask_conditioning, is_sdxl
 
 StepCallback = Callable[[int, int], None]  # (step done, steps)
 
@@ -217,29 +216,6 @@ def pictures(pipe, latents: torch.Tensor) -> list[Picture]:
     """Decoded pictures, each with its latents kept for a later latent-space step."""
     return [Picture(image, lat.detach().float().cpu())
             for image, lat in zip(decode(pipe, latents), latents, strict=True)]
-
-
-@torch.no_grad()
-def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
-    """Latents -> PIL images as the diffusers pipelines decode them (SDXL's fp16 VAE upcast
-    to fp32 when its config asks, latents_mean/std where the VAE has them)."""
-    vae = pipe.vae
-    upcast = is_sdxl(pipe) and vae.dtype == torch.float16 and vae.config.force_upcast
-    if upcast:
-        vae.to(torch.float32)
-    latents = latents.float()
-    mean, std = (getattr(vae.config, "latents_mean", None),
-                 getattr(vae.config, "latents_std", None))
-    if mean is not None and std is not None:
-        view = (1, len(mean), 1, 1)
-        latents = (latents * torch.tensor(std).view(view).to(latents)
-                   / vae.config.scaling_factor + torch.tensor(mean).view(view).to(latents))
-    else:
-        latents = latents / vae.config.scaling_factor
-    image = half_safe(vae, lambda: vae.decode(latents.to(vae.dtype), return_dict=False)[0])
-    if upcast:
-        vae.to(torch.float16)
-    return pipe.image_processor.postprocess(image, output_type="pil")
 
 
 def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None = None,

@@ -1,10 +1,10 @@
-"""Pictures into latents: the VAE's input side, and what a 9-channel inpainting model
-takes beside its latents where its step has no mask. (Latents out to pictures: txt2img's
-decode.)"""
+"""The VAE: pictures into latents and back, in the precision each family needs, and what a
+9-channel inpainting model takes beside its latents where its step has no mask."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -13,6 +13,21 @@ from PIL import Image
 
 def is_sdxl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
+
+
+@contextmanager
+def upcast(pipe) -> Iterator[None]:
+    """SDXL's fp16 VAE in fp32 for the while, where its config asks (force_upcast, as in
+    diffusers): it overflows in fp16."""
+    vae = pipe.vae
+    up = is_sdxl(pipe) and vae.dtype == torch.float16 and vae.config.force_upcast
+    if up:
+        vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        if up:
+            vae.to(torch.float16)
 
 
 def half_safe(vae, run: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -47,12 +62,8 @@ def encode(pipe, images: list[Image.Image] | torch.Tensor, device: torch.device
 @torch.no_grad()
 def _encode(pipe, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     vae = pipe.vae
-    upcast = is_sdxl(pipe) and vae.dtype == torch.float16 and vae.config.force_upcast
-    if upcast:
-        vae.to(torch.float32)
-    latents = half_safe(vae, lambda: vae.encode(x.to(device, vae.dtype)).latent_dist.mode())
-    if upcast:
-        vae.to(torch.float16)
+    with upcast(pipe):
+        latents = half_safe(vae, lambda: vae.encode(x.to(device, vae.dtype)).latent_dist.mode())
     mean, std = (getattr(vae.config, "latents_mean", None),
                  getattr(vae.config, "latents_std", None))
     if mean is not None and std is not None:
@@ -74,3 +85,22 @@ def full_mask_conditioning(pipe, n: int, latent_size: tuple[int, int],
     scale = pipe.vae_scale_factor
     grey = encode(pipe, torch.zeros(1, 3, h * scale, w * scale), device).float().cpu()
     return torch.cat([torch.ones(1, 1, h, w), grey], dim=1).expand(n, -1, -1, -1)
+
+
+@torch.no_grad()
+def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents -> PIL images as the diffusers pipelines decode them (latents_mean/std where
+    the VAE has them), in the VAE's safe precision."""
+    vae = pipe.vae
+    latents = latents.float()
+    mean, std = (getattr(vae.config, "latents_mean", None),
+                 getattr(vae.config, "latents_std", None))
+    if mean is not None and std is not None:
+        view = (1, len(mean), 1, 1)
+        latents = (latents * torch.tensor(std).view(view).to(latents)
+                   / vae.config.scaling_factor + torch.tensor(mean).view(view).to(latents))
+    else:
+        latents = latents / vae.config.scaling_factor
+    with upcast(pipe):
+        image = half_safe(vae, lambda: vae.decode(latents.to(vae.dtype), return_dict=False)[0])
+    return pipe.image_processor.postprocess(image, output_type="pil")
