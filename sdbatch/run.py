@@ -27,7 +27,6 @@ from sdbatch.executors.local import LocalPool
 from sdbatch.executors.worker import Setup, Worker, ends_the_task
 from sdbatch.models import stack as stacks
 from sdbatch.models.image_models import ImageModelFile
-from sdbatch.models.stack import StackLoadError
 from sdbatch.models.upscaler_models import UpscalerFile
 from sdbatch.output import records, run_folder
 from sdbatch.output.filenames import file_name
@@ -40,7 +39,7 @@ from sdbatch.output.run_folder import (
     recorded_max_batch,
     resume_changes,
 )
-from sdbatch.output.writer import WriteError, Writer
+from sdbatch.output.writer import Writer
 from sdbatch.plan import Plan, finals, make_plan, needed, size_problems
 from sdbatch.progress import Progress
 from sdbatch.prompts import sources
@@ -522,11 +521,8 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
             progress.close()
             folder.finish_session("interrupted", dict(counts), top=shard is None)
             raise
-        except (StackLoadError, WriteError, executors.PoolError):
-            progress.close()
-            folder.finish_session("failed", dict(counts), top=shard is None)
-            raise
-        except Exception as e:  # a bug, or SLURM's time up: run.json says how it ended
+        except Exception as e:  # a model or write failing, a bug, SLURM's time up: run.json
+            # says how it ended (the command line reports the first two by their message)
             progress.close()
             folder.finish_session("interrupted" if ends_the_task(e) else "failed",
                                   dict(counts), top=shard is None)
