@@ -32,7 +32,9 @@ def _bases(origin: Origin, key: str) -> list[Path]:
     return bases
 
 
-def _shown(path: Path) -> str:
+def shown(path: Path) -> str:
+    """A path as a command run here would name it: relative where it lies below this
+    folder, else as given."""
     try:
         rel = os.path.relpath(path)
     except ValueError:  # another drive on Windows
@@ -78,7 +80,7 @@ def locate(job: Job, origin: Origin) -> tuple[Job, list[Problem]]:
                                         f"{', '.join(str(b) for b in _bases(origin, key))})",
                                         origin(key)))
             else:
-                paths += [_shown(p) for p in found]
+                paths += [shown(p) for p in found]
         if paths and len(paths) != len(_values(job.init_image)) and \
                 any(key in group for group in job.zip):
             problems.append(Problem(key, "a folder or glob in a zipped init_image gives "
@@ -108,7 +110,7 @@ def locate(job: Job, origin: Origin) -> tuple[Job, list[Problem]]:
 def _single_files(value, key: str, origin: Origin, problems: list, what: str, fix: str):
     """Each path of ``value`` (one, or a tuple: an axis) found as exactly one file, in the
     same shape, or None with a problem per path that is not."""
-    shown = []
+    paths = []
     for text in _values(value):
         found = find(text, _bases(origin, key))
         if found is None or len(found) != 1:
@@ -116,10 +118,10 @@ def _single_files(value, key: str, origin: Origin, problems: list, what: str, fi
                                     else f"'{text}' names {len(found)} pictures; {fix}",
                                     origin(key)))
         else:
-            shown.append(_shown(found[0]))
-    if len(shown) != len(_values(value)):
+            paths.append(shown(found[0]))
+    if len(paths) != len(_values(value)):
         return None
-    return shown if isinstance(value, tuple) else shown[0]
+    return paths if isinstance(value, tuple) else paths[0]
 
 
 def _unit_groups(job: Job, raw: dict) -> list[tuple[str, tuple, list]]:

@@ -30,6 +30,7 @@ from urllib.parse import quote
 import yaml
 
 from sdbatch import atomic, schema
+from sdbatch.inputs import shown
 from sdbatch.output import manifest
 from sdbatch.output.lock import Holder, pid_alive, read_holder
 
@@ -85,17 +86,6 @@ def run_state(info: dict[str, Any], holder: Holder | None, host: str,
     return "running" if holder.host == host else f"running on {holder.host}"
 
 
-def _as_typed(path: Path) -> str:
-    """The run folder as a command would name it here: relative to the folder sdbatch runs
-    in where it lies below it, else whole."""
-    whole = path.resolve()
-    try:
-        rel = os.path.relpath(whole)
-    except ValueError:  # another drive on Windows
-        return str(whole)
-    return str(whole) if rel.startswith("..") else rel
-
-
 def collect(run_dir: Path) -> dict[str, Any]:
     """The page's data: the run, its axes, every image in the manifest, the grids."""
     info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
@@ -106,7 +96,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
     counts = {s: sum(e.get("status") == s for e in entries) for s in ("ok", "failed")}
     return {
         "run": {"job": _job_name(run_dir), "folder": run_dir.resolve().name,
-                "path": _as_typed(run_dir),
+                "path": shown(run_dir.resolve()),  # as a command here names it
                 "status": run_state(info, read_holder(run_dir), socket.gethostname(),
                                     pid_alive),
                 "total": info.get("images"), "done": counts["ok"], "failed": counts["failed"],
