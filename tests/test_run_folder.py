@@ -65,24 +65,30 @@ def test_the_lock_of_a_killed_holder_is_taken_over(tmp_path: Path):
     assert not (tmp_path / "r" / NOTE).exists()
 
 
-def test_a_lock_that_outlived_its_process_is_broken_only_when_stale(tmp_path: Path):
-    """An OS lock still held (by a forked child, say) whose note names a dead pid of this
-    host is stale; one naming a live pid, or another host, is not."""
-    folder = tmp_path / "r"
+def held_by_a_dead_process(folder: Path) -> tuple[Path, FileLock, int]:
+    """A run folder whose OS lock is held (here, as a forked child would hold it) and the
+    pid of a process that has ended, for a note to name: a stale lock, once noted."""
     folder.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
     held = FileLock(folder / LOCK, timeout=0)
     held.acquire()
+    return folder, held, int(dead)
+
+
+def test_a_lock_that_outlived_its_process_is_broken_only_when_stale(tmp_path: Path):
+    """An OS lock still held (by a forked child, say) whose note names a dead pid of this
+    host is stale; one naming a live pid, or another host, is not."""
+    folder, held, dead = held_by_a_dead_process(tmp_path / "r")
     try:
-        for pid, host in ((os.getpid(), socket.gethostname()), (int(dead), "other-host")):
+        for pid, host in ((os.getpid(), socket.gethostname()), (dead, "other-host")):
             (folder / NOTE).write_text(json.dumps({"pid": pid, "host": host, "started": "t"}))
             with pytest.raises(RunFolderBusy, match=f"pid {pid} on {host}"):
                 RunLock(folder, "now").acquire()
-        (folder / NOTE).write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(),
+        (folder / NOTE).write_text(json.dumps({"pid": dead, "host": socket.gethostname(),
                                                "started": "t"}))
         lock = RunLock(folder, "now").acquire()
-        assert lock.took_over.pid == int(dead)
+        assert lock.took_over.pid == dead
         lock.release()
     finally:
         held.release()
@@ -234,13 +240,8 @@ else:
 def test_two_processes_breaking_one_stale_lock_make_one_holder(tmp_path: Path):
     """Both find the lock stale; the second to break finds the file replaced by the first
     and is refused, instead of breaking the first's live lock too."""
-    folder = tmp_path / "r"
-    folder.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
-    held = FileLock(folder / LOCK, timeout=0)
-    held.acquire()
-    (folder / NOTE).write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(),
+    folder, held, dead = held_by_a_dead_process(tmp_path / "r")
+    (folder / NOTE).write_text(json.dumps({"pid": dead, "host": socket.gethostname(),
                                            "started": "t"}))
     try:
         breakers = [subprocess.Popen([sys.executable, "-c", BREAKER.format(repo=str(REPO)),
