@@ -12,9 +12,11 @@ the mid block, scaled:
   towards the control.
 
 In a hires fix pass a canny unit is soft-injected whatever its mode, as the extension does
-(it reduces artifacts). Several units add their residuals. The window is start <= step /
-steps < end over the steps a stage samples, so ``guidance_end: 0`` (or weight 0) leaves a
-unit out entirely and the image is the one without it, bit for bit.
+(it reduces artifacts). Several units add their residuals. The window is the extension's:
+start <= step / steps <= end over the steps a stage samples, where step is the one the
+WebUI reports at the model call, the last finished one (window_fraction), so a unit acts
+one step later than its fraction says and ``guidance_end: 0`` still acts on the first two
+steps. Weight 0 leaves a unit out entirely: the image is the one without it, bit for bit.
 
 The control image goes through the ControlNet's hint encoder once per batch, not once per
 model call: its output is kept and handed to the model at each call.
@@ -56,8 +58,15 @@ class Active:
     cond_only: bool
     embedded: torch.Tensor | None = field(default=None, repr=False)
 
-    def on(self, fraction: float) -> bool:
-        return self.weight != 0 and self.start <= fraction < self.end
+    def on(self, step: int, steps: int) -> bool:
+        return self.weight != 0 and self.start <= window_fraction(step, steps) <= self.end
+
+
+def window_fraction(step: int, steps: int) -> float:
+    """The fraction the extension tests at a model call of ``step`` (0-based) of ``steps``:
+    the WebUI's state.sampling_step, which the sampler's callback sets to a step once it
+    has finished, so the first two steps both read 0 and step i reads (i - 1) / steps."""
+    return max(step - 1, 0) / max(steps, 1)
 
 
 def hint(maps: list[np.ndarray]) -> torch.Tensor:
@@ -124,13 +133,14 @@ class Control:
                 model.controlnet_cond_embedding = encoder
 
     def residuals(self, x: torch.Tensor, t, context: torch.Tensor, images: list[int],
-                  uncond_rows: int, fraction: float, added: dict | None
+                  uncond_rows: int, step: int, steps: int, added: dict | None
                   ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
-        """The summed residuals for one model call (rows ``images`` of the pass, the first
-        ``uncond_rows`` of them negative prompts), or (None, None) when no unit is on."""
+        """The summed residuals for one model call of ``step`` of the ``steps`` a stage
+        samples (rows ``images`` of the pass, the first ``uncond_rows`` of them negative
+        prompts), or (None, None) when no unit is on."""
         down_sum, mid_sum = None, None
         for a in self.active:
-            if not a.on(fraction):
+            if not a.on(step, steps):
                 continue
             down, mid = a.model(x, t, encoder_hidden_states=context,
                                 controlnet_cond=a.embedded[images], conditioning_scale=1.0,

@@ -129,8 +129,8 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
     (9-channel models).
 
     ``control`` (sdbatch.control.Control) adds its ControlNet units' residuals to every
-    model call whose sampling step lies in a unit's window (as a fraction of the steps
-    this run samples, from ``start_step``).
+    model call whose sampling step lies in a unit's window (counted in the steps this run
+    samples, from ``start_step``).
     """
     device = noise.device
     scheduler.set_timesteps(steps, device=device)
@@ -166,9 +166,8 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
         x_t = latents_in
         if image_conditioning is not None:
             latents_in = torch.cat([latents_in, image_conditioning.to(latents_in)], dim=1)
-        fraction = (done - start_step) / max(1, steps - start_step)
         out = _unet(unet, latents_in, t, cond, negatives, timestep_cond, control, x_t,
-                    fraction)
+                    (done - start_step, steps - start_step))
         if any(negatives):
             out = guide(out, cond, scales, negatives)
         if mask is not None:
@@ -235,11 +234,12 @@ def _finish_step(done: int, steps: int, latents: torch.Tensor, on_step, on_laten
 
 def _unet(unet, latents: torch.Tensor, t, cond: Conditioning, negatives: Sequence[bool],
           timestep_cond: torch.Tensor | None, control=None, x_t: torch.Tensor | None = None,
-          fraction: float = 0.0) -> torch.Tensor:
+          step: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """One model call: the negative rows of the images marked in ``negatives``, then every
     image's parts, each row with its image's latents, out in that order for guide() (with
     no negatives: each image's only part, in image order). ControlNets see ``x_t``, the
-    latents without an inpainting model's extra channels."""
+    latents without an inpainting model's extra channels; ``step``: (step, steps) of the
+    stage, for their guidance windows."""
     batch = len(cond.parts)
     parts = [(i, row) for i, image_parts in enumerate(cond.parts) for row, _ in image_parts]
     pairs = [(i, i) for i in range(batch) if negatives[i]] + parts
@@ -252,7 +252,7 @@ def _unet(unet, latents: torch.Tensor, t, cond: Conditioning, negatives: Sequenc
     if control is not None:
         down, mid = control.residuals((latents if x_t is None else x_t)[images], t,
                                       cond.context[rows], images, sum(negatives),
-                                      fraction, added)
+                                      *step, added)
         if down is not None:
             residuals = {"down_block_additional_residuals": down,
                          "mid_block_additional_residual": mid}

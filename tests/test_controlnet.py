@@ -237,7 +237,25 @@ def residuals(tiny_stack, units: list[control.Unit], uncond_rows: int = 1):
     context = torch.randn(2, 77, 64)
     rows = [[control.at_size(u, 64, 64)] * 2 for u in units]
     with control.Control(units, rows, "cpu", torch.float32).encoded() as c:
-        return c.residuals(x, torch.tensor(500), context, [0, 1], uncond_rows, 0.0, None)
+        return c.residuals(x, torch.tensor(500), context, [0, 1], uncond_rows, 0, 20, None)
+
+
+def test_the_guidance_window_counts_the_step_the_webui_reports():
+    """The extension tests the WebUI's state.sampling_step, the last finished step: steps 0
+    and 1 both read 0, so a window acts one step later than its fractions say, both ends
+    included."""
+    def window(start, end, steps):
+        a = control.Active(None, torch.zeros(1), 1.0, start, end, False, False)
+        return [i for i in range(steps) if a.on(i, steps)]
+
+    assert [control.window_fraction(i, 20) for i in range(3)] == [0.0, 0.0, 0.05]
+    assert window(0.2, 0.5, 20) == list(range(5, 12))
+    assert window(0.0, 1.0, 8) == list(range(8))
+    assert window(0.0, 0.0, 8) == [0, 1]  # the extension still acts with end 0
+    assert window(0.3, 1.0, 3) == [2]  # an img2img pass of 3 steps counts its own
+    assert window(0.5, 1.0, 3) == []  # its last step reads 1 / 3
+    zero = control.Active(None, torch.zeros(1), 0.0, 0.0, 1.0, False, False)
+    assert not any(zero.on(i, 8) for i in range(8))
 
 
 def unit(tiny_stack, edges, path: Path, **params) -> control.Unit:
@@ -300,8 +318,7 @@ def test_the_hint_is_encoded_once_per_batch(tiny_stack, models, edges, monkeypat
 # --- whole jobs -----------------------------------------------------------------------------------
 
 
-def test_weight_zero_and_guidance_end_zero_give_the_image_without_the_unit(tmp_path, models,
-                                                                          edges, monkeypatch):
+def test_weight_zero_gives_the_image_without_the_unit(tmp_path, models, edges, monkeypatch):
     from sdbatch.models import controlnet as cn_module
 
     loads = []
@@ -313,8 +330,11 @@ def test_weight_zero_and_guidance_end_zero_give_the_image_without_the_unit(tmp_p
     ended = run_job(job(models, edges, [{"guidance_end": 0.0}]), tmp_path / "e")
     base = pixels(tmp_path / "plain", plain[0])
     assert np.array_equal(pixels(tmp_path / "w", off[0]), base)
-    assert np.array_equal(pixels(tmp_path / "e", ended[0]), base)
     assert not np.array_equal(pixels(tmp_path / "w", off[1]), base)  # weight 1 steers
+    # end 0 still acts on the first two steps, as in the WebUI, and no more than they
+    ended_pixels = pixels(tmp_path / "e", ended[0])
+    assert not np.array_equal(ended_pixels, base)
+    assert not np.array_equal(ended_pixels, pixels(tmp_path / "w", off[1]))
 
 
 def test_modes_and_units_change_the_image(tmp_path, models, edges):
