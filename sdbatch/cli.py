@@ -166,9 +166,7 @@ def resume(args: list[str]) -> None:
     if "made_of" in info:  # the passes its images were made in, whatever the defaults now
         stored.setdefault("executor", {})["max_batch"] = recorded_max_batch(info["made_of"])
     if ns.executor and ns.executor != stored["executor"]["name"]:
-        others = {k for keys in schema.EXECUTOR_KEYS.values() for k in keys}
-        stored["executor"] = {k: v for k, v in stored["executor"].items() if k not in others}
-        stored["executor"]["name"] = ns.executor
+        stored["executor"] = schema.on_executor(stored["executor"], ns.executor)
     if ns.progress:
         stored["run"]["progress"] = ns.progress
     label = f"{ns.run_dir / 'config.yaml'}"

@@ -234,6 +234,14 @@ EXECUTOR_KEYS = {  # keys that only one executor reads; set for another, they ar
 }
 
 
+def on_executor(executor: dict[str, Any], name: str) -> dict[str, Any]:
+    """A stored job's executor keys for running it on executor ``name`` (a resume on
+    another, verify's local render): the keys only the others read are dropped, since
+    they would be refused."""
+    others = {k for n, keys in EXECUTOR_KEYS.items() if n != name for k in keys}
+    return {**{k: v for k, v in executor.items() if k not in others}, "name": name}
+
+
 @dataclass(frozen=True)
 class Run:
     dir: str | None = spec(None)

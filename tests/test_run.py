@@ -214,6 +214,22 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path: Path):
     assert files == sorted(p.name for p in (tmp_path / "full/images").iterdir())
 
 
+def test_resume_finds_the_pictures_its_job_file_named_beside_itself(tmp_path: Path):
+    """config.yaml holds the job as expanded and located: `sdbatch resume`, whose job is
+    config.yaml in the run folder, finds a picture the job file named relative to itself."""
+    (tmp_path / "jobs" / "assets").mkdir(parents=True)
+    Image.fromarray(np.full((64, 64, 3), (40, 160, 60), np.uint8)).save(
+        tmp_path / "jobs" / "assets" / "start.png")
+    write_job(tmp_path, "beside", SMALL_JOB + "init_image: assets/start.png\n"
+              "post:\n  - img2img: {denoise: 0.5, steps: 2}\n")
+    sdbatch(tmp_path, "+job=beside", "run.dir=r")
+    config = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert config["init_image"] == "jobs/assets/start.png"
+    [first, *_] = sorted((tmp_path / "r" / "images").iterdir())
+    first.unlink()
+    assert "complete: 1 rendered, 3 already there" in sdbatch(tmp_path, "resume", "r").stdout
+
+
 @pytest.mark.parametrize("how", ["sigint", "sigterm"])
 def test_ctrl_c_or_sigterm_stops_after_the_batch_and_says_how_to_resume(tmp_path: Path, how):
     """SIGTERM (SLURM's pre-emption) stops as a first Ctrl-C does: the batch in flight is

@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from sdbatch import run as runner
@@ -172,6 +173,18 @@ def test_a_cut_short_first_image_is_a_named_regression_not_a_crash(run: Path,
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "cannot be read as a picture" in proc.stdout
     assert "REGRESSIONS: 3 of 4 hold" in proc.stdout
+
+
+@pytest.mark.parametrize("executor", [{"name": "multi", "devices": ["cpu", "cpu"]},
+                                      {"name": "slurm", "cluster": "local", "shards": 2}])
+def test_a_run_made_on_another_executor_verifies_locally(run: Path, tmp_path: Path,
+                                                         executor: dict):
+    """The executor's own keys (kept in config.yaml) are dropped for the local render."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["executor"] |= executor
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    report = verify.verify(run, tmp_path / "report", sample=1)
+    assert report.ok and len(report.checks) == 1
 
 
 def test_sample_1_verifies_one_image(run: Path, tmp_path: Path):

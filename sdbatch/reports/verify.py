@@ -296,7 +296,8 @@ def _render(run: Path, present: dict[int, dict[str, Any]], intact: set[int],
     label = f"the job in {first} and {run / 'config.yaml'}"
     try:
         raw["run"] = {**config["run"], "dir": str(scratch / "run"), "progress": "quiet"}
-        raw["executor"] = {**config["executor"], "name": "local"}  # the bytes do not depend on it
+        # the bytes do not depend on the executor
+        raw["executor"] = schema.on_executor(config["executor"], "local")
         job = schema.validate(raw, lambda key: label)
         p = prepare(job, lambda key: label, picked)
         wanted = set(present)
