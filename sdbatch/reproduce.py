@@ -11,16 +11,16 @@ pixels within TOLERANCE.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from sdbatch import atomic, schema
+from sdbatch import atomic, matrix, schema
 from sdbatch.models import stack as stacks
 from sdbatch.output import png, records
-from sdbatch.output.run_folder import sha256_file
 from sdbatch.run import render_one
 
 # across devices: mean absolute difference, in levels of 255, that still counts as the image
@@ -30,6 +30,7 @@ TOLERANCE = 2.0
 def reproduce(image: Path, out: Path | None = None) -> bool:
     import torch
 
+    original = image.read_bytes()  # before ``out`` (which may be the image) is written
     data = png.read_recipe(image)
     label = f"the recipe in {image}"
     made = data["recipe"].get("device")  # absent in PNGs of older versions
@@ -66,6 +67,7 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
     # files need not exist any more)
     if raw["dynamic_prompts"]["mode"] == "random":
         raw["dynamic_prompts"]["mode"] = "off"
+    raw["run"] = {"max_images": matrix.count(job)}  # as many as its run made, whatever the default
     job = schema.validate(raw, lambda key: label)
     p, render, picture = render_one(job, lambda key: label, index,
                                     {index: (recorded["prompt"], recorded["negative_prompt"])},
@@ -88,11 +90,10 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
         atomic.write_bytes(out, fresh)
     import hashlib
 
-    same = hashlib.sha256(fresh).hexdigest() == sha256_file(image)
-    if same:
+    if hashlib.sha256(fresh).digest() == hashlib.sha256(original).digest():
         print(f"reproduced: {image} matches byte for byte")
         return True
-    old = np.asarray(Image.open(image).convert("RGB"), dtype=np.int16)
+    old = np.asarray(Image.open(io.BytesIO(original)).convert("RGB"), dtype=np.int16)
     new = np.asarray(picture.image.convert("RGB"), dtype=np.int16)
     if old.shape != new.shape:
         print(f"differs: {image} does not match (sizes differ: {old.shape} and {new.shape})")

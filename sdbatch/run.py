@@ -125,7 +125,8 @@ class Prepared:
     fresh: bool
     nonce: int
     specs: dict[str, stacks.StackSpec]  # checkpoint name -> spec
-    resolved: Job
+    normal: Job  # as expanded (sources.normalize) and located (inputs.locate): config.yaml
+    resolved: Job  # and with its random seeds drawn
     renders: list[matrix.Render]
     plan: Plan
     names: dict[int, str]
@@ -243,7 +244,7 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
 
         renders = [r for r in renders if r.index in only]
         plan = restrict(plan, only)
-    return Prepared(path, fresh, nonce, specs, resolved, renders, plan, names, networks,
+    return Prepared(path, fresh, nonce, specs, normal, resolved, renders, plan, names, networks,
                     upscalers, restorers, made, keys)
 
 
@@ -435,8 +436,8 @@ def _render(job: Job, p: Prepared, overrides: list[str], argv: list[str],
 def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
                 shard: Shard | None, started: list[executors.Started] | None) -> int:
     path, renders, plan = p.path, p.renders, p.plan
-    folder = (RunFolder.create(path, schema.to_dict(job), overrides, p.nonce, len(renders),
-                               p.made_of)
+    folder = (RunFolder.create(path, schema.to_dict(p.normal), overrides, p.nonce,
+                               len(renders), p.made_of)
               if p.fresh else RunFolder(path))
 
     done = {r.index for r in renders if folder.is_done(r.index, p.keys[r.index])}

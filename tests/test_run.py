@@ -266,6 +266,31 @@ def test_reproduce_matches_bytes(tmp_path: Path):
     assert proc.returncode == 1 and "does not match" in proc.stdout
 
 
+def test_reproduce_of_a_run_over_a_thousand_images(tmp_path: Path):
+    """A PNG keeps no run settings: reproduce allows the job's own image count (its run
+    did), not run.max_images' default of 1000."""
+    run_job({**SMALL, "prompt": "a red house", "params": {**SMALL["params"], "cfg_scale": 7},
+             "executor": {"max_batch": 1}}, tmp_path / "r")
+    [image] = (tmp_path / "r/images").glob("*.png")
+    recipe = png.read_recipe(image)
+    recipe["job"]["params"]["seed"] = [11, *range(100, 1100)]  # image 0 of 1001
+    image.write_bytes(png.encode(Image.open(image), png.read_text(image)["parameters"],
+                                 recipe))
+    proc = sdbatch(tmp_path, "reproduce", str(image))
+    assert "matches byte for byte" in proc.stdout
+
+
+def test_reproduce_into_the_image_itself_compares_with_what_was_there(tmp_path: Path):
+    run_job({**SMALL, "prompt": "a red house", "params": {**SMALL["params"], "cfg_scale": 7}},
+            tmp_path / "r")
+    [image] = (tmp_path / "r/images").glob("*.png")
+    made = image.read_bytes()
+    image.write_bytes(png.encode(Image.new("RGB", (64, 64)), "x", png.read_recipe(image)))
+    proc = sdbatch(tmp_path, "reproduce", str(image), "--out", str(image), check=False)
+    assert proc.returncode == 1 and "does not match" in proc.stdout
+    assert image.read_bytes() == made  # the render, written as asked
+
+
 def test_reproduce_on_another_device_compares_within_tolerance(tmp_path: Path):
     """An image said to be made elsewhere: reproduce says so, and accepts pixels within the
     stated tolerance (not bytes); a different picture still fails."""

@@ -152,7 +152,7 @@ def submit(job: schema.Job, origin: schema.Origin, overrides: list[str],
         raise schema.JobError([schema.Problem("run.dir", str(e), origin("run.dir"))]) from None
     try:
         run.check_still_fresh(p, origin)
-        folder = (RunFolder.create(p.path, schema.to_dict(job), overrides, p.nonce,
+        folder = (RunFolder.create(p.path, schema.to_dict(p.normal), overrides, p.nonce,
                                    len(p.renders), p.made_of)
                   if p.fresh else RunFolder(p.path))
         done = {r.index for r in p.renders if folder.is_done(r.index, p.keys[r.index])}
@@ -172,8 +172,9 @@ def submit(job: schema.Job, origin: schema.Origin, overrides: list[str],
         print(f"  resuming: {len(done)} already there, {total - len(done)} to render")
     if not parts:
         return _finish(job, p, folder, done, [])
-    task = {**schema.to_dict(job), "run": {**schema.to_dict(job)["run"],
-                                           "dir": str(p.path.resolve()), "progress": "quiet"}}
+    normal = schema.to_dict(p.normal)  # files as found: a task has no job file beside it
+    task = {**normal, "run": {**normal["run"], "dir": str(p.path.resolve()),
+                              "progress": "quiet"}}
     executor = _executor(job, p.path / LOGS)
     with executor.batch():
         jobs = [executor.submit(ShardTask(), task, submission, k, indices)
