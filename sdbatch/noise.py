@@ -1,13 +1,28 @@
 """Each image's starting noise, as the WebUI makes it: from the image's own seed on the CPU,
-optionally blended toward a variation seed (slerp) and drawn as if at another size."""
+optionally blended toward a variation seed (slerp) and drawn as if at another size.
+
+The SDE samplers' Brownian trees (torchsde) are drawn on the CPU too: importing this module
+replaces torchsde's draw, as the WebUI does for its default RNG source, so those samplers'
+noise does not depend on the device either.
+"""
 
 from __future__ import annotations
 
 import torch
+import torchsde._brownian.brownian_interval as brownian_interval
 
 
 def randn(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+
+
+def _brownian_randn(size, dtype, device, seed) -> torch.Tensor:
+    """A Brownian tree node's draw: in fp32 on the CPU, then moved, where torchsde draws
+    with the latents' device's generator in their dtype (the WebUI's torchsde_randn)."""
+    return randn(int(seed), tuple(size)).to(device=device, dtype=dtype)
+
+
+brownian_interval._randn = _brownian_randn
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

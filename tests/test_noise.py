@@ -61,3 +61,14 @@ def test_ensd_restarts_the_sampler_generator():
     assert not torch.randn(3, generator=plain).equal(torch.randn(3, generator=delta))
     assert torch.randn(3, generator=sampler_generator(5, 31337, shape)).equal(
         torch.randn(3, generator=torch.Generator().manual_seed(5 + 31337)))
+
+
+def test_sde_brownian_trees_draw_on_the_cpu_whatever_the_device():
+    """torchsde would draw with the latents' device's generator ("meta" stands in for a
+    GPU: it has none); sdbatch draws on the CPU in fp32, then moves and casts."""
+    import torchsde._brownian.brownian_interval as brownian_interval
+
+    drawn = brownian_interval._randn((2, 3), torch.float16, torch.device("meta"), 7)
+    assert drawn.device.type == "meta" and drawn.dtype == torch.float16
+    assert torch.equal(brownian_interval._randn((2, 3), torch.float32, torch.device("cpu"), 7),
+                       randn(7, (2, 3)))
