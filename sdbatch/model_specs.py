@@ -19,8 +19,6 @@ from sdbatch.models.stack import (
     SWITCHES,
     NetworkFile,
     StackSpec,
-    dtype_problem,
-    pick_device,
 )
 from sdbatch.models.upscaler_models import UpscalerFile
 from sdbatch.plan import EXTRAS_RESTORERS
@@ -47,8 +45,6 @@ def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the
     executor's) with the speed ``switches`` that are on (see speed_switches), or the
     problems that stop it."""
     problems: list[Problem] = []
-    if why := dtype_problem(model.dtype, pick_device(device)):
-        problems.append(Problem("model.dtype", why, origin("model.dtype")))
     models = _models_dir(paths)
     if models is not None and not models.is_dir():
         problems.append(Problem("paths.models", f"no such folder: {models}; give your A1111 "

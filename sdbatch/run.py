@@ -168,7 +168,7 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
                                 f"run.max_images = {job.run.max_images}: raise it "
                                 f"(run.max_images={total}) or shrink the grid",
                                 origin("run.max_images")))
-    if device := executors.device_problem(job.executor):  # before the stacks, specified for it
+    if device := executors.device_problem(job.executor, job.model.dtype):  # before the stacks
         problems.append(Problem(device[0], device[1], origin(device[0])))
         raise JobError(problems)
     specs = {}

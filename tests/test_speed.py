@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from sdbatch import model_specs
+from sdbatch import executors
 from sdbatch import run as runner
 from sdbatch.matrix import Render
 from sdbatch.models import lora, tiny
 from sdbatch.models import stack as stacks
-from sdbatch.schema import JobError, Model, Paths, validate
+from sdbatch.schema import Executor, JobError, validate
 from sdbatch.stages import txt2img
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,8 +129,24 @@ def test_bfloat16_on_a_gpu_without_it_is_refused_up_front(monkeypatch):
     assert "model.dtype=float16" in why
     assert stacks.dtype_problem("float16", torch.device("cuda")) is None
     assert stacks.dtype_problem("bfloat16", torch.device("cpu")) is None
-    _, problems = model_specs.resolve(Model(dtype="bfloat16"), Paths(), "tiny", device="cuda")
-    assert [p.key for p in problems] == ["model.dtype"]
+    key, why = executors.device_problem(Executor(device="cuda:0"), "bfloat16")
+    assert key == "model.dtype" and "Tesla T4" in why
+
+
+def test_bfloat16_is_asked_of_each_gpu_that_renders(monkeypatch):
+    """torch.cuda.is_bf16_supported asks the current GPU (cuda:0): each device is asked."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: (8, 6) if str(device) == "cuda:0" else (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {device}")
+    assert executors.device_problem(Executor(device="cuda:0"), "bfloat16") is None
+    key, why = executors.device_problem(Executor(device="cuda:1"), "bfloat16")
+    assert key == "model.dtype" and why.startswith("GPU cuda:1 (compute capability 7.5)")
+    multi = Executor(name="multi", devices=("cuda:0", "cuda:1"))
+    assert "GPU cuda:1" in executors.device_problem(multi, "bfloat16")[1]
+    assert executors.device_problem(multi, "float16") is None
 
 
 JOB = {"prompt": "a red house", "model": {"loras": [{"name": "LegoAlrev", "weight": 0.8}]},

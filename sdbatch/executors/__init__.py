@@ -32,11 +32,13 @@ def spec_device(executor: Executor) -> str:
     return executor.device
 
 
-def device_problem(executor: Executor) -> tuple[str, str] | None:
+def device_problem(executor: Executor, dtype: str = "auto") -> tuple[str, str] | None:
     """(key, why) when the executor's devices cannot run here, or None: a name torch does
     not know (executor.device, executor.devices), multi with no GPU or with devices of two
-    types."""
+    types, a ``model.dtype`` one of them cannot run (each of multi's GPUs is asked)."""
     import torch
+
+    from sdbatch.models.stack import dtype_problem, pick_device
 
     key = "executor.devices" if executor.name == "multi" else "executor.device"
     found = devices(executor) if executor.name == "multi" else [
@@ -51,6 +53,9 @@ def device_problem(executor: Executor) -> tuple[str, str] | None:
     if len(kinds) > 1:
         return key, (f"executor.devices mixes {' and '.join(sorted(kinds))}: images would "
                      "differ by the device that drew them; give devices of one type")
+    for name in found or [executor.device]:
+        if why := dtype_problem(dtype, pick_device(name)):
+            return "model.dtype", why
     return None
 
 

@@ -123,9 +123,9 @@ def dtype_problem(name: str, device: torch.device) -> str | None:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return None  # no GPU at all: the device is what is wrong, reported as such
-        if torch.cuda.is_bf16_supported(including_emulation=False):
+        major, minor = torch.cuda.get_device_capability(device)  # this GPU's, not cuda:0's
+        if major >= 8:
             return None
-        major, minor = torch.cuda.get_device_capability(device)
         return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
                 "has no bfloat16 arithmetic (it needs 8.0, Ampere or later); use "
                 "model.dtype=float16 (or auto)")
