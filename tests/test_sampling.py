@@ -284,3 +284,44 @@ def test_a_half_precision_vae_that_overflows_decodes_again_in_float32(tiny_stack
     got = txt2img.decode(SimpleNamespace(vae=vae, image_processor=pipe.image_processor), latents)
     assert vae.dtype == torch.float16  # put back
     assert np.array_equal(np.asarray(got[0]), np.asarray(want[0]))
+
+
+class _CastCutShort(torch.nn.Module):
+    """A half VAE whose first cast to float32 runs out of memory half-way (one layer cast),
+    as Module.to does on a full GPU."""
+
+    def __init__(self):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.a, self.b = torch.nn.Linear(2, 2).half(), torch.nn.Linear(2, 2).half()
+        self.config = SimpleNamespace(force_upcast=True)
+        self.cut = True
+
+    @property
+    def dtype(self):
+        return self.a.weight.dtype
+
+    def to(self, dtype):
+        if dtype == torch.float32 and self.cut:
+            self.cut = False
+            self.a.to(dtype)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().to(dtype)
+
+
+def test_a_vae_cast_cut_short_by_out_of_memory_is_put_back():
+    """Else the VAE stays half float32, half float16, and every later pass on the stack fails
+    with a dtype mismatch, which no out-of-memory retry mends."""
+    from types import SimpleNamespace
+
+    from sdbatch.stages import vae as vae_module
+
+    sdxl = SimpleNamespace(vae=_CastCutShort(), text_encoder_2=object())
+    with pytest.raises(torch.OutOfMemoryError), vae_module.upcast(sdxl):
+        pass
+    assert {p.dtype for p in sdxl.vae.parameters()} == {torch.float16}
+    vae = _CastCutShort()
+    with pytest.raises(torch.OutOfMemoryError):
+        vae_module.half_safe(vae, lambda: torch.tensor([float("nan")]))
+    assert {p.dtype for p in vae.parameters()} == {torch.float16}

@@ -21,9 +21,9 @@ def upcast(pipe) -> Iterator[None]:
     diffusers): it overflows in fp16."""
     vae = pipe.vae
     up = is_sdxl(pipe) and vae.dtype == torch.float16 and vae.config.force_upcast
-    if up:
-        vae.to(torch.float32)
     try:
+        if up:  # in the try: a cast cut short (out of memory) leaves the VAE half-cast
+            vae.to(torch.float32)
         yield
     finally:
         if up:
@@ -37,8 +37,8 @@ def half_safe(vae, run: Callable[[], torch.Tensor]) -> torch.Tensor:
     out = run()
     if vae.dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(out).all()):
         dtype = vae.dtype
-        vae.to(torch.float32)
         try:
+            vae.to(torch.float32)
             out = run()
         finally:
             vae.to(dtype)
