@@ -55,7 +55,8 @@ def random_stack(family: str, device: torch.device, dtype: torch.dtype,
             with torch.device("meta"):
                 model = (cls.from_config(cls.load_config(folder / name)) if library == "diffusers"
                          else cls(transformers.CLIPTextConfig.from_pretrained(folder / name)))
-            model.to_empty(device=device)
+            model = model.to(dtype)  # on meta: the weights are made in their final dtype
+            model.to_empty(device=device)  # (SDXL's UNet alone is ~10 GiB in float32)
             with torch.no_grad():
                 for t in [*model.parameters(), *model.buffers()]:
                     if t.is_floating_point():
@@ -63,7 +64,7 @@ def random_stack(family: str, device: torch.device, dtype: torch.dtype,
                 for buffer_name, t in model.named_buffers():
                     if buffer_name.endswith("position_ids"):
                         t.copy_(torch.arange(t.shape[-1]).expand_as(t))
-            parts[name] = model.to(dtype).eval()
+            parts[name] = model.eval()
     pipe_class = getattr(diffusers, index["_class_name"])
     extra = ({"add_watermarker": False} if family == "sdxl"
              else {"safety_checker": None, "feature_extractor": None,

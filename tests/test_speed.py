@@ -209,3 +209,18 @@ def test_bench_measures_sdbatch_next_to_diffusers(capsys):
                                            ("2", "sdbatch"), ("2", "diffusers")]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 and r[5] == "GiB" for r in rows)
     assert out.count("sdbatch / diffusers wall:") == 2
+
+
+def test_bench_makes_random_weights_in_their_final_dtype(monkeypatch):
+    """Each model goes to its dtype while still on meta: SDXL's UNet made in float32 first
+    would need ~10 GiB of a 12 GiB card where the float16 stack needs 6.5 GiB."""
+    from sdbatch import bench
+
+    made = []
+    to_empty = torch.nn.Module.to_empty
+    monkeypatch.setattr(torch.nn.Module, "to_empty", lambda self, **kw: (
+        made.append({p.dtype for p in self.parameters()}), to_empty(self, **kw))[1])
+    monkeypatch.setattr(torch.Tensor, "normal_", lambda self, *a, **kw: self)  # values: moot
+    stack = bench.random_stack("sd15", torch.device("cpu"), torch.float16, ())
+    assert made and all(dtypes == {torch.float16} for dtypes in made)
+    assert stack.pipe.unet.dtype == torch.float16
