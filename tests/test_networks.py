@@ -293,6 +293,25 @@ def test_changing_lora_weights_never_reloads_a_model(stack, tmp_path, monkeypatc
     assert diff(images[0], images[4]) == 0 and diff(images[0], images[1]) > 0
 
 
+def test_out_of_memory_while_loading_a_lora_is_the_batchs_to_retry(stack, tmp_path,
+                                                                   monkeypatch):
+    """Not a cue to load it another way (merged deltas: other pixels than the adapter the
+    image's reproduce takes): the error reaches the worker's retries, nothing half-loaded."""
+    [path] = [lora.write_kohya_lora(tmp_path / "oom.safetensors", stack.pipe.unet,
+                                    stack.pipe.text_encoder, seed=31)]
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(type(stack.pipe), "load_lora_weights", full)
+    s = lora.LoraSet(stack.pipe)
+    with pytest.raises(torch.OutOfMemoryError):
+        s.apply([(path, 1.0)])
+    monkeypatch.undo()
+    s.apply([])
+    assert not any("oom" in str(n) for n in stack.pipe.get_list_adapters().values())
+
+
 def sdxl_shaped_lora(path, with_text_encoders: bool):
     """A LoRA with SDXL's real key names and shapes (the tensors are tiny, only the shapes
     matter to the check)."""

@@ -92,12 +92,6 @@ class Outcome:
     machine: dict[str, Any] | None = None  # where it was drawn: device, name, threads
 
 
-def is_out_of_memory(e: BaseException) -> bool:
-    """CUDA's out-of-memory error, or the CPU allocator's."""
-    return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
-
-
 def halves(batch: Batch) -> list[Batch]:
     """The batch's calls in two forward passes (the first one larger when odd)."""
     cut = (len(batch.calls) + 1) // 2
@@ -181,7 +175,7 @@ class Worker:
                 return [p for part in parts for p in
                         self._render(part, inputs, maps, on_step, vae_tile_px)], retries
             except Exception as e:
-                if not is_out_of_memory(e) or n == len(tries) - 1:
+                if not stacks.is_out_of_memory(e) or n == len(tries) - 1:
                     raise
                 self._free()
         raise AssertionError("unreachable")

@@ -380,16 +380,24 @@ class LoraSet:
             with warnings.catch_warnings():  # peft warns that a second adapter is a second one
                 warnings.filterwarnings("ignore", message=".*peft_config.*")
                 self.pipe.load_lora_weights(source, adapter_name=name, **kwargs)
-        except Exception:  # diffusers' kohya reader guesses from key names; the check passed
-            placed = None
+        except Exception as e:
+            from sdbatch.models.stack import is_out_of_memory
+
+            if is_out_of_memory(e):  # the batch's to retry smaller, not another way to load
+                self._drop_adapter(name)
+                raise
+            placed = None  # diffusers' kohya reader guesses from key names; the check passed
         else:
             placed = {id(layer.get_base_layer()) for layer in self._lora_layers()
                       if name in layer.lora_A}
         if placed != layers:
-            if any(name in names for names in self.pipe.get_list_adapters().values()):
-                self.pipe.delete_adapters(name)
+            self._drop_adapter(name)
             return False
         return True
+
+    def _drop_adapter(self, name: str) -> None:
+        if any(name in names for names in self.pipe.get_list_adapters().values()):
+            self.pipe.delete_adapters(name)
 
     def apply(self, loras: Iterable[tuple[Path, Weight]], fuse: bool = False) -> None:
         """Make exactly these LoRAs active with these weights; an empty set disables LoRA.

@@ -92,6 +92,12 @@ class NetworkFile:
     short: str = ""  # a ControlNet's old 8-digit hash, which the extension's infotext shows
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's out-of-memory error, or the CPU allocator's."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
