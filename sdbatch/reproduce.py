@@ -83,7 +83,7 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
                 print(f"note: {now.params[name]} changed since the image was made (sha256 "
                       f"{was['params'][field][:12]}... then, {now.params[field][:12]}... now): "
                       "expect different pixels")
-    fresh = png.encode(picture.image, records.infotext(render, spec, chain),
+    fresh = png.encode(picture.image, records.infotext(render, p.specs, chain),
                        records.png_recipe(render, spec, chain, data["job"],
                                           picture.chain_found))
     if out is not None:

@@ -504,7 +504,7 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
                             say(f"  image {r.index:05d} failed: {result.error.splitlines()[0]}")
                         else:
                             writer.image(p.names[r.index], result.pictures[i].image,
-                                         records.infotext(r, spec, calls),
+                                         records.infotext(r, p.specs, calls),
                                          records.png_recipe(r, spec, calls, embedded_job,
                                                             found, result.machine), entry)
                             counts["rendered"] += 1

@@ -116,7 +116,7 @@ def split_infotext(tiny_spec, raw: dict) -> tuple[matrix.Render, str, dict]:
     hashes = {("lora", n): h for n, h in (("LegoAlrev", "aaaaaaaaaaaa"),
                                          ("detail", "bbbbbbbbbbbb"), ("locon", "cccccccccccc"))}
     plan = make_plan([r], {"tiny": "x"}, 1, networks=hashes)
-    prompt, _, params = parse_infotext(records.infotext(r, tiny_spec, plan.chains[0]))
+    prompt, _, params = parse_infotext(records.infotext(r, {"tiny": tiny_spec}, plan.chains[0]))
     return r, prompt, params
 
 
@@ -177,7 +177,7 @@ def test_ensd_and_eta_only_where_the_webui_writes_them(tiny_spec, sampler, eta, 
     r = render_of({"prompt": "a house", "params": {"sampler": sampler, "eta": eta, "ensd": ensd,
                                                    "seed": 1}})
     plan = make_plan([r], {"tiny": "x"}, 1)
-    _, _, params = parse_infotext(records.infotext(r, tiny_spec, plan.chains[0]))
+    _, _, params = parse_infotext(records.infotext(r, {"tiny": tiny_spec}, plan.chains[0]))
     assert {k: params[k] for k in ("ENSD", "Eta DDIM", "Eta") if k in params} == want
     assert params["RNG"] == "CPU" and "Hypernet" not in params
 
@@ -237,6 +237,36 @@ def test_a_lora_given_by_path_is_named_by_its_file_in_the_infotext(tiny_spec, pa
     r = render_of({"params": {"seed": 1, "steps": 2, "width": 64, "height": 64},
                    "model": {"loras": [{"name": path, "weight": 0.6}]}, "prompt": "a house"})
     plan = make_plan([r], {"tiny": "x"}, 1, networks={("lora", path): "dddddddddddd"})
-    prompt, _, params = parse_infotext(records.infotext(r, tiny_spec, plan.chains[0]))
+    prompt, _, params = parse_infotext(records.infotext(r, {"tiny": tiny_spec}, plan.chains[0]))
     assert prompt == "a house<lora:add_detail:0.6>"
     assert params["Lora hashes"] == "add_detail: dddddddddddd"
+
+
+def post_infotext(tiny_spec, post: list[dict]) -> dict:
+    from sdbatch.output.infotext import parse_infotext
+    from sdbatch.plan import InputImage, make_plan
+
+    r = render_of({"params": {"seed": 1, "steps": 2, "width": 64, "height": 64},
+                   "post": post})
+    plan = make_plan([r], {"tiny": "x"}, 1, inputs={"m.png": InputImage("ab" * 32, (64, 64))})
+    return parse_infotext(records.infotext(r, {"tiny": tiny_spec}, plan.chains[0]))[2]
+
+
+def test_denoising_strength_beside_hires_keys_is_the_hires_fixs(tiny_spec):
+    """The WebUI reads it as the hires fix's where Hires keys are: a later pass's would
+    make a pasted recipe's hires fix at another strength."""
+    params = post_infotext(tiny_spec, [{"hires_fix": {"scale": 2, "denoise": 0.25}},
+                                       {"sd_upscale": {"denoise": 0.4}}])
+    assert params["Denoising strength"] == "0.25" and params["Hires upscale"] == "2"
+    params = post_infotext(tiny_spec, [{"img2img": {"denoise": 0.3}},
+                                       {"sd_upscale": {"denoise": 0.4}}])
+    assert params["Denoising strength"] == "0.4"  # without a hires fix: the last pass's
+
+
+def test_an_inverted_mask_writes_the_webuis_mask_mode(tiny_spec):
+    params = post_infotext(tiny_spec, [{"inpaint": {"mask": "m.png", "invert_mask": True,
+                                                    "mask_blur": 0}}])
+    assert params["Mask mode"] == "Inpaint not masked"
+    assert "Mask blur" not in params  # the WebUI writes it only above 0
+    params = post_infotext(tiny_spec, [{"inpaint": {"mask": "m.png", "mask_blur": 4}}])
+    assert "Mask mode" not in params and params["Mask blur"] == "4"

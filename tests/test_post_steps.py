@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -458,7 +459,8 @@ def test_a_second_pass_on_another_checkpoint(tmp_path, tiny_stack, counting):
     assert counting == {"txt2img": 1, "hires_fix": 2}
     done = entries(tmp_path / "r")
     _, _, params = parse_infotext(png.read_text(tmp_path / "r" / done[1]["file"])["parameters"])
-    assert params["Hires checkpoint"] == "other" and "Hires checkpoint" not in parse_infotext(
+    assert re.fullmatch(r"other \[[0-9a-f]{10}\]", params["Hires checkpoint"])  # its title
+    assert "Hires checkpoint" not in parse_infotext(
         png.read_text(tmp_path / "r" / done[0]["file"])["parameters"])[2]
 
 

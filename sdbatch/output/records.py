@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +87,13 @@ def upscaler_hashes(calls: tuple[StageCall, ...]) -> dict[str, str]:
             if (m := c.params.get(f"{key}_model"))}
 
 
-def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]
+def post_params(render: Render, specs: Mapping[str, StackSpec], calls: tuple[StageCall, ...]
                 ) -> dict[str, Any]:
     """The post-steps in the WebUI's infotext words, in the order it adds them: the first
-    hires fix as its hires fix, an inpaint pass's mask settings, and the last pass's
-    "Denoising strength" (placed where create_infotext puts it). The whole chain, every
-    step and key, is in the sdbatch recipe."""
+    hires fix as its hires fix, an inpaint pass's mask settings, and "Denoising strength"
+    (placed where create_infotext puts it): the hires fix's where there is one, since
+    beside the Hires keys the WebUI reads it as the hires fix's, else the last pass's. The
+    whole chain, every step and key, is in the sdbatch recipe."""
     out: dict[str, Any] = {}
     hires = next((c.params for c in calls if c.kind == "hires_fix"), None)
     if hires is not None:
@@ -102,6 +104,9 @@ def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]
                    "Hires prompt": (hires["prompt"], render.prompt),
                    "Hires negative prompt": (hires["negative_prompt"], render.negative_prompt)}
         out |= {k: mine for k, (mine, base) in differs.items() if mine != base}
+        if "Hires checkpoint" in out:  # its title, as the WebUI writes and finds it
+            other = specs[hires["checkpoint"]]
+            out["Hires checkpoint"] = f"{other.name} [{other.model_hash}]"
         if "Hires prompt" in out:  # the WebUI's hires pass takes the networks its prompt names
             out["Hires prompt"] = infotext_prompt(dataclasses.replace(render,
                                                                       prompt=hires["prompt"]))
@@ -114,7 +119,10 @@ def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]
         out["Hires upscaler"] = _upscaler(hires)
     paint = next((c.params for c in reversed(calls) if c.kind == "inpaint"), None)
     if paint is not None:
-        out["Mask blur"] = paint["mask_blur"]
+        if paint["invert_mask"]:
+            out["Mask mode"] = "Inpaint not masked"
+        if paint["mask_blur"] > 0:
+            out["Mask blur"] = paint["mask_blur"]
         if paint["inpaint_area"] == "only_masked":
             out["Inpaint area"] = "Only masked"
             out["Masked area padding"] = paint["only_masked_padding"]
@@ -123,7 +131,7 @@ def post_params(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]
     if tiled is not None:
         out["SD upscale overlap"] = tiled["tile_overlap"]
         out["SD upscale upscaler"] = _upscaler(tiled)
-    last = next((c.params for c in reversed(calls) if "denoise" in c.params), None)
+    last = hires or next((c.params for c in reversed(calls) if "denoise" in c.params), None)
     if last is not None:
         out["Denoising strength"] = number(last["denoise"])
     extras = next((c.params for c in reversed(calls) if c.kind == "upscale"), None)
@@ -205,7 +213,8 @@ def control_maps(calls: tuple[StageCall, ...]) -> dict[str, list[str]]:
     return {"controlnet": list(found)} if found else {}
 
 
-def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> str:
+def infotext(render: Render, specs: Mapping[str, StackSpec], calls: tuple[StageCall, ...]
+             ) -> str:
     """The WebUI's infotext, key by key in the order of its create_infotext
     (modules/processing.py, v1.10), extra generation parameters in the order the WebUI adds
     them during a render (Lora hashes when networks activate, TI hashes when the prompts
@@ -215,6 +224,7 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
     if calls[0].kind != "txt2img" and len(calls) > 1 and "sampler" in calls[1].params:
         # from an init image, as the WebUI's img2img tab writes it: its first step's own
         render = dataclasses.replace(render, **{k: calls[1].params[k] for k in SAMPLING})
+    spec = specs[render.checkpoint]
     stage = _networks(calls)
     prompt = infotext_prompt(render)
     lora_hash = {network_name(name): digest for name, _, digest in stage["loras"]}
@@ -248,7 +258,7 @@ def infotext(render: Render, spec: StackSpec, calls: tuple[StageCall, ...]) -> s
         "ENSD": render.ensd if render.ensd and render.sampler in USES_ENSD else None,
         "RNG": "CPU",  # sdbatch draws all noise on the CPU; the WebUI's default is GPU
         "Tiling": {"false": None, "true": "True"}.get(render.tiling, render.tiling),
-        **post_params(render, spec, calls),
+        **post_params(render, specs, calls),
         **control_units(calls),
         "Lora hashes": _hash_list(loras.items()),
         "TI hashes": _hash_list(embeddings),

@@ -325,7 +325,7 @@ def _render(run: Path, present: dict[int, dict[str, Any]], intact: set[int],
                                                  spec.record["dtype"], result.error)
                             continue
                         picture, chain = result.pictures[i], p.plan.chains[index]
-                        data = png.encode(picture.image, records.infotext(r, spec, chain),
+                        data = png.encode(picture.image, records.infotext(r, p.specs, chain),
                                           records.png_recipe(r, spec, chain, embedded,
                                                              picture.chain_found, machine))
                         (folder / Path(present[index]["file"]).name).write_bytes(data)
