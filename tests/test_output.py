@@ -73,6 +73,17 @@ def test_manifest_drops_a_torn_line_and_cuts_it_before_appending(tmp_path: Path)
     assert [json.loads(x)["index"] for x in lines] == [0, 2]
 
 
+def test_manifest_line_cut_just_before_its_newline_is_kept(tmp_path: Path):
+    """read() counts a whole line without its newline, so the next append must keep it (a
+    resume skipped that image, and cutting the line then lost it from the manifest)."""
+    path = tmp_path / "manifest.jsonl"
+    path.write_text(json.dumps({"index": 0}) + "\n" + json.dumps({"index": 1}))
+    assert list(manifest.read(path)) == [0, 1]
+    manifest.Manifest(path).append({"index": 2})
+    assert list(manifest.read(path)) == [0, 1, 2]
+    assert path.read_text().count("\n") == 3
+
+
 def test_manifest_line_torn_inside_a_multibyte_character(tmp_path: Path):
     """A kill can cut a line between the bytes of one character: reading must not crash,
     and the next line starts on a fresh line."""

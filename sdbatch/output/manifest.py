@@ -27,13 +27,18 @@ def read(path: Path) -> dict[int, dict[str, Any]]:
     if not path.exists():
         return entries
     for line in path.read_bytes().split(b"\n"):
-        try:
-            entry = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue  # torn by a kill (the last line), or empty
-        if isinstance(entry, dict) and isinstance(entry.get("index"), int):
+        if (entry := read_line(line)) is not None:
             entries[entry["index"]] = entry
     return entries
+
+
+def read_line(line: bytes) -> dict[str, Any] | None:
+    """One line's entry; None for a line torn by a kill (the last one) or empty."""
+    try:
+        entry = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("index"), int) else None
 
 
 class Manifest:
@@ -52,7 +57,11 @@ class Manifest:
             if f.read(1) == b"\n":
                 return
             data = self.path.read_bytes()
-            f.truncate(data.rfind(b"\n") + 1)
+            tail = data.rfind(b"\n") + 1
+            if read_line(data[tail:]) is not None:  # whole but for its newline, and read()
+                f.write(b"\n")                      # counts it: kept
+            else:
+                f.truncate(tail)
 
     def append(self, entry: dict[str, Any]) -> None:
         line = (json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
