@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+WINDOWS = sys.platform == "win32"
+REPLACE_TRIES = 8  # Windows: waits of 10 ms doubling, 1.3 s in all
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -17,10 +21,24 @@ def write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _replace(tmp: str, path: Path) -> None:
+    """os.replace. On Windows a target that another process holds open (`sdbatch ls` or
+    the gallery reading run.json, an antivirus scan) refuses the rename for a moment: it
+    is tried again, with a growing wait."""
+    for attempt in range(REPLACE_TRIES):
+        try:
+            os.replace(tmp, path)
+            return
+        except PermissionError:
+            if not WINDOWS or attempt == REPLACE_TRIES - 1:
+                raise
+            time.sleep(0.01 * 2**attempt)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -1,8 +1,12 @@
 import json
+import os
+import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+from sdbatch import atomic
 from sdbatch.output import filenames, manifest, png
 from sdbatch.output.infotext import format_infotext, parse_infotext, quote
 
@@ -98,3 +102,45 @@ def test_manifest_line_torn_inside_a_multibyte_character(tmp_path: Path):
     lines = path.read_bytes().split(b"\n")
     assert [json.loads(x)["index"] for x in lines if x] == [0, 2]
     assert manifest.read(path)[0]["prompt"] == "maison rouge é"
+
+
+def test_a_rename_refused_for_a_moment_on_windows_is_tried_again(tmp_path: Path, monkeypatch):
+    """Windows refuses to replace a file another process has open (a reader of run.json):
+    the write waits for it, a few times, instead of failing the run."""
+    real, refusals = os.replace, []
+
+    def busy(src, dst):
+        if len(refusals) < 2:
+            refusals.append(dst)
+            raise PermissionError(13, "The process cannot access the file")
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", busy)
+    monkeypatch.setattr(atomic.time, "sleep", lambda s: None)
+    target = tmp_path / "run.json"
+    monkeypatch.setattr(atomic, "WINDOWS", True)
+    atomic.write_text(target, "{}")
+    assert target.read_text() == "{}" and len(refusals) == 2
+    monkeypatch.setattr(atomic, "WINDOWS", False)  # elsewhere it is a real refusal
+    refusals.clear()
+    with pytest.raises(PermissionError):
+        atomic.write_text(target, "{1}")
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temp left
+
+
+def test_a_run_folder_sweeps_old_temps_from_its_own_files_too(tmp_path: Path):
+    from sdbatch.output.run_folder import RunFolder
+
+    folder = RunFolder.create(tmp_path / "r", {"job": {}}, [], 1, 0, {})
+    old = [folder.path / ".run.json.x.tmp", folder.path / ".manifest.jsonl.y.tmp",
+           folder.images / ".00000.png.z.tmp"]
+    (folder.path / "grids").mkdir()
+    old.append(folder.path / "grids" / ".grid.png.w.tmp")
+    young = folder.path / ".run.json.v.tmp"  # another task's write in flight
+    for f in [*old, young]:
+        f.write_bytes(b"")
+    stale = time.time() - atomic.STALE_TEMP_S - 10
+    for f in old:
+        os.utime(f, (stale, stale))
+    RunFolder(folder.path)
+    assert not any(f.exists() for f in old) and young.exists()

@@ -128,7 +128,8 @@ class RunFolder:
         # what the manifest held when the folder was opened (what a resume skips); lines
         # written since are not kept, so a long run's memory does not grow with its images
         self.done = manifest.read(path / "manifest.jsonl")
-        atomic.remove_stale_temps(self.images)
+        for folder in (path, self.images, path / "grids"):  # run.json, manifest, grids
+            atomic.remove_stale_temps(folder)
         self.manifest = manifest.Manifest(path / "manifest.jsonl")
 
     @staticmethod
