@@ -280,6 +280,19 @@ def test_reproduce_of_a_run_over_a_thousand_images(tmp_path: Path):
     assert "matches byte for byte" in proc.stdout
 
 
+def test_reproduce_of_pixels_written_by_another_version_holds(tmp_path: Path):
+    """Same pixels, other text (an upgrade changes Version): reproduced, and it says so."""
+    run_job({**SMALL, "prompt": "a red house", "params": {**SMALL["params"], "cfg_scale": 7}},
+            tmp_path / "r")
+    [image] = (tmp_path / "r/images").glob("*.png")
+    text = png.read_text(image)["parameters"]
+    old = text.replace("Version: sdbatch ", "Version: sdbatch 0.0.1-was-")
+    image.write_bytes(png.encode(Image.open(image), old, png.read_recipe(image)))
+    proc = sdbatch(tmp_path, "reproduce", str(image))
+    assert "pixels match exactly; its metadata differs (written by sdbatch 0.0.1-was-" \
+        in proc.stdout
+
+
 def test_reproduce_into_the_image_itself_compares_with_what_was_there(tmp_path: Path):
     run_job({**SMALL, "prompt": "a red house", "params": {**SMALL["params"], "cfg_scale": 7}},
             tmp_path / "r")
