@@ -260,6 +260,9 @@ IMAGE_UPSCALERS = ("Lanczos", "Nearest")  # built in; any other name is a model 
 
 def _upscaler(v: str) -> str | None:
     """Any name: built-in, latent (hires fix only) or a model file, found by run.prepare."""
+    if v == "None":  # the WebUI's: no upscale at all (Extras), a plain resize (hires fix)
+        return ("'None' does not upscale: give Lanczos for a plain resize; for faces alone, "
+                "a face_restore step")
     return None if v.strip() else "must name an upscaler (Lanczos, Nearest, or a model file)"
 
 
@@ -268,6 +271,10 @@ def _image_upscaler(v: str) -> str | None:
         return (f"{v!r} upscales latents, which only hires fix has: give Lanczos, Nearest "
                 "or an upscaler model (e.g. R-ESRGAN 4x+)")
     return _upscaler(v)
+
+
+def _second_upscaler(v: str) -> str | None:
+    return None if v == "None" else _image_upscaler(v)
 MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")
 INPAINT_AREAS = ("whole_picture", "only_masked")
 
@@ -390,7 +397,7 @@ class Upscale:
     resize_x: Axis[int] = spec(0, _range(0))  # with resize_y: upscale to this size instead
     resize_y: Axis[int] = spec(0, _range(0))
     upscaler: Axis[str] = spec("Lanczos", _image_upscaler)  # built in or a model file
-    upscaler_2: Axis[str] = spec("None", _image_upscaler)  # None: no second upscaler
+    upscaler_2: Axis[str] = spec("None", _second_upscaler)  # None: no second upscaler
     upscaler_2_visibility: Axis[float] = spec(0.0, _range(0, 1))
     # the Extras' face restorers, after the upscale in its order (GFPGAN, then CodeFormer)
     gfpgan_visibility: Axis[float] = spec(0.0, _range(0, 1))  # 0 = off

@@ -130,6 +130,10 @@ def test_upscaled_sizes_are_the_webuis_multiples_of_8():
 def test_bad_upscale_settings_are_refused_up_front(tmp_path):
     with pytest.raises(JobError, match=r"sd_upscale.upscaler.*'Latent' upscales latents"):
         validate({**BASE, "post": [{"sd_upscale": {"upscaler": "Latent"}}]})
+    for step in ("upscale", "hires_fix", "sd_upscale"):  # it would fail mid-run
+        with pytest.raises(JobError, match=rf"{step}.upscaler.*'None' does not upscale"):
+            validate({**BASE, "post": [{step: {"upscaler": "None"}}]})
+    validate({**BASE, "post": [{"upscale": {"upscaler_2": "None"}}]})  # no second one
     with pytest.raises(JobError, match=r"upscale.resize_x.*both"):
         validate({**BASE, "post": [{"upscale": {"resize_x": 256}}]})
     job = {**BASE, "post": [{"sd_upscale": {"scale": 1, "width": 128}}],
@@ -310,6 +314,7 @@ def test_upscale_alone_loads_no_model(tmp_path, monkeypatch):
     assert image(tmp_path / "r", entry).shape == (128, 128, 3)
     params = parse_infotext(png.read_text(tmp_path / "r" / entry["file"])["parameters"])[2]
     assert params["Postprocess upscale to"] == "128x128"
+    assert params["Postprocess crop to"] == "128x128"  # the WebUI's key: the size cropped to
 
 
 

@@ -138,7 +138,7 @@ def post_params(render: Render, specs: Mapping[str, StackSpec], calls: tuple[Sta
     if extras is not None:
         if extras["resize_x"] and extras["resize_y"]:
             out["Postprocess upscale to"] = f"{extras['resize_x']}x{extras['resize_y']}"
-            out["Postprocess crop to fit"] = "True"
+            out["Postprocess crop to"] = f"{extras['resize_x']}x{extras['resize_y']}"
         else:
             out["Postprocess upscale by"] = number(extras["scale"])
         out["Postprocess upscaler"] = _upscaler(extras)
