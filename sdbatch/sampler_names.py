@@ -15,6 +15,7 @@ import difflib
 SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Beta", "SGM Uniform")
 _ALL = SCHEDULE_TYPES
 _NO_SIGMAS = ("Automatic", "Uniform", "SGM Uniform")  # schedulers without sigma options
+_TIMESTEPS = ("Automatic", "Uniform")  # the WebUI's own DDIM/PLMS/UniPC read no schedule type
 
 # sampler -> (the schedule type the WebUI picks for "Automatic", the schedule types its
 # diffusers scheduler can take)
@@ -22,6 +23,7 @@ SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "DPM++ 2M": ("Karras", _ALL),
     "DPM++ SDE": ("Karras", _ALL),
     "DPM++ 2M SDE": ("Exponential", _ALL),
+    "DPM++ 2M SDE Heun": ("Exponential", _ALL),
     "DPM++ 3M SDE": ("Exponential", _ALL),
     "Euler a": ("Automatic", _NO_SIGMAS),
     "Euler": ("Automatic", _ALL),
@@ -29,16 +31,15 @@ SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "Heun": ("Automatic", _ALL),
     "DPM2": ("Karras", _ALL),
     "DPM2 a": ("Karras", _ALL),
-    "DDIM": ("Automatic", _NO_SIGMAS),
-    "PLMS": ("Automatic", _NO_SIGMAS),
-    "UniPC": ("Automatic", _ALL),
+    "DDIM": ("Automatic", _TIMESTEPS),
+    "PLMS": ("Automatic", _TIMESTEPS),
+    "UniPC": ("Automatic", _TIMESTEPS),
     "LCM": ("Automatic", _NO_SIGMAS),
 }
 
 # WebUI samplers that diffusers cannot run, and the nearest one it can.
 UNSUPPORTED: dict[str, str] = {
     "DPM++ 2S a": "DPM++ SDE",
-    "DPM++ 2M SDE Heun": "DPM++ 2M SDE",
     "DPM fast": "DPM++ 2M",
     "DPM adaptive": "DPM++ 2M",
     "Restart": "DPM++ 2M",

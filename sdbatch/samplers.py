@@ -30,6 +30,9 @@ SAMPLERS: dict[str, Sampler] = {
     "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler",
                             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
                             stochastic=True),
+    "DPM++ 2M SDE Heun": Sampler("DPMSolverMultistepScheduler",
+                                 {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
+                                  "solver_type": "heun"}, stochastic=True),
     "DPM++ 3M SDE": Sampler("DPMSolverMultistepScheduler",
                             {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
                             stochastic=True),
@@ -41,7 +44,8 @@ SAMPLERS: dict[str, Sampler] = {
     "DPM2 a": Sampler("KDPM2AncestralDiscreteScheduler", stochastic=True),
     "DDIM": Sampler("DDIMScheduler", {"set_alpha_to_one": False}, spacing="leading"),
     "PLMS": Sampler("PNDMScheduler", {"skip_prk_steps": True}, spacing="leading"),
-    "UniPC": Sampler("UniPCMultistepScheduler"),
+    "UniPC": Sampler("UniPCMultistepScheduler",  # the WebUI's uni_pc_variant and order
+                     {"solver_type": "bh1", "solver_order": 3}),
     "LCM": Sampler("LCMScheduler", spacing="trailing"),
 }
 

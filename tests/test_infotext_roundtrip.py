@@ -270,3 +270,16 @@ def test_an_inverted_mask_writes_the_webuis_mask_mode(tiny_spec):
     assert "Mask blur" not in params  # the WebUI writes it only above 0
     params = post_infotext(tiny_spec, [{"inpaint": {"mask": "m.png", "mask_blur": 4}}])
     assert "Mask mode" not in params and params["Mask blur"] == "4"
+
+
+def test_a_beta_schedule_writes_its_alpha_and_beta(tiny_spec):
+    from sdbatch.output.infotext import parse_infotext
+    from sdbatch.plan import make_plan
+
+    for schedule, want in (("Beta", {"Beta schedule alpha": "0.6", "Beta schedule beta": "0.6"}),
+                           ("Karras", {})):
+        r = render_of({"prompt": "a house", "params": {"sampler": "Euler", "seed": 1,
+                                                       "schedule_type": schedule}})
+        plan = make_plan([r], {"tiny": "x"}, 1)
+        params = parse_infotext(records.infotext(r, {"tiny": tiny_spec}, plan.chains[0]))[2]
+        assert {k: v for k, v in params.items() if k.startswith("Beta")} == want

@@ -19,5 +19,8 @@ def test_schedule_types_a_sampler_takes_are_those_its_scheduler_accepts(name):
     accepted = set(inspect.signature(cls.__init__).parameters)
     takes = [t for t, kw in samplers.SCHEDULE_TYPES.items() if not kw or set(kw) <= accepted]
     automatic, listed = sampler_names.SAMPLERS[name]
-    assert list(listed) == takes
-    assert automatic in takes
+    if name in ("DDIM", "PLMS", "UniPC"):  # the WebUI's own timestep samplers read none
+        assert listed == ("Automatic", "Uniform")
+    else:
+        assert list(listed) == takes
+    assert automatic in takes and set(listed) <= set(takes)

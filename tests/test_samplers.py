@@ -25,8 +25,7 @@ def test_combined_name_contradicting_schedule_type_is_refused():
         samplers.split("DPM++ 2M Karras", "Exponential")
 
 
-@pytest.mark.parametrize("name", ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE",
-                                  "DDIM", "Heun", "LMS", "UniPC", "DPM2", "DPM2 a", "PLMS"])
+@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
 def test_every_sampler_builds_from_the_model_config(name):
     sampler, schedule = samplers.split(name)
     scheduler = samplers.make_scheduler(SCHEDULER, sampler, schedule)
@@ -53,3 +52,23 @@ def test_ddim_keeps_sd_leading_spacing():
     assert isinstance(ddim, diffusers.DDIMScheduler)
     ddim.set_timesteps(10)
     assert ddim.timesteps.tolist()[:2] == [901, 801]
+
+
+def test_unipc_is_the_webuis_variant_and_order():
+    unipc = samplers.make_scheduler(SCHEDULER, "UniPC", "Automatic")
+    assert (unipc.config.solver_type, unipc.config.solver_order) == ("bh1", 3)
+
+
+def test_dpm_2m_sde_heun_is_the_2m_sde_with_heun_steps():
+    heun = samplers.make_scheduler(SCHEDULER, *samplers.split("DPM++ 2M SDE Heun"))
+    assert (heun.config.algorithm_type, heun.config.solver_type) == ("sde-dpmsolver++", "heun")
+    assert heun.config.use_exponential_sigmas and samplers.is_stochastic("DPM++ 2M SDE Heun")
+
+
+@pytest.mark.parametrize("name", ["DDIM", "PLMS", "UniPC"])
+def test_the_webuis_timestep_samplers_take_no_schedule_type(name):
+    """The WebUI's DDIM, PLMS and UniPC never read the schedule type: a Karras UniPC would
+    be an image the WebUI cannot make."""
+    for schedule in ("Karras", "Exponential", "SGM Uniform"):
+        with pytest.raises(samplers.SamplerError, match="cannot use schedule type"):
+            samplers.split(name, schedule)

@@ -264,6 +264,9 @@ def infotext(render: Render, specs: Mapping[str, StackSpec], calls: tuple[StageC
         "TI hashes": _hash_list(embeddings),
         "Eta DDIM": (number(render.eta) if render.sampler == "DDIM" and render.eta
                      else None),
+        # diffusers' beta sigmas take the WebUI's default alpha and beta, which it writes
+        **({"Beta schedule alpha": 0.6, "Beta schedule beta": 0.6}
+           if render.schedule_type == "Beta" else {}),
         "Version": f"sdbatch {__version__}",
     }
     return format_infotext(prompt, render.negative_prompt, params)
