@@ -109,6 +109,7 @@ def check_job_file(name: str) -> None:
 
     from sdbatch.job_folders import job_dirs
     from sdbatch.provenance import shown
+    from sdbatch.text_files import TextFileError, read_text
 
     folders = job_dirs()
     file = next((f / f"{name}.yaml" for f in folders if (f / f"{name}.yaml").is_file()), None)
@@ -118,7 +119,9 @@ def check_job_file(name: str) -> None:
         fail(f"+job={name}: no {name}.yaml in {', '.join(shown(f) for f in folders)} (add "
              f"folders with SDBATCH_JOBS){listing}")
     try:
-        yaml.safe_load(file.read_text(encoding="utf-8"))
+        yaml.safe_load(read_text(file))
+    except TextFileError as e:
+        fail(str(e))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{shown(file)}:{mark.line + 1}:{mark.column + 1}" if mark else shown(file)
@@ -126,7 +129,9 @@ def check_job_file(name: str) -> None:
         if e.context and e.context_mark:
             context = (f" ({e.context} at line {e.context_mark.line + 1}, column "
                        f"{e.context_mark.column + 1})")
-        fail(f"{where}: not valid YAML: {e.problem}{context}")
+        hint = (" (a backslash in double quotes starts an escape: write a Windows path in "
+                "single quotes or with /)" if "escape" in str(e.problem) else "")
+        fail(f"{where}: not valid YAML: {e.problem}{context}{hint}")
     except yaml.YAMLError as e:
         fail(f"{shown(file)}: not valid YAML: {e}")
 

@@ -32,6 +32,15 @@ def _bases(origin: Origin, key: str) -> list[Path]:
     return bases
 
 
+def _escaped(text: str) -> str:
+    """A hint where a path holds a control character: YAML read a backslash in double
+    quotes as an escape ("C:\temp\new.png" holds a tab and a newline)."""
+    if not any(ord(c) < 32 for c in text):
+        return ""
+    return (" (it holds a control character: in double quotes YAML reads a backslash as an "
+            "escape; write a Windows path in single quotes or with /)")
+
+
 def shown(path: Path) -> str:
     """A path as a command run here would name it: relative where it lies below this
     folder, else as given."""
@@ -76,9 +85,9 @@ def locate(job: Job, origin: Origin) -> tuple[Job, list[Problem]]:
         for text in _values(job.init_image):
             found = find(text, _bases(origin, key))
             if found is None:
-                problems.append(Problem(key, f"no picture at '{text}' (looked in "
-                                        f"{', '.join(str(b) for b in _bases(origin, key))})",
-                                        origin(key)))
+                problems.append(Problem(key, f"no picture at {text!r} (looked in "
+                                        f"{', '.join(str(b) for b in _bases(origin, key))})"
+                                        + _escaped(text), origin(key)))
             else:
                 paths += [shown(p) for p in found]
         if paths and len(paths) != len(_values(job.init_image)) and \
@@ -114,7 +123,8 @@ def _single_files(value, key: str, origin: Origin, problems: list, what: str, fi
     for text in _values(value):
         found = find(text, _bases(origin, key))
         if found is None or len(found) != 1:
-            problems.append(Problem(key, f"no {what} at '{text}'" if found is None
+            problems.append(Problem(key, f"no {what} at {text!r}{_escaped(text)}"
+                                    if found is None
                                     else f"'{text}' names {len(found)} pictures; {fix}",
                                     origin(key)))
         else:

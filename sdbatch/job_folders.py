@@ -17,6 +17,8 @@ from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSou
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import OmegaConf
 
+from sdbatch.text_files import read_text
+
 GROUP = "job"
 
 
@@ -45,7 +47,7 @@ class JobFolderSource(ConfigSource):
         file = self._file(config_path)
         if file is None or not file.is_file():
             raise ConfigLoadError(f"Config not found: {file}")
-        text = file.read_text(encoding="utf-8")
+        text = read_text(file)  # checked before Hydra starts (cli.check_job_file)
         return ConfigResult(config=OmegaConf.create(text) if text.strip() else OmegaConf.create(),
                             path=f"{self.scheme()}://{self.folder}", provider=self.provider,
                             header=ConfigSource._get_header_dict(text[:512]))

@@ -73,3 +73,22 @@ def test_checking_a_bad_job_imports_neither_torch_nor_diffusers(tmp_path: Path, 
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.stdout.split() == ["2", "False", "False"], proc.stderr
+
+
+def test_a_job_saved_by_windows_tools(tmp_path: Path):
+    """Notepad's UTF-8 with BOM (Hydra read its package header past the BOM as none, so the
+    whole job moved under job.*), a code page (a traceback), and a Windows path in double
+    quotes (YAML escapes)."""
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "bom.yaml").write_bytes((OK + "params:\n  widht: 64\n").encode(
+        "utf-8-sig"))
+    err = refused(tmp_path, "+job=bom")
+    assert "params.widht (jobs/bom.yaml): unknown key" in err.replace("\\", "/")
+    assert "job.prompt" not in err
+    (tmp_path / "jobs" / "ansi.yaml").write_bytes((OK + "negative_prompt: café\n").encode(
+        "cp1252"))
+    err = refused(tmp_path, "+job=ansi")
+    assert "ansi.yaml is not UTF-8" in err and "save it as UTF-8" in err
+    write_job(tmp_path, "path", OK + 'init_image: "C:\\sd\\x.png"\n')
+    err = refused(tmp_path, "+job=path")
+    assert "unknown escape" in err and "single quotes or with /" in err

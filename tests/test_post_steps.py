@@ -247,6 +247,10 @@ def test_bad_images_are_refused_up_front_with_their_key(tmp_path):
            "post": [{"img2img": {}}], "run": {"dir": str(tmp_path / "r")}}
     with pytest.raises(JobError, match=r"init_image.*no picture at"):
         runner.prepare(validate(job), lambda key: "test")
+    escaped = {**job, "init_image": "C:\temp\new.png"}  # a tab and a newline, as YAML reads it
+    with pytest.raises(JobError, match=r"no picture at 'C:\\temp\\new.png'.*control "
+                       r"character.*single quotes or with /"):
+        runner.prepare(validate(escaped), lambda key: "test")
     job = {**BASE, "post": [{"inpaint": {"mask": str(tmp_path / "broken.png")}}],
            "run": {"dir": str(tmp_path / "r")}}
     with pytest.raises(JobError, match=r"post\[0\].inpaint.mask.*not a readable image"):

@@ -148,3 +148,44 @@ def test_more_combinatorial_variants_than_max_variants_is_refused(tmp_path, wild
     assert "dynamic_prompts.max_variants = 7" in p
     raw["dynamic_prompts"]["max_variants"] = 8
     assert len(norm(raw, tmp_path).prompt) == 9
+
+
+# --- files as Windows tools save them ---------------------------------------------------------
+
+LINES = '--prompt "a red house" --steps 3\r\n--prompt "une tour bleue, café" --steps 4\r\n'
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])  # Notepad's BOM, PowerShell 5
+def test_a_prompt_file_with_a_byte_order_mark_reads_its_first_line(tmp_path, encoding):
+    (tmp_path / "p.txt").write_bytes(LINES.encode(encoding))
+    job = norm({"prompt_file": str(tmp_path / "p.txt")}, tmp_path)
+    assert {(r.prompt, r.steps) for r in renders(job)} == {("a red house", 3),
+                                                          ("une tour bleue, café", 4)}
+
+
+def test_a_file_in_a_windows_code_page_is_refused_naming_it(tmp_path):
+    (tmp_path / "p.txt").write_bytes(LINES.encode("cp1252"))
+    with pytest.raises(JobError, match=r"p.txt is not UTF-8 \(byte \d+ is 0xe9.*save it as UTF-8"):
+        norm({"prompt_file": str(tmp_path / "p.txt")}, tmp_path)
+    (tmp_path / "styles.csv").write_bytes("name,prompt\nwarm,café light\n".encode("cp1252"))
+    with pytest.raises(JobError, match=r"paths.styles.*styles.csv is not UTF-8"):
+        norm({"prompt": "x", "styles": ["warm"]}, tmp_path)
+
+
+def test_styles_csv_of_older_webuis_and_spaced_headers(tmp_path):
+    """The WebUI reads a 'text' column where 'prompt' is missing, and skips spaces after
+    commas: both gave an empty style before, silently."""
+    (tmp_path / "styles.csv").write_text('name,text\nold,"film grain"\n')
+    assert norm({"prompt": "a", "styles": ["old"]}, tmp_path).prompt == "a, film grain"
+    (tmp_path / "styles.csv").write_text('name, prompt, negative_prompt\nsp, "sharp", "fog"\n')
+    job = norm({"prompt": "a", "styles": ["sp"]}, tmp_path)
+    assert (job.prompt, job.negative_prompt) == ("a, sharp", "fog")
+
+
+@pytest.mark.parametrize("data", ["\ufeffred\r\nblue\r\n".encode(), "red\nblue\n".encode("utf-16"),
+                                  "café\n".encode("cp1252")])
+def test_a_wildcard_file_dynamicprompts_would_misread_is_refused(tmp_path, wildcards, data):
+    (wildcards / "colour.txt").write_bytes(data)
+    with pytest.raises(JobError, match=r"wildcard __colour__: .*colour.txt"):
+        norm({"prompt": "a __colour__ house", "dynamic_prompts": {"mode": "combinatorial"}},
+             tmp_path)

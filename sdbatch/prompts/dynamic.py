@@ -18,6 +18,8 @@ from dynamicprompts.generators import CombinatorialPromptGenerator, RandomPrompt
 from dynamicprompts.parser.parse import parse
 from dynamicprompts.wildcards import WildcardManager
 
+from sdbatch.text_files import plain_utf8_problem
+
 
 def _wildcards(command) -> list[str]:
     if isinstance(command, WildcardCommand):
@@ -58,6 +60,9 @@ class DynamicPrompts:
                 if name in seen:
                     continue
                 seen.add(name)
+                file = self.folder / f"{name}.txt"
+                if file.is_file() and (why := plain_utf8_problem(file)):
+                    return [f"wildcard __{name}__: {why}"]
                 values = self.manager.get_all_values(name)
                 if not values:
                     missing.append(name)

@@ -12,6 +12,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from sdbatch.text_files import TextFileError, read_text
+
 # the script's option names -> sdbatch keys, with the value type
 OPTIONS: dict[str, tuple[str, type]] = {
     "prompt": ("prompt", str),
@@ -72,7 +74,11 @@ def read(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     from sdbatch import schema
 
     recipes, problems = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = read_text(path)
+    except TextFileError as e:
+        return [], [str(e)]
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line:
             continue

@@ -18,6 +18,7 @@ from sdbatch.prompts import prompt_file
 from sdbatch.prompts.dynamic import DynamicPrompts
 from sdbatch.prompts.styles import apply_style, load_styles
 from sdbatch.schema import Job, JobError, Origin, Problem
+from sdbatch.text_files import TextFileError
 
 PROMPT_KEYS = ("prompt", "negative_prompt")
 
@@ -89,7 +90,11 @@ def _styles(job: Job, raw: dict, origin: Origin, problems: list[Problem]) -> Non
                                 f"paths.styles = {path}, which does not exist",
                                 origin("paths.styles")))
         return
-    known = load_styles(path)
+    try:
+        known = load_styles(path)
+    except TextFileError as e:
+        problems.append(Problem("paths.styles", str(e), origin("paths.styles")))
+        return
     unknown = [s for s in job.styles if s not in known]
     if unknown:
         problems.append(Problem("styles", f"no style named {', '.join(unknown)} in {path}; "

@@ -6,19 +6,24 @@ A style's text replaces the `{prompt}` placeholder with the prompt, or is append
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
+
+from sdbatch.text_files import read_text
 
 Style = tuple[str, str]  # (prompt, negative prompt)
 
 
 def load_styles(path: Path) -> dict[str, Style]:
-    """name -> (prompt, negative) from a styles.csv with columns name,prompt,negative_prompt."""
+    """name -> (prompt, negative) from the WebUI's styles.csv: columns name, prompt (or
+    text, in older files), negative_prompt, spaces after the commas skipped as it does.
+    TextFileError for a file that is not UTF-8 (or UTF-16)."""
     styles: dict[str, Style] = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        for row in csv.DictReader(f):
-            name = (row.get("name") or "").strip()
-            if name:
-                styles[name] = (row.get("prompt") or "", row.get("negative_prompt") or "")
+    for row in csv.DictReader(io.StringIO(read_text(path), newline=""), skipinitialspace=True):
+        name = (row.get("name") or "").strip()
+        if name:
+            prompt = row["prompt"] if "prompt" in row else row.get("text")
+            styles[name] = (prompt or "", row.get("negative_prompt") or "")
     return styles
 
 
