@@ -172,6 +172,10 @@ class PeakMemory:
 
 
 def _cpu_peak_rss() -> int:
+    if sys.platform == "win32":  # no /proc and no resource module: the working set's peak
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):

@@ -312,6 +312,9 @@ def gallery(args: list[str]) -> None:
 
 
 def main() -> None:
+    for stream in (sys.stdout, sys.stderr):  # a prompt or path the console's code page
+        if hasattr(stream, "reconfigure"):  # lacks (Windows, output redirected) is escaped
+            stream.reconfigure(errors="backslashreplace")
     args = sys.argv[1:]
     commands = {"resume": resume, "reproduce": reproduce, "verify": verify, "diff": diff,
                 "bench": bench, "grid": grid, "ls": ls, "show": show, "gallery": gallery}

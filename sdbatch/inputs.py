@@ -43,12 +43,16 @@ def _escaped(text: str) -> str:
 
 def shown(path: Path) -> str:
     """A path as a command run here would name it: relative where it lies below this
-    folder, else as given."""
+    folder, else as given; with / between its parts on every system (Windows takes them),
+    since jobs, recipes and content keys record it: a run made on Windows reproduces and
+    resumes elsewhere."""
     try:
         rel = os.path.relpath(path)
     except ValueError:  # another drive on Windows
-        return str(path)
-    return rel if not rel.startswith("..") else str(path)
+        rel = str(path)
+    if rel.startswith(".."):
+        rel = str(path)
+    return rel.replace(os.sep, "/")
 
 
 def find(text: str, bases: list[Path]) -> list[Path] | None:

@@ -99,3 +99,21 @@ def test_ls_and_show_on_the_command_line(outputs: Path, tmp_path: Path):
     assert "chain:" in sdbatch(tmp_path, "show", str(image)).stdout
     proc = sdbatch(tmp_path, "ls", str(tmp_path / "nowhere"), check=False)
     assert proc.returncode == 2 and "no such folder" in proc.stderr
+
+
+def test_output_the_console_cannot_encode_is_escaped_not_a_crash(tmp_path: Path):
+    """Windows writes redirected output in its code page: a Japanese prompt or path raised
+    UnicodeEncodeError (here: an ASCII console)."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    folder = tmp_path / "東京"
+    folder.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "sdbatch", "ls", str(folder)], cwd=tmp_path,
+                          capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO),
+                                                    "PYTHONIOENCODING": "ascii"})
+    assert proc.returncode == 0, proc.stderr
+    assert b"\\u6771\\u4eac" in proc.stdout

@@ -508,3 +508,17 @@ def test_a_picture_whose_name_holds_brackets_is_a_file_not_a_pattern(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
     assert inputs.find("hq [v2].png", [tmp_path]) == [picture]
     assert inputs.find("hq*.png", [tmp_path]) == [picture]  # a pattern still is one
+
+
+def test_a_found_picture_is_recorded_with_forward_slashes(monkeypatch):
+    """Windows' relpath gives jobs\\assets\\x.png: recorded so, a recipe made there named no
+    file elsewhere, and a resume on another system read it as a changed job."""
+    from types import SimpleNamespace
+
+    from sdbatch import inputs
+
+    windows = SimpleNamespace(sep="\\", path=SimpleNamespace(
+        relpath=lambda p: "jobs\\assets\\x.png" if "x.png" in str(p) else "..\\up.png"))
+    monkeypatch.setattr(inputs, "os", windows)
+    assert inputs.shown(Path("C:/work/jobs/assets/x.png")) == "jobs/assets/x.png"
+    assert inputs.shown(Path("up.png")) == "up.png"

@@ -224,3 +224,17 @@ def test_bench_makes_random_weights_in_their_final_dtype(monkeypatch):
     stack = bench.random_stack("sd15", torch.device("cpu"), torch.float16, ())
     assert made and all(dtypes == {torch.float16} for dtypes in made)
     assert stack.pipe.unet.dtype == torch.float16
+
+
+def test_bench_reads_the_peak_working_set_on_windows(monkeypatch):
+    """Windows has neither /proc nor the resource module (an ImportError after the warm-up)."""
+    import sys
+    from types import SimpleNamespace
+
+    from sdbatch import bench
+
+    fake = SimpleNamespace(Process=lambda: SimpleNamespace(
+        memory_info=lambda: SimpleNamespace(peak_wset=123 * 2**20)))
+    monkeypatch.setitem(sys.modules, "psutil", fake)
+    monkeypatch.setattr(bench.sys, "platform", "win32")
+    assert bench._cpu_peak_rss() == 123 * 2**20
