@@ -90,8 +90,10 @@ def check_command_line(args: list[str]) -> list[str]:
             [override] = parser.parse_overrides([text])
         except OverrideParseException as e:
             reason = str(e).splitlines()[0]
+            examples = (('"params.seed=[1,2]"', '"prompt=\'a cat\'"') if sys.platform == "win32"
+                        else ("'params.seed=[1,2]'", "'prompt=\"a cat\"'"))  # cmd: "" only
             fail(f"command line '{text}': not a valid override ({reason}); write a list as "
-                 "'params.seed=[1,2]' and quote a value with spaces: 'prompt=\"a cat\"'")
+                 f"{examples[0]} and quote a value with spaces: {examples[1]}")
         key = override.key_or_group
         if key == "job":
             check_job_file(override.value())

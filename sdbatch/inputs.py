@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import glob
 import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 from sdbatch import schema
@@ -53,6 +56,13 @@ def shown(path: Path) -> str:
     if rel.startswith(".."):
         rel = str(path)
     return rel.replace(os.sep, "/")
+
+
+def command_arg(path: Path | str) -> str:
+    """A path as one argument of a command the user copies (a resume hint): as shown(),
+    quoted where it needs it, in double quotes on Windows (cmd and PowerShell read those)."""
+    text = shown(Path(path))
+    return subprocess.list2cmdline([text]) if sys.platform == "win32" else shlex.quote(text)
 
 
 def find(text: str, bases: list[Path]) -> list[Path] | None:

@@ -269,7 +269,8 @@ def setup(p: Prepared, job: Job) -> Setup:
 def _refusal(path: Path, why: str, origin: Origin) -> Problem:
     return Problem("run.dir", f"{path} cannot be resumed by this job: {why}; nothing there "
                    "was touched. Resume it with `sdbatch resume "
-                   f"{path}` (its own job), or give a new run.dir", origin("run.dir"))
+                   f"{inputs.command_arg(path)}` (its own job), or give a new run.dir",
+                   origin("run.dir"))
 
 
 def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
@@ -299,7 +300,8 @@ def _resume_problems(job: Job, path: Path, stored: dict, made: dict,
             "executor.max_batch", f"{path} was rendered in forward passes of up to {was} "
             f"images, this session would make passes of up to {job.executor.max_batch}, and "
             f"an image's pixels depend on its pass by a rounding level; give "
-            f"executor.max_batch={was} (`sdbatch resume {path}` does), or a new run.dir",
+            f"executor.max_batch={was} (`sdbatch resume {inputs.command_arg(path)}` does), "
+            "or a new run.dir",
             origin("executor.max_batch")))
     if problems:
         return problems
@@ -382,7 +384,8 @@ def write_grids(path: Path) -> list[Path]:
     try:
         return grids.write_all(path)
     except (OSError, ValueError, JobError) as e:
-        print(f"  grids not written ({e}); write them with: sdbatch grid {path}")
+        print(f"  grids not written ({e}); write them with: sdbatch grid "
+              f"{inputs.command_arg(path)}")
         return []
 
 
@@ -552,5 +555,5 @@ def _render_run(job: Job, p: Prepared, overrides: list[str], argv: list[str],
         if len(failures) > FAILURES_SHOWN:
             print(f"  ... and {len(failures) - FAILURES_SHOWN} more")
     if status != "complete":
-        print(f"  to finish the run: sdbatch resume {path}")
+        print(f"  to finish the run: sdbatch resume {inputs.command_arg(path)}")
     return {"complete": EXIT_OK, "failed": EXIT_FAILURES}.get(status, EXIT_INTERRUPTED)

@@ -92,3 +92,23 @@ def test_a_job_saved_by_windows_tools(tmp_path: Path):
     write_job(tmp_path, "path", OK + 'init_image: "C:\\sd\\x.png"\n')
     err = refused(tmp_path, "+job=path")
     assert "unknown escape" in err and "single quotes or with /" in err
+
+
+def test_a_printed_command_quotes_its_path_as_the_users_shell_reads_it(monkeypatch):
+    from sdbatch import inputs
+
+    assert inputs.command_arg(Path("outputs/job/20261126-010044")) == \
+        "outputs/job/20261126-010044"
+    assert inputs.command_arg(Path("outputs/my job/x")) == "'outputs/my job/x'"
+    monkeypatch.setattr(inputs.sys, "platform", "win32")  # cmd and PowerShell: "..."
+    assert inputs.command_arg(Path("outputs/my job/x")) == '"outputs/my job/x"'
+
+
+def test_the_override_hint_quotes_for_cmd_on_windows(monkeypatch, capsys):
+    from sdbatch import cli
+
+    monkeypatch.setattr(cli.sys, "platform", "win32")
+    with pytest.raises(SystemExit):
+        cli.check_command_line(["params.steps=[1,"])
+    err = capsys.readouterr().err
+    assert "\"params.seed=[1,2]\"" in err and "\"prompt='a cat'\"" in err

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from sdbatch import schema
+from sdbatch.inputs import command_arg
 from sdbatch.plan import Plan, StageCall
 from sdbatch.reports import gallery
 
@@ -190,7 +191,8 @@ def submit(job: schema.Job, origin: schema.Origin, overrides: list[str],
                  else f"the task logs in {p.path / LOGS}")
         print(f"\nstopped waiting; the array goes on (watch it: {watch}"
               + (f"; cancel it: scancel {array}" if job.executor.cluster == "slurm" else "")
-              + f"). When it has ended: sdbatch resume {p.path} finishes what is left")
+              + f"). When it has ended: sdbatch resume {command_arg(p.path)} finishes what "
+              "is left")
         return run.EXIT_INTERRUPTED
     return _finish(job, p, folder, done, list(zip(parts, jobs, strict=True)))
 
@@ -256,7 +258,7 @@ def _finish(job: schema.Job, p, folder, done: set[int], tasks: list) -> int:
         print(f"  grids: {', '.join(str(s.relative_to(p.path)) for s in sheets)}")
     print(f"  gallery: {p.path / gallery.FILE}")
     if status != "complete":
-        print(f"  to finish the run: sdbatch resume {p.path} (a new array), or "
-              f"sdbatch resume {p.path} --executor local (on this machine)")
+        print(f"  to finish the run: sdbatch resume {command_arg(p.path)} (a new array), or "
+              f"sdbatch resume {command_arg(p.path)} --executor local (on this machine)")
     return {"complete": run.EXIT_OK, "failed": run.EXIT_FAILURES}.get(status,
                                                                        run.EXIT_INTERRUPTED)
