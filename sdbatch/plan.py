@@ -148,6 +148,7 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
     into the params of each call whose VAE may work in tiles (see vae_tiled)."""
     inputs, upscalers, image_models = inputs or {}, upscalers or {}, image_models or {}
     base = render.params() | _networks(render, networks)
+    job_units = base.get("controlnet")
     if "controlnet" in base:
         base["controlnet"] = control_units(base["controlnet"], (render.width, render.height),
                                            inputs, controlnets or {})
@@ -167,8 +168,13 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
         size = output_size(step.kind, params, size)
         params["output_size"] = list(size)
         if "controlnet" in params:
-            params["controlnet"] = control_units(params["controlnet"], size, inputs,
-                                                 controlnets or {})
+            # the extension's hires pass takes the first pass's maps (pixel perfect from the
+            # first pass's size), fitted to its own size; other steps are runs of their own
+            first_pass = (step.kind == "hires_fix" and render.init_image is None
+                          and params["controlnet"] == job_units)
+            params["controlnet"] = control_units(
+                params["controlnet"], (render.width, render.height) if first_pass else size,
+                inputs, controlnets or {})
         if step.kind == "inpaint":
             params["mask_sha256"] = inputs[params["mask"]].sha256
         for key in UPSCALER_KEYS:

@@ -454,3 +454,26 @@ def test_an_only_masked_box_clipped_at_the_edge_cuts_the_map_as_the_picture():
     cut = control.cropped(unit, (64, 64), (0, 0, 32, 64), 64, 64)  # a half-width box
     # the 32 x 64 crop fits the height as it is, centred: 16 px of fill on the left
     assert list(np.flatnonzero(cut[32, :, 0] > 128)) == [26, 27]  # stretched: 20-23
+
+
+def test_pixel_perfect_in_a_hires_fix_is_the_first_pass_map_as_the_extension():
+    """The extension preprocesses once, at the first pass's pixel-perfect resolution, and
+    resizes that map for the hires pass; a step run on its own (SD upscale) computes its
+    own."""
+    from sdbatch import matrix
+    from sdbatch.plan import InputImage, make_plan
+
+    def calls(post):
+        r = matrix.expand(matrix.resolve_seeds(validate({
+            "prompt": "x", "params": {"width": 64, "height": 64, "seed": 1}, "post": post,
+            "controlnet": [{"model": "control_rand", "image": "c.png", "preprocessor": "canny",
+                            "pixel_perfect": True}]}), 0))[0]
+        chain = make_plan([r], {"tiny": "x"}, 1,
+                          inputs={"c.png": InputImage("ab" * 32, (100, 60))}).chains[0]
+        return [c.params["controlnet"][0] for c in chain]
+
+    first, hires = calls([{"hires_fix": {"scale": 2}}])
+    assert first["processor_res"] == hires["processor_res"] == 64
+    assert first["map"] == hires["map"]  # one map, fitted to each stage's size
+    first, tiled = calls([{"sd_upscale": {"scale": 2}}])
+    assert (first["processor_res"], tiled["processor_res"]) == (64, 128)
