@@ -28,11 +28,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
 
 from sdbatch import preprocessors, tiles
+from sdbatch.preprocessor_names import RECOLOR
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,18 @@ def window_fraction(step: int, steps: int) -> float:
     the WebUI's state.sampling_step, which the sampler's callback sets to a step once it
     has finished, so the first two steps both read 0 and step i reads (i - 1) / steps."""
     return max(step - 1, 0) / max(steps, 1)
+
+
+def recolored(image: Image.Image, control_map: np.ndarray, preprocessor: str) -> Image.Image:
+    """The extension's recolor post-processing of a finished picture: its lightness (Lab L,
+    recolor_luminance) or value (HSV V, recolor_intensity) replaced by the control map's
+    (at the picture's size), which sampling was only steered towards."""
+    to, back, channel = ((cv2.COLOR_RGB2LAB, cv2.COLOR_LAB2RGB, 0)
+                         if RECOLOR[preprocessor] == "lab"
+                         else (cv2.COLOR_RGB2HSV, cv2.COLOR_HSV2RGB, 2))
+    converted = cv2.cvtColor(np.asarray(image.convert("RGB")), to)
+    converted[:, :, channel] = control_map[:, :, 0]
+    return Image.fromarray(cv2.cvtColor(converted, back))
 
 
 def hint(maps: list[np.ndarray]) -> torch.Tensor:

@@ -152,16 +152,17 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
     if "controlnet" in base:
         base["controlnet"] = control_units(base["controlnet"], (render.width, render.height),
                                            inputs, controlnets or {})
+    kinds = [step.kind for step in render.post] + [None]  # each call's next step's kind
     if render.init_image is None:
         size = (render.width, render.height)
-        first = StageCall("txt2img", base | vae_tiled(size, size, vae_tile_px), None,
-                          stacks[render.checkpoint])
+        first = StageCall("txt2img", base | vae_tiled(size, size, vae_tile_px)
+                          | recolors(base, kinds[0]), None, stacks[render.checkpoint])
     else:
         image = inputs[render.init_image]
         first = StageCall("image", {"path": render.init_image, "sha256": image.sha256}, None, "")
         size = image.size
     calls = [first]
-    for step in render.post:
+    for n, step in enumerate(render.post):
         modelled = step.kind not in NO_MODEL
         params = step.params() | ({k: base[k] for k in INHERITED} if modelled else {})
         params["input_size"] = list(size)
@@ -188,10 +189,22 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
                        for name, key in EXTRAS_RESTORERS if params[key] > 0}
         if modelled:
             params |= vae_tiled(params["input_size"], size, vae_tile_px)
+            params |= recolors(params, kinds[n + 1])
         checkpoint = params.get("checkpoint") or render.checkpoint
         calls.append(StageCall(step.kind, params, calls[-1].key,
                                stacks[checkpoint] if modelled else ""))
     return tuple(calls)
+
+
+def recolors(params: dict[str, Any], next_kind: str | None) -> dict[str, Any]:
+    """``{"recolor": True}`` for a call whose pictures get the recolor units' post-processing
+    (control.recolored): the extension runs it on each finished generation, so after a
+    hires fix, not on the first pass it continues."""
+    units = params.get("controlnet", ())
+    if next_kind == "hires_fix" or not any(u["preprocessor"] in preprocessor_names.RECOLOR
+                                           for u in units):
+        return {}
+    return {"recolor": True}
 
 
 def vae_tiled(input_size: Sequence[int], output_size: Sequence[int],

@@ -44,9 +44,14 @@ PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in (
     Preprocessor("lineart_standard"),
     Preprocessor("recolor_luminance", Slider("Gamma Correction", 1.0, 0.1, 2.0),
                  uses_resolution=False),
+    Preprocessor("recolor_intensity", Slider("Gamma Correction", 1.0, 0.1, 2.0),
+                 uses_resolution=False),
     Preprocessor("tile_resample", Slider("Down Sampling Rate", 1.0, 1.0, 8.0),
                  uses_resolution=False),
 )}
+
+# the recolor preprocessors, whose maps also replace the finished picture's lightness
+RECOLOR = {"recolor_luminance": "lab", "recolor_intensity": "hsv"}
 
 # the words the issue and users say for them -> the extension's module names
 ALIASES = {"brightness": "recolor_luminance", "tile": "tile_resample",
@@ -58,7 +63,7 @@ NEEDS_MODEL = ("depth", "openpose", "dw_openpose", "animal_openpose", "densepose
                "mlsd", "normal", "seg", "oneformer", "uniformer", "mediapipe", "clip",
                "ip-adapter", "instant_id", "reference", "inpaint", "shuffle", "t2ia",
                "tile_colorfix", "revision", "anime_face", "te_hed", "teed", "mobile_sam",
-               "recolor_intensity", "blur_gaussian", "sparsectrl")
+               "blur_gaussian", "sparsectrl")
 
 
 def canonical(name: str) -> str:

@@ -86,8 +86,16 @@ def lineart_standard(img: np.ndarray, res: int) -> np.ndarray:
 def recolor_luminance(img: np.ndarray, gamma: float) -> np.ndarray:
     """Brightness as grey: the L of Lab, gamma corrected. Like the extension it converts
     with COLOR_BGR2LAB on an RGB array (it weights red and blue the other way round)."""
-    lab = cv2.cvtColor(hwc3(img), cv2.COLOR_BGR2LAB)
-    out = (lab[:, :, 0].astype(np.float32) / 255.0) ** gamma
+    return _grey(cv2.cvtColor(hwc3(img), cv2.COLOR_BGR2LAB)[:, :, 0], gamma)
+
+
+def recolor_intensity(img: np.ndarray, gamma: float) -> np.ndarray:
+    """Intensity as grey: the V of HSV (the largest channel), gamma corrected."""
+    return _grey(cv2.cvtColor(hwc3(img), cv2.COLOR_BGR2HSV)[:, :, 2], gamma)
+
+
+def _grey(channel: np.ndarray, gamma: float) -> np.ndarray:
+    out = (channel.astype(np.float32) / 255.0) ** gamma
     return cv2.cvtColor((out * 255.0).clip(0, 255).astype(np.uint8), cv2.COLOR_GRAY2RGB)
 
 
@@ -113,6 +121,7 @@ def run(name: str, img: np.ndarray, res: int, a: float, b: float) -> np.ndarray:
         "scribble_xdog": lambda: scribble_xdog(img, res, a),
         "lineart_standard": lambda: lineart_standard(img, res),
         "recolor_luminance": lambda: recolor_luminance(img, a),
+        "recolor_intensity": lambda: recolor_intensity(img, a),
         "tile_resample": lambda: tile_resample(img, a),
     }[name]()
 

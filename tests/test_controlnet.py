@@ -477,3 +477,59 @@ def test_pixel_perfect_in_a_hires_fix_is_the_first_pass_map_as_the_extension():
     assert first["map"] == hires["map"]  # one map, fitted to each stage's size
     first, tiled = calls([{"sd_upscale": {"scale": 2}}])
     assert (first["processor_res"], tiled["processor_res"]) == (64, 128)
+
+
+# --- recolor ---------------------------------------------------------------------------------
+
+
+def test_recolor_maps_are_lightness_or_value_as_the_extension_computes_them():
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[:] = (10, 200, 50)
+    assert (preprocessors.run("recolor_intensity", img, 64, 1.0, 0) == 200).all()  # HSV V
+    lightness = preprocessors.run("recolor_luminance", img, 64, 1.0, 0)
+    assert (lightness == lightness[0, 0, 0]).all() and 0 < lightness[0, 0, 0] < 255
+
+
+@pytest.mark.parametrize("preprocessor", ["recolor_luminance", "recolor_intensity"])
+def test_recolored_takes_the_maps_lightness_and_keeps_the_hue(preprocessor):
+    import cv2
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    grey = np.full((16, 16, 3), 180, np.uint8)
+    out = np.asarray(control.recolored(picture, grey, preprocessor))
+    space, channel = ((cv2.COLOR_RGB2LAB, 0) if preprocessor == "recolor_luminance"
+                      else (cv2.COLOR_RGB2HSV, 2))
+    off = np.abs(cv2.cvtColor(out, space)[:, :, channel].astype(int) - 180)
+    assert np.median(off) <= 1  # colours out of gamut at that lightness are clipped
+    assert not np.array_equal(out, np.asarray(picture))
+
+
+def test_recolor_runs_on_each_finished_generation_after_its_hires_fix():
+    from sdbatch import matrix
+    from sdbatch.plan import InputImage, make_plan
+
+    def flags(post):
+        r = matrix.expand(matrix.resolve_seeds(validate({
+            "prompt": "x", "params": {"width": 64, "height": 64, "seed": 1}, "post": post,
+            "controlnet": [{"model": "control_rand", "image": "c.png",
+                            "preprocessor": "brightness"}]}), 0))[0]
+        chain = make_plan([r], {"tiny": "x"}, 1,
+                          inputs={"c.png": InputImage("ab" * 32, (64, 64))}).chains[0]
+        return [c.params.get("recolor", False) for c in chain]
+
+    assert flags([]) == [True]
+    assert flags([{"hires_fix": {"scale": 2}}]) == [False, True]
+    assert flags([{"img2img": {}}]) == [True, True]  # each a generation of its own
+
+
+def test_a_recolor_units_picture_has_its_maps_lightness(tmp_path, models, edges):
+    import cv2
+
+    [entry] = run_job(job(models, edges, [{"preprocessor": "recolor_luminance"}]),
+                      tmp_path / "r")
+    [made] = entry["controlnet"]
+    lightness = np.asarray(Image.open(tmp_path / "r" / made))[:, :, 0].astype(int)
+    out = np.asarray(Image.open(tmp_path / "r" / entry["file"]).convert("RGB"))
+    off = np.abs(cv2.cvtColor(out, cv2.COLOR_RGB2LAB)[:, :, 0] - lightness)
+    assert np.median(off) <= 1 and (off <= 3).mean() > 0.9

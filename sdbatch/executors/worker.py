@@ -28,6 +28,7 @@ from sdbatch.models import stack as stacks
 from sdbatch.models.image_models import ImageModelFile, ImageModels
 from sdbatch.models.upscaler_models import UpscalerFile, UpscalerModels
 from sdbatch.plan import Batch
+from sdbatch.preprocessor_names import RECOLOR
 from sdbatch.stages import (
     face_restore,
     hires_fix,
@@ -207,10 +208,15 @@ class Worker:
         extra = {"control": units} if units else {}
         with seamless.tiling([stack.pipe.unet, stack.pipe.vae], first.tiling):
             if batch.kind == "txt2img":
-                return STAGES["txt2img"](stack, batch.renders, on_step, **extra)
-            if batch.kind in UPSCALING:
-                return STAGES[batch.kind](stack, items, on_step, models=self.upscalers, **extra)
-            return STAGES[batch.kind](stack, items, on_step, **extra)
+                pictures = STAGES["txt2img"](stack, batch.renders, on_step, **extra)
+            elif batch.kind in UPSCALING:
+                pictures = STAGES[batch.kind](stack, items, on_step, models=self.upscalers,
+                                              **extra)
+            else:
+                pictures = STAGES[batch.kind](stack, items, on_step, **extra)
+        if batch.calls[0].params.get("recolor"):
+            pictures = [_recolored(p, units) for p in pictures]
+        return pictures
 
     def _stack(self, batch: Batch) -> stacks.Stack:
         """The batch's stack, loaded (the one before released first) and its LoRAs checked
@@ -227,3 +233,14 @@ class Worker:
                 raise stacks.StackLoadError(str(e)) from e
             self.checked.add(spec.identity)
         return self.stack
+
+
+def _recolored(picture: Picture, units: list[control.Unit]) -> Picture:
+    """A finished picture with its recolor units' post-processing (plan.recolors), in unit
+    order; made in pixel space from here on."""
+    image = picture.image
+    for u in units:
+        if u.params["preprocessor"] in RECOLOR:
+            image = control.recolored(image, control.at_size(u, *image.size),
+                                      u.params["preprocessor"])
+    return replace(picture, image=image, latents=None)
