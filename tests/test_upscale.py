@@ -315,6 +315,7 @@ def test_upscale_alone_loads_no_model(tmp_path, monkeypatch):
     params = parse_infotext(png.read_text(tmp_path / "r" / entry["file"])["parameters"])[2]
     assert params["Postprocess upscale to"] == "128x128"
     assert params["Postprocess crop to"] == "128x128"  # the WebUI's key: the size cropped to
+    assert not {"Steps", "Sampler", "Seed", "Model", "Size"} & set(params)  # no model ran
 
 
 

@@ -12,7 +12,7 @@ from sdbatch.matrix import Render
 from sdbatch.models import names
 from sdbatch.models.stack import StackSpec
 from sdbatch.output.infotext import format_infotext, number
-from sdbatch.plan import StageCall
+from sdbatch.plan import NO_MODEL, StageCall
 from sdbatch.prompts.parser import extract_extra_networks
 
 # The sampler names whose WebUI config says "uses_ensd" (modules/sd_samplers_kdiffusion.py,
@@ -221,6 +221,10 @@ def infotext(render: Render, specs: Mapping[str, StackSpec], calls: tuple[StageC
     are encoded, Eta DDIM when sampling starts). Hypernetworks are named only by their
     tags: the WebUI writes no Hypernet keys, and on paste it turns a "Hypernet" key into a
     second tag."""
+    if all(c.kind in NO_MODEL for c in calls):  # Extras alone: no model made these pixels,
+        keys = {"Face restoration": face_restoration(calls),  # so no sampling keys either
+                **post_params(render, specs, calls), "Version": f"sdbatch {__version__}"}
+        return format_infotext("", "", keys)
     if calls[0].kind != "txt2img" and len(calls) > 1 and "sampler" in calls[1].params:
         # from an init image, as the WebUI's img2img tab writes it: its first step's own
         render = dataclasses.replace(render, **{k: calls[1].params[k] for k in SAMPLING})
