@@ -44,8 +44,10 @@ SAMPLERS: dict[str, Sampler] = {
     "DPM2 a": Sampler("KDPM2AncestralDiscreteScheduler", stochastic=True),
     "DDIM": Sampler("DDIMScheduler", {"set_alpha_to_one": False}, spacing="leading"),
     "PLMS": Sampler("PNDMScheduler", {"skip_prk_steps": True}, spacing="leading"),
-    "UniPC": Sampler("UniPCMultistepScheduler",  # the WebUI's uni_pc_variant and order
-                     {"solver_type": "bh1", "solver_order": 3}),
+    # the WebUI's uni_pc_variant and order; like it, ending at t = 0, sigma_min (bh1's last
+    # step to sigma 0 breaks down: a black picture)
+    "UniPC": Sampler("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3,
+                                                 "final_sigmas_type": "sigma_min"}),
     "LCM": Sampler("LCMScheduler", spacing="trailing"),
 }
 

@@ -56,7 +56,8 @@ def test_ddim_keeps_sd_leading_spacing():
 
 def test_unipc_is_the_webuis_variant_and_order():
     unipc = samplers.make_scheduler(SCHEDULER, "UniPC", "Automatic")
-    assert (unipc.config.solver_type, unipc.config.solver_order) == ("bh1", 3)
+    assert (unipc.config.solver_type, unipc.config.solver_order,
+            unipc.config.final_sigmas_type) == ("bh1", 3, "sigma_min")
 
 
 def test_dpm_2m_sde_heun_is_the_2m_sde_with_heun_steps():
