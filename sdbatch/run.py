@@ -29,7 +29,7 @@ from sdbatch.models import stack as stacks
 from sdbatch.models.image_models import ImageModelFile
 from sdbatch.models.upscaler_models import UpscalerFile
 from sdbatch.output import records, run_folder
-from sdbatch.output.filenames import file_name
+from sdbatch.output.filenames import file_name, too_long_on_windows
 from sdbatch.output.lock import LOCK, OtherSubmission, RunFolderBusy, RunLock
 from sdbatch.output.run_folder import (
     RunFolder,
@@ -207,6 +207,8 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     specs = model_specs.with_embeddings(specs, renders, normal)
     restorers, restorer_problems = model_specs.resolve_face_restorers(normal, origin)
     problems += restorer_problems
+    if too_long := too_long_on_windows(path / "images", names.values()):
+        problems.append(Problem("run.filename", too_long, origin("run.filename")))
     repeated = same_file_names(names.values())
     if repeated:
         problems.append(Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "

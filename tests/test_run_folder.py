@@ -206,6 +206,23 @@ def test_file_names_equal_but_for_case_are_refused_before_any_work(tmp_path: Pat
     assert not (tmp_path / "r").exists()
 
 
+def test_a_path_over_windows_limit_is_refused_before_any_work(tmp_path: Path, monkeypatch):
+    """Windows without long paths fails the first write of a name past 260 characters,
+    after the render; the job is refused up front instead, naming the fix."""
+    from sdbatch.output import filenames
+
+    monkeypatch.setattr(filenames.sys, "platform", "win32")
+    monkeypatch.setattr(filenames, "long_paths_enabled", lambda: False)
+    raw = job(tmp_path)
+    raw["run"] = {**raw["run"], "dir": str(tmp_path / ("d" * 200)),
+                  "filename": "[index]-[prompt_words]"}
+    text = refusal(raw)
+    assert "run.filename (test):" in text and "over Windows' 260-character limit" in text
+    assert not (tmp_path / ("d" * 200)).exists()
+    monkeypatch.setattr(filenames, "long_paths_enabled", lambda: True)
+    assert filenames.too_long_on_windows(tmp_path / ("d" * 200), ["x" * 90]) is None
+
+
 BREAKER = """import sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path

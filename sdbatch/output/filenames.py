@@ -4,7 +4,9 @@ every file system (Windows' reserved names and characters included)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from sdbatch.output.infotext import number
@@ -50,3 +52,34 @@ def safe(name: str) -> str:
 
 def file_name(pattern: str, render: Any, ctx: dict[str, str]) -> str:
     return safe(_TAG.sub(lambda m: TAGS[m.group(1)](render, ctx), pattern)) + ".png"
+
+
+WINDOWS_MAX_PATH = 259  # MAX_PATH (260) less its terminating NUL
+TEMP_EXTRA = 14  # atomic.write_bytes' temp file: ".{name}.XXXXXXXX.tmp"
+
+
+def too_long_on_windows(images: Path, names: Iterable[str]) -> str | None:
+    """Where a file of the run (an image or its temp file while it is written) would pass
+    Windows' 260-character path limit, a sentence naming the longest; None elsewhere, or
+    where Windows has long paths enabled (LongPathsEnabled, which Python honours)."""
+    if sys.platform != "win32" or long_paths_enabled():
+        return None
+    longest = max(names, key=len, default="")
+    length = len(str(images.absolute() / longest)) + TEMP_EXTRA
+    if length <= WINDOWS_MAX_PATH:
+        return None
+    return (f"{images.absolute() / longest} would be {length} characters long while it is "
+            f"written, over Windows' {WINDOWS_MAX_PATH + 1}-character limit: shorten "
+            "run.filename, job.name or run.dir, or enable long paths in Windows "
+            "(LongPathsEnabled)")
+
+
+def long_paths_enabled() -> bool:
+    import winreg  # Windows only
+
+    try:
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE,
+                            r"SYSTEM\CurrentControlSet\Control\FileSystem") as key:
+            return winreg.QueryValueEx(key, "LongPathsEnabled")[0] == 1
+    except OSError:
+        return False
