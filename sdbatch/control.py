@@ -16,7 +16,8 @@ In a hires fix pass a canny unit is soft-injected whatever its mode, as the exte
 start <= step / steps <= end over the steps a stage samples, where step is the one the
 WebUI reports at the model call, the last finished one (window_fraction), so a unit acts
 one step later than its fraction says and ``guidance_end: 0`` still acts on the first two
-steps. Weight 0 leaves a unit out entirely: the image is the one without it, bit for bit.
+steps. Weight 0 leaves a unit out of sampling entirely (a recolor unit's post-processing
+still applies, as in the extension).
 
 The control image goes through the ControlNet's hint encoder once per batch, not once per
 model call: its output is kept and handed to the model at each call.

@@ -171,7 +171,7 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
         if "controlnet" in params:
             # the extension's hires pass takes the first pass's maps (pixel perfect from the
             # first pass's size), fitted to its own size; other steps are runs of their own
-            first_pass = (step.kind == "hires_fix" and render.init_image is None
+            first_pass = (n == 0 and step.kind == "hires_fix" and render.init_image is None
                           and params["controlnet"] == job_units)
             params["controlnet"] = control_units(
                 params["controlnet"], (render.width, render.height) if first_pass else size,
@@ -189,7 +189,8 @@ def chain(render: Render, stacks: dict[str, str], networks: dict[tuple[str, str]
                        for name, key in EXTRAS_RESTORERS if params[key] > 0}
         if modelled:
             params |= vae_tiled(params["input_size"], size, vae_tile_px)
-            params |= recolors(params, kinds[n + 1])
+            if step.kind != "inpaint":  # the WebUI recolors before pasting the unmasked
+                params |= recolors(params, kinds[n + 1])  # part back: see README
         checkpoint = params.get("checkpoint") or render.checkpoint
         calls.append(StageCall(step.kind, params, calls[-1].key,
                                stacks[checkpoint] if modelled else ""))

@@ -207,8 +207,6 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
     specs = model_specs.with_embeddings(specs, renders, normal)
     restorers, restorer_problems = model_specs.resolve_face_restorers(normal, origin)
     problems += restorer_problems
-    if too_long := too_long_on_windows(path / "images", names.values()):
-        problems.append(Problem("run.filename", too_long, origin("run.filename")))
     repeated = same_file_names(names.values())
     if repeated:
         problems.append(Problem("run.filename", f"'{job.run.filename}' gives {len(repeated)} "
@@ -225,6 +223,8 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
                      restorers, controlnets, job.executor.vae_tile_px)
     problems += [Problem(key, message, origin(key))
                  for key, message in size_problems(plan, images)]
+    if too_long := too_long_on_windows(path, run_files(plan, names.values())):
+        problems.append(Problem("run.filename", too_long, origin("run.filename")))
     problems += model_specs.controlnet_problems(plan, specs, control_files, origin)
     if problems:
         raise JobError(problems)
@@ -248,6 +248,17 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
         plan = restrict(plan, only)
     return Prepared(path, fresh, nonce, specs, normal, resolved, renders, plan, names, networks,
                     upscalers, restorers, made, keys)
+
+
+def run_files(plan: Plan, names) -> list[str]:
+    """The files the run writes, as paths in its folder (content keys at their length)."""
+    key = "0" * 24
+    calls = [c for chain in plan.chains.values() for c in chain]
+    return ([f"images/{name}" for name in names]
+            + ([f"intermediates/{key}.safetensors"] if any(len(chain) > 1 for chain in
+                                                       plan.chains.values()) else [])
+            + ([f"controlnet/{key}.png"] if any(c.params.get("controlnet") for c in calls)
+               else []))
 
 
 def upscaler_params(files: dict[str, UpscalerFile], executor: schema.Executor) -> dict:

@@ -16,13 +16,14 @@ class TextFileError(ValueError):
 
 
 def decode(data: bytes, path: str | os.PathLike) -> str:
-    if data.startswith(UTF16_BOMS):
-        return data.decode("utf-16")
+    utf16 = data.startswith(UTF16_BOMS)
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-16" if utf16 else "utf-8-sig")
     except UnicodeDecodeError as e:
-        raise TextFileError(f"{path} is not UTF-8 (byte {e.start} is 0x{data[e.start]:02x}: "
-                            "saved in a Windows code page?): save it as UTF-8") from None
+        what = ("UTF-16 as its byte-order mark says" if utf16
+                else f"UTF-8 (byte {e.start} is 0x{data[e.start]:02x}: saved in a Windows "
+                "code page?)")
+        raise TextFileError(f"{path} is not {what}: save it as UTF-8") from None
 
 
 def read_text(path: str | os.PathLike) -> str:

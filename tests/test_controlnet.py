@@ -470,13 +470,16 @@ def test_pixel_perfect_in_a_hires_fix_is_the_first_pass_map_as_the_extension():
                             "pixel_perfect": True}]}), 0))[0]
         chain = make_plan([r], {"tiny": "x"}, 1,
                           inputs={"c.png": InputImage("ab" * 32, (100, 60))}).chains[0]
-        return [c.params["controlnet"][0] for c in chain]
+        return [c.params.get("controlnet", [None])[0] for c in chain]
 
     first, hires = calls([{"hires_fix": {"scale": 2}}])
     assert first["processor_res"] == hires["processor_res"] == 64
     assert first["map"] == hires["map"]  # one map, fitted to each stage's size
     first, tiled = calls([{"sd_upscale": {"scale": 2}}])
     assert (first["processor_res"], tiled["processor_res"]) == (64, 128)
+    # a hires fix of an upscaled picture is not the first pass's continuation
+    first, later = calls([{"upscale": {"scale": 2}}, {"hires_fix": {"scale": 1}}])[0:3:2]
+    assert (first["processor_res"], later["processor_res"]) == (64, 128)
 
 
 # --- recolor ---------------------------------------------------------------------------------
@@ -521,6 +524,8 @@ def test_recolor_runs_on_each_finished_generation_after_its_hires_fix():
     assert flags([]) == [True]
     assert flags([{"hires_fix": {"scale": 2}}]) == [False, True]
     assert flags([{"img2img": {}}]) == [True, True]  # each a generation of its own
+    # inpaint keeps every byte outside its mask: the WebUI recolors before pasting it back
+    assert flags([{"inpaint": {"mask": "c.png"}}]) == [True, False]
 
 
 def test_a_recolor_units_picture_has_its_maps_lightness(tmp_path, models, edges):

@@ -163,6 +163,12 @@ def test_a_prompt_file_with_a_byte_order_mark_reads_its_first_line(tmp_path, enc
                                                           ("une tour bleue, café", 4)}
 
 
+def test_a_broken_utf16_file_is_refused_naming_it(tmp_path):
+    (tmp_path / "p.txt").write_bytes(b"\xff\xfea")  # a byte-order mark, then half a unit
+    with pytest.raises(JobError, match=r"p.txt is not UTF-16 as its byte-order mark says"):
+        norm({"prompt_file": str(tmp_path / "p.txt")}, tmp_path)
+
+
 def test_a_file_in_a_windows_code_page_is_refused_naming_it(tmp_path):
     (tmp_path / "p.txt").write_bytes(LINES.encode("cp1252"))
     with pytest.raises(JobError, match=r"p.txt is not UTF-8 \(byte \d+ is 0xe9.*save it as UTF-8"):

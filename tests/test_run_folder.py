@@ -213,14 +213,17 @@ def test_a_path_over_windows_limit_is_refused_before_any_work(tmp_path: Path, mo
 
     monkeypatch.setattr(filenames.sys, "platform", "win32")
     monkeypatch.setattr(filenames, "long_paths_enabled", lambda: False)
-    raw = job(tmp_path)
-    raw["run"] = {**raw["run"], "dir": str(tmp_path / ("d" * 200)),
-                  "filename": "[index]-[prompt_words]"}
+    raw = {"prompt": "a red house", "params": BASE["params"],
+           "run": {"dir": str(tmp_path / ("d" * 200)), "filename": "[index]-[prompt_words]"}}
     text = refusal(raw)
     assert "run.filename (test):" in text and "over Windows' 260-character limit" in text
     assert not (tmp_path / ("d" * 200)).exists()
+    # the intermediates a post-step writes are longer than a short image name
+    files = ["images/00000-11.png", "intermediates/" + "0" * 24 + ".safetensors"]
+    assert filenames.too_long_on_windows(Path("/" + "d" * 200), files[:1]) is None
+    assert "intermediates" in filenames.too_long_on_windows(Path("/" + "d" * 200), files)
     monkeypatch.setattr(filenames, "long_paths_enabled", lambda: True)
-    assert filenames.too_long_on_windows(tmp_path / ("d" * 200), ["x" * 90]) is None
+    assert filenames.too_long_on_windows(Path("/" + "d" * 200), files) is None
 
 
 BREAKER = """import sys, time

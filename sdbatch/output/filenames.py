@@ -58,17 +58,19 @@ WINDOWS_MAX_PATH = 259  # MAX_PATH (260) less its terminating NUL
 TEMP_EXTRA = 14  # atomic.write_bytes' temp file: ".{name}.XXXXXXXX.tmp"
 
 
-def too_long_on_windows(images: Path, names: Iterable[str]) -> str | None:
-    """Where a file of the run (an image or its temp file while it is written) would pass
-    Windows' 260-character path limit, a sentence naming the longest; None elsewhere, or
-    where Windows has long paths enabled (LongPathsEnabled, which Python honours)."""
+def too_long_on_windows(run_dir: Path, files: Iterable[str]) -> str | None:
+    """Where a file of the run (``files``: paths in the run folder, images and the
+    intermediates and control maps it will write) would pass Windows' 260-character path
+    limit with its temp file's name while it is written, a sentence naming the longest;
+    None elsewhere, or where Windows has long paths enabled (LongPathsEnabled, which
+    Python honours)."""
     if sys.platform != "win32" or long_paths_enabled():
         return None
-    longest = max(names, key=len, default="")
-    length = len(str(images.absolute() / longest)) + TEMP_EXTRA
+    longest = max(files, key=len, default="")
+    length = len(str(run_dir.absolute() / longest)) + TEMP_EXTRA
     if length <= WINDOWS_MAX_PATH:
         return None
-    return (f"{images.absolute() / longest} would be {length} characters long while it is "
+    return (f"{run_dir.absolute() / longest} would be {length} characters long while it is "
             f"written, over Windows' {WINDOWS_MAX_PATH + 1}-character limit: shorten "
             "run.filename, job.name or run.dir, or enable long paths in Windows "
             "(LongPathsEnabled)")
