@@ -45,6 +45,19 @@ class Conditioning:
         return len(parts) == 1 and parts[0][1] == 1.0
 
 
+def webui_timesteps(steps: int, t_enc: int | None) -> tuple[list[int], int | None]:
+    """The WebUI's DDIM timesteps (sd_samplers_timesteps): the grid clip(range(0, 1000,
+    1000 // steps) + 1, 0, 999), the model called at each point but the first, from the
+    top (20 steps: 951 down to 51, 19 calls, the last going to t = 1); with ``t_enc`` (an
+    img2img's denoise x steps) the picture is noised to grid[t_enc] and the calls go from
+    grid[t_enc - 1]. (The calls' timesteps, the noise's timestep or None.) diffusers'
+    DDIM steps from each to t - 1000 // steps, the grid's previous point."""
+    grid = [min(t + 1, 999) for t in range(0, 1000, 1000 // steps)]
+    if t_enc is None:
+        return grid[:0:-1], None
+    return (grid[t_enc - 1:0:-1] if t_enc > 1 else []), grid[t_enc]
+
+
 def calls_per_step(scheduler) -> int:
     """Model calls per sampling step, as the WebUI counts them for prompt schedules."""
     return getattr(scheduler, "order", 1)
@@ -138,13 +151,21 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
     # a second-order step is two calls (the last step only one: it lands on sigma 0), so
     # step s starts at call s x calls per step, as diffusers' img2img pipelines slice
     first_call = start_step * per_step
-    timesteps = scheduler.timesteps[first_call:]
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(first_call)
+    webui_grid = type(scheduler).__name__ == "DDIMScheduler"  # the WebUI's own DDIM grid
+    if webui_grid:
+        calls, noised_at = webui_timesteps(
+            steps, None if init_latents is None else steps - start_step - 1)
+        timesteps = torch.tensor(calls, dtype=scheduler.timesteps.dtype, device=device)
+        noised_at = torch.tensor([noised_at or 0], dtype=timesteps.dtype, device=device)
+    else:
+        timesteps = scheduler.timesteps[first_call:]
+        noised_at = timesteps[:1]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(first_call)
     if init_latents is None:
         latents = noise * scheduler.init_noise_sigma
     else:
-        latents = scheduler.add_noise(init_latents, noise, timesteps[:1])
+        latents = scheduler.add_noise(init_latents, noise, noised_at)
     kwargs = dict(step_kwargs or {})
     accepted = set(inspect.signature(scheduler.step).parameters)
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
@@ -179,7 +200,8 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
         if variance is not None:
             kwargs["variance_noise"] = variance(call)
         latents = scheduler.step(out, t, latents, **kwargs, return_dict=False)[0]
-    return _finish_step(done + 1, steps, latents, on_step, on_latents)
+    # the WebUI's DDIM makes a call fewer than its steps (two from an img2img's): it is done
+    return _finish_step(steps if webui_grid else done + 1, steps, latents, on_step, on_latents)
 
 
 def noise_level(scheduler, latents: torch.Tensor, x_t: torch.Tensor, t

@@ -325,3 +325,31 @@ def test_a_vae_cast_cut_short_by_out_of_memory_is_put_back():
     with pytest.raises(torch.OutOfMemoryError):
         vae_module.half_safe(vae, lambda: torch.tensor([float("nan")]))
     assert {p.dtype for p in vae.parameters()} == {torch.float16}
+
+
+def test_ddim_takes_the_webuis_timestep_grid():
+    """sd_samplers_timesteps: clip(range(0, 1000, 1000 // steps) + 1, 0, 999), a call at
+    each point but the first; an img2img noises to grid[t_enc] and calls from below it."""
+    from sdbatch.sampling import webui_timesteps
+
+    calls, noised = webui_timesteps(20, None)
+    assert calls == list(range(951, 50, -50)) and len(calls) == 19 and noised is None
+    calls, _ = webui_timesteps(30, None)
+    assert calls[0] == 991 and calls[-1] == 34 and len(calls) == 30
+    calls, noised = webui_timesteps(20, 15)  # denoise 0.75: t_enc = 15
+    assert noised == 751 and calls == list(range(701, 50, -50))
+    assert webui_timesteps(20, 1) == ([], 51) and webui_timesteps(20, 0) == ([], 1)
+
+
+def test_ddim_calls_the_model_at_the_webuis_timesteps(tiny_stack, monkeypatch):
+    seen = []
+    unet = tiny_stack.pipe.unet
+    real = type(unet).forward
+
+    def spy(self, sample, timestep, *a, **k):
+        seen.append(int(timestep))
+        return real(self, sample, timestep, *a, **k)
+
+    monkeypatch.setattr(type(unet), "forward", spy)
+    pixels(tiny_stack, render(sampler="DDIM", schedule_type="Automatic", steps=4))
+    assert seen == [751, 501, 251]  # 1000 // 4 = 250: the grid 1, 251, 501, 751
