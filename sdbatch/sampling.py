@@ -46,12 +46,13 @@ class Conditioning:
 
 
 def webui_timesteps(steps: int, t_enc: int | None) -> tuple[list[int], int | None]:
-    """The WebUI's DDIM timesteps (sd_samplers_timesteps): the grid clip(range(0, 1000,
-    1000 // steps) + 1, 0, 999), the model called at each point but the first, from the
-    top (20 steps: 951 down to 51, 19 calls, the last going to t = 1); with ``t_enc`` (an
-    img2img's denoise x steps) the picture is noised to grid[t_enc] and the calls go from
-    grid[t_enc - 1]. (The calls' timesteps, the noise's timestep or None.) diffusers'
-    DDIM steps from each to t - 1000 // steps, the grid's previous point."""
+    """The WebUI's DDIM and PLMS timesteps (sd_samplers_timesteps): the grid clip(range(0,
+    1000, 1000 // steps) + 1, 0, 999), the model called at each point but the first, from
+    the top (20 steps: 951 down to 51, 19 calls, the last going to t = 1); with ``t_enc``
+    (an img2img's denoise x steps) the picture is noised to grid[t_enc] and the calls go
+    from grid[t_enc - 1]. (The calls' timesteps, the noise's timestep or None.) diffusers'
+    DDIM and PNDM step from each to t - 1000 // steps, the grid's previous point (but from
+    a top point clipped to 999, as at 3 or 9 steps: one below the WebUI's)."""
     grid = [min(t + 1, 999) for t in range(0, 1000, 1000 // steps)]
     if t_enc is None:
         return grid[:0:-1], None
@@ -151,10 +152,21 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
     # a second-order step is two calls (the last step only one: it lands on sigma 0), so
     # step s starts at call s x calls per step, as diffusers' img2img pipelines slice
     first_call = start_step * per_step
-    webui_grid = type(scheduler).__name__ == "DDIMScheduler"  # the WebUI's own DDIM grid
+    # the WebUI's own DDIM and PLMS grid
+    webui_grid = type(scheduler).__name__ in ("DDIMScheduler", "PNDMScheduler")
     if webui_grid:
         calls, noised_at = webui_timesteps(
             steps, None if init_latents is None else steps - start_step - 1)
+        if type(scheduler).__name__ == "PNDMScheduler" and calls:
+            # PLMS' first step calls the model again at the next point (pseudo improved
+            # Euler), which diffusers' PNDM takes as a repeated timestep
+            below = [*calls[1:], calls[-1] - scheduler.config.num_train_timesteps // steps]
+            calls = [calls[0], below[0], *below[:-1]]
+            # PNDM finds the first point again as the second plus the stride: 1000 where
+            # the WebUI clipped it to 999 (3 or 9 steps), which takes 999's alpha
+            alphas = scheduler.alphas_cumprod
+            if len(alphas) == scheduler.config.num_train_timesteps:
+                scheduler.alphas_cumprod = torch.cat([alphas, alphas[-1:]])
         timesteps = torch.tensor(calls, dtype=scheduler.timesteps.dtype, device=device)
         noised_at = torch.tensor([noised_at or 0], dtype=timesteps.dtype, device=device)
     else:

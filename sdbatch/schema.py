@@ -747,12 +747,6 @@ def _check_sampler_pairs(job: Job, origin: Origin) -> list[Problem]:
         if not isinstance(s, Sampling):
             continue
         key = f"post[{i}].{step.kind}.sampler"
-        own = _values(s.sampler) if s.sampler is not None else _values(job.params.sampler)
-        if "PLMS" in {_base_name(n) for n in own}:
-            problems.append(Problem(key, "PLMS cannot start part-way through its schedule, "
-                                    "as a step with a denoise does (diffusers' PNDM counts "
-                                    "its own steps): give this step another sampler, e.g. "
-                                    "DDIM", origin(key)))
         if s.schedule_type is None:
             continue  # a sampler alone takes the image's schedule where it can (matrix)
         names = _values(s.sampler) if s.sampler is not None else tuple(

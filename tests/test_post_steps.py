@@ -483,7 +483,7 @@ def test_reproduce_renders_the_whole_chain_and_notices_a_changed_mask(tmp_path):
 
 
 @pytest.mark.parametrize("sampler", ["Euler a", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M",
-                                     "DPM++ SDE", "DPM++ 2M SDE", "DDIM", "UniPC"])
+                                     "DPM++ SDE", "DPM++ 2M SDE", "DDIM", "PLMS", "UniPC"])
 def test_inpaint_repaints_with_every_sampler(tiny_stack, base_picture, tmp_path, sampler):
     """Second-order samplers start part way at a step's first call (a regression: starting
     one call early left DPM2 a and DPM++ SDE with no picture at all)."""

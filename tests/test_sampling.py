@@ -353,3 +353,26 @@ def test_ddim_calls_the_model_at_the_webuis_timesteps(tiny_stack, monkeypatch):
     monkeypatch.setattr(type(unet), "forward", spy)
     pixels(tiny_stack, render(sampler="DDIM", schedule_type="Automatic", steps=4))
     assert seen == [751, 501, 251]  # 1000 // 4 = 250: the grid 1, 251, 501, 751
+    seen.clear()  # PLMS: its first step calls again at the next point
+    pixels(tiny_stack, render(sampler="PLMS", schedule_type="Automatic", steps=4))
+    assert seen == [751, 501, 501, 251]
+
+
+def test_plms_from_part_way_follows_the_webuis_img2img(tiny_stack, monkeypatch):
+    """An img2img pass starts PLMS afresh at grid[t_enc - 1] (diffusers' own list, sliced,
+    repeated a timestep out of place and skipped intervals)."""
+    seen = []
+    unet = tiny_stack.pipe.unet
+    real = type(unet).forward
+    monkeypatch.setattr(type(unet), "forward", lambda self, sample, timestep, *a, **k: (
+        seen.append(int(timestep)), real(self, sample, timestep, *a, **k))[1])
+    from sdbatch import sampling
+
+    scheduler = samplers.make_scheduler(tiny_stack.scheduler_config, "PLMS", "Automatic")
+    timeline = txt2img.Timeline(tiny_stack.pipe, render(), 2, tiny_stack.device,
+                                tiny_stack.dtype)
+    sampling.sample(unet, scheduler, noise.randn(1, (1, 4, 8, 8)), 8,
+                    lambda call: txt2img.batch_conditioning([timeline], call, None), 5.0,
+                    start_step=2, init_latents=torch.zeros(1, 4, 8, 8))  # t_enc 5
+    # the grid 1, 126, 251, 376, 501, 626, ...: noised to 626, called from 501
+    assert seen == [501, 376, 376, 251, 126]

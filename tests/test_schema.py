@@ -56,15 +56,6 @@ def test_sampler_diffusers_cannot_run_names_the_nearest():
     assert "nearest" in p and "DPM++ SDE" in p
 
 
-def test_plms_is_refused_in_a_step_that_starts_part_way():
-    """diffusers' PNDM counts its own steps: sliced for a denoise, it runs a wrong path."""
-    [p] = problems({"params": {"sampler": "PLMS"}, "post": [{"img2img": {"denoise": 0.5}}]})
-    assert "post[0].img2img.sampler" in p and "PLMS cannot start part-way" in p
-    [p] = problems({"post": [{"hires_fix": {"sampler": "PLMS"}}]})
-    assert "post[0].hires_fix.sampler" in p
-    validate({"params": {"sampler": "PLMS"}, "post": [{"hires_fix": {"sampler": "DDIM"}}]})
-
-
 def test_sampler_and_schedule_type_must_fit():
     [p] = problems({"params": {"sampler": "Euler a", "schedule_type": "Karras"}})
     assert "cannot use schedule type 'Karras'" in p
