@@ -59,6 +59,15 @@ def webui_timesteps(steps: int, t_enc: int | None) -> tuple[list[int], int | Non
     return (grid[t_enc - 1:0:-1] if t_enc > 1 else []), grid[t_enc]
 
 
+def lcm_timesteps(steps: int) -> list[int]:
+    """The WebUI's LCM steps (sd_samplers_lcm): ``steps`` points spread evenly over the 50
+    original LCM steps (t = 19, 39, ..., 999), each taken at its nearest: 4 steps are 999,
+    679, 339, 19. (diffusers' own choice for 4 steps is 999, 759, 499, 259.)"""
+    if steps == 1:
+        return [999]
+    return [round(49 - 49 * i / (steps - 1)) * 20 + 19 for i in range(steps)]
+
+
 def calls_per_step(scheduler) -> int:
     """Model calls per sampling step, as the WebUI counts them for prompt schedules."""
     return getattr(scheduler, "order", 1)
@@ -147,7 +156,10 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
     samples, from ``start_step``).
     """
     device = noise.device
-    scheduler.set_timesteps(steps, device=device)
+    if type(scheduler).__name__ == "LCMScheduler":
+        scheduler.set_timesteps(device=device, timesteps=lcm_timesteps(steps))
+    else:
+        scheduler.set_timesteps(steps, device=device)
     per_step = calls_per_step(scheduler)
     # a second-order step is two calls (the last step only one: it lands on sigma 0), so
     # step s starts at call s x calls per step, as diffusers' img2img pipelines slice

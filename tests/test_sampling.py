@@ -376,3 +376,17 @@ def test_plms_from_part_way_follows_the_webuis_img2img(tiny_stack, monkeypatch):
                     start_step=2, init_latents=torch.zeros(1, 4, 8, 8))  # t_enc 5
     # the grid 1, 126, 251, 376, 501, 626, ...: noised to 626, called from 501
     assert seen == [501, 376, 376, 251, 126]
+
+
+def test_lcm_takes_the_webuis_steps(tiny_stack, monkeypatch):
+    from sdbatch.sampling import lcm_timesteps
+
+    assert lcm_timesteps(4) == [999, 679, 339, 19]
+    assert lcm_timesteps(8) == [999, 859, 719, 579, 439, 299, 159, 19]
+    seen = []
+    unet = tiny_stack.pipe.unet
+    real = type(unet).forward
+    monkeypatch.setattr(type(unet), "forward", lambda self, sample, timestep, *a, **k: (
+        seen.append(int(timestep)), real(self, sample, timestep, *a, **k))[1])
+    pixels(tiny_stack, render(sampler="LCM", schedule_type="Automatic", steps=4))
+    assert seen == [999, 679, 339, 19]
