@@ -59,6 +59,13 @@ def webui_timesteps(steps: int, t_enc: int | None) -> tuple[list[int], int | Non
     return (grid[t_enc - 1:0:-1] if t_enc > 1 else []), grid[t_enc]
 
 
+def _uniform(scheduler) -> bool:
+    config = scheduler.config
+    return config.timestep_spacing == "linspace" and not any(
+        config.get(flag) for flag in ("use_karras_sigmas", "use_exponential_sigmas",
+                                      "use_beta_sigmas"))
+
+
 def lcm_timesteps(steps: int) -> list[int]:
     """The WebUI's LCM steps (sd_samplers_lcm): ``steps`` points spread evenly over the 50
     original LCM steps (t = 19, 39, ..., 999), each taken at its nearest: 4 steps are 999,
@@ -158,6 +165,12 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
     device = noise.device
     if type(scheduler).__name__ == "LCMScheduler":
         scheduler.set_timesteps(device=device, timesteps=lcm_timesteps(steps))
+    elif type(scheduler).__name__ == "DPMSolverMultistepScheduler" and _uniform(scheduler):
+        # the WebUI's Uniform: the model's sigmas at t = linspace(999, 0, steps), then 0;
+        # diffusers' own spreads steps + 1 points and drops the last (at 20 steps its last
+        # sigma is 0.23, the WebUI's 0.03)
+        scheduler.set_timesteps(device=device, timesteps=[
+            round(999 - 999 * i / max(steps - 1, 1)) for i in range(steps)])
     else:
         scheduler.set_timesteps(steps, device=device)
     per_step = calls_per_step(scheduler)

@@ -390,3 +390,18 @@ def test_lcm_takes_the_webuis_steps(tiny_stack, monkeypatch):
         seen.append(int(timestep)), real(self, sample, timestep, *a, **k))[1])
     pixels(tiny_stack, render(sampler="LCM", schedule_type="Automatic", steps=4))
     assert seen == [999, 679, 339, 19]
+
+
+def test_uniform_on_the_dpm_multistep_samplers_is_the_webuis(tiny_stack, monkeypatch):
+    """The WebUI's Uniform takes the model's sigmas at t = linspace(999, 0, steps) (its last
+    above 0 is t = 0's); diffusers spread steps + 1 points and dropped the last."""
+    seen = []
+    unet = tiny_stack.pipe.unet
+    real = type(unet).forward
+    monkeypatch.setattr(type(unet), "forward", lambda self, sample, timestep, *a, **k: (
+        seen.append(int(timestep)), real(self, sample, timestep, *a, **k))[1])
+    pixels(tiny_stack, render(sampler="DPM++ 2M", schedule_type="Uniform", steps=4))
+    assert seen == [999, 666, 333, 0]
+    seen.clear()  # Automatic (Karras) keeps its own
+    pixels(tiny_stack, render(sampler="DPM++ 2M", schedule_type="Karras", steps=4))
+    assert seen[0] == 999 and seen != [999, 666, 333, 0]
