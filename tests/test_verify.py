@@ -256,3 +256,15 @@ def test_diff_lists_the_images_on_one_side_only(run: Path, made: Path, tmp_path:
     report = diff.diff(made, run, tmp_path / "d")
     assert not report.same and [e["index"] for e in report.only_a] == [3]
     assert not report.only_b and "only in A: images/00003-" in report.text()
+
+
+def test_diff_of_two_runs_without_images_is_not_identical(tmp_path: Path):
+    """A CI diff of two runs whose every image failed must not pass as 'identical'."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text("{}")
+        (tmp_path / name / "manifest.jsonl").write_text(
+            json.dumps({"index": 0, "status": "failed", "error": "out of memory"}) + "\n")
+    report = diff.diff(tmp_path / "a", tmp_path / "b", tmp_path / "report")
+    assert not report.same
+    assert "nothing to compare: neither run has an image" in report.text()

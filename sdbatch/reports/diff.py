@@ -139,7 +139,9 @@ class Report:
 
     @property
     def same(self) -> bool:
-        return not self.only_a and not self.only_b and all(
+        """Every image of each run has its twin in the other, with equal pixels; two runs
+        without images are not the same (a CI diff of two failed runs must not pass)."""
+        return bool(self.pairs) and not self.only_a and not self.only_b and all(
             p.how == "same recipe" and not p.changed for p in self.pairs)
 
     def as_dict(self) -> dict[str, Any]:
@@ -173,6 +175,8 @@ class Report:
             if entries:
                 lines.append(f"only in {side}: " + ", ".join(e["file"] for e in entries))
         lines += [f"side by side: {s}" for s in self.sheets]
+        if not self.pairs and not self.only_a and not self.only_b:
+            lines.append("nothing to compare: neither run has an image")
         lines.append("identical" if self.same else "different")
         return "\n".join(lines) + "\n"
 
