@@ -163,42 +163,11 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
     samples, from ``start_step``).
     """
     device = noise.device
-    if type(scheduler).__name__ == "LCMScheduler":
-        scheduler.set_timesteps(device=device, timesteps=lcm_timesteps(steps))
-    elif type(scheduler).__name__ == "DPMSolverMultistepScheduler" and _uniform(scheduler):
-        # the WebUI's Uniform: the model's sigmas at t = linspace(999, 0, steps), then 0;
-        # diffusers' own spreads steps + 1 points and drops the last (at 20 steps its last
-        # sigma is 0.23, the WebUI's 0.03)
-        scheduler.set_timesteps(device=device, timesteps=[
-            round(999 - 999 * i / max(steps - 1, 1)) for i in range(steps)])
-    else:
-        scheduler.set_timesteps(steps, device=device)
-    per_step = calls_per_step(scheduler)
     # a second-order step is two calls (the last step only one: it lands on sigma 0), so
     # step s starts at call s x calls per step, as diffusers' img2img pipelines slice
-    first_call = start_step * per_step
-    # the WebUI's own DDIM and PLMS grid
-    webui_grid = type(scheduler).__name__ in ("DDIMScheduler", "PNDMScheduler")
-    if webui_grid:
-        calls, noised_at = webui_timesteps(
-            steps, None if init_latents is None else steps - start_step - 1)
-        if type(scheduler).__name__ == "PNDMScheduler" and calls:
-            # PLMS' first step calls the model again at the next point (pseudo improved
-            # Euler), which diffusers' PNDM takes as a repeated timestep
-            below = [*calls[1:], calls[-1] - scheduler.config.num_train_timesteps // steps]
-            calls = [calls[0], below[0], *below[:-1]]
-            # PNDM finds the first point again as the second plus the stride: 1000 where
-            # the WebUI clipped it to 999 (3 or 9 steps), which takes 999's alpha
-            alphas = scheduler.alphas_cumprod
-            if len(alphas) == scheduler.config.num_train_timesteps:
-                scheduler.alphas_cumprod = torch.cat([alphas, alphas[-1:]])
-        timesteps = torch.tensor(calls, dtype=scheduler.timesteps.dtype, device=device)
-        noised_at = torch.tensor([noised_at or 0], dtype=timesteps.dtype, device=device)
-    else:
-        timesteps = scheduler.timesteps[first_call:]
-        noised_at = timesteps[:1]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(first_call)
+    first_call = start_step * calls_per_step(scheduler)
+    timesteps, noised_at, webui_grid = _schedule(scheduler, steps, start_step, first_call,
+                                                 init_latents is not None, device)
     if init_latents is None:
         latents = noise * scheduler.init_noise_sigma
     else:
@@ -239,6 +208,44 @@ def sample(unet, scheduler, noise: torch.Tensor, steps: int,
         latents = scheduler.step(out, t, latents, **kwargs, return_dict=False)[0]
     # the WebUI's DDIM makes a call fewer than its steps (two from an img2img's): it is done
     return _finish_step(steps if webui_grid else done + 1, steps, latents, on_step, on_latents)
+
+
+def _schedule(scheduler, steps: int, start_step: int, first_call: int, img2img: bool,
+              device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The timesteps a run from ``start_step`` (model call ``first_call``) calls the model
+    at, as the WebUI's samplers
+    take them, the timestep an img2img's picture is noised to, and whether they are the
+    WebUI's DDIM / PLMS grid (whose calls are fewer than its steps)."""
+    kind = type(scheduler).__name__
+    if kind == "LCMScheduler":
+        scheduler.set_timesteps(device=device, timesteps=lcm_timesteps(steps))
+    elif kind == "DPMSolverMultistepScheduler" and _uniform(scheduler):
+        # the WebUI's Uniform: the model's sigmas at t = linspace(999, 0, steps), then 0;
+        # diffusers' own spreads steps + 1 points and drops the last (at 20 steps its last
+        # sigma is 0.23, the WebUI's 0.03)
+        scheduler.set_timesteps(device=device, timesteps=[
+            round(999 - 999 * i / max(steps - 1, 1)) for i in range(steps)])
+    else:
+        scheduler.set_timesteps(steps, device=device)
+    if kind not in ("DDIMScheduler", "PNDMScheduler"):
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(first_call)
+        timesteps = scheduler.timesteps[first_call:]
+        return timesteps, timesteps[:1], False
+    calls, noised_at = webui_timesteps(steps, steps - start_step - 1 if img2img else None)
+    if kind == "PNDMScheduler" and calls:
+        # PLMS' first step calls the model again at the next point (pseudo improved Euler),
+        # which diffusers' PNDM takes as a repeated timestep
+        below = [*calls[1:], calls[-1] - scheduler.config.num_train_timesteps // steps]
+        calls = [calls[0], below[0], *below[:-1]]
+        # PNDM finds the first point again as the second plus the stride: 1000 where the
+        # WebUI clipped it to 999 (3 or 9 steps), which takes 999's alpha
+        alphas = scheduler.alphas_cumprod
+        if len(alphas) == scheduler.config.num_train_timesteps:
+            scheduler.alphas_cumprod = torch.cat([alphas, alphas[-1:]])
+    dtype = scheduler.timesteps.dtype
+    return (torch.tensor(calls, dtype=dtype, device=device),
+            torch.tensor([noised_at or 0], dtype=dtype, device=device), True)
 
 
 def noise_level(scheduler, latents: torch.Tensor, x_t: torch.Tensor, t
