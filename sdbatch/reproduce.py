@@ -88,9 +88,7 @@ def reproduce(image: Path, out: Path | None = None) -> bool:
                                           picture.chain_found))
     if out is not None:
         atomic.write_bytes(out, fresh)
-    import hashlib
-
-    if hashlib.sha256(fresh).digest() == hashlib.sha256(original).digest():
+    if fresh == original:
         print(f"reproduced: {image} matches byte for byte")
         return True
     with Image.open(io.BytesIO(original)) as was:

@@ -744,11 +744,9 @@ def _check_sampler_pairs(job: Job, origin: Origin) -> list[Problem]:
     problems = []
     for i, step in enumerate(job.post):
         s = step.step
-        if not isinstance(s, Sampling):
-            continue
-        key = f"post[{i}].{step.kind}.sampler"
-        if s.schedule_type is None:
+        if not isinstance(s, Sampling) or s.schedule_type is None:
             continue  # a sampler alone takes the image's schedule where it can (matrix)
+        key = f"post[{i}].{step.kind}.sampler"
         names = _values(s.sampler) if s.sampler is not None else tuple(
             _base_name(n) for n in _values(job.params.sampler))  # its own schedule replaces
         for name, schedule in _pairs(job, names, _values(s.schedule_type),  # the job's
