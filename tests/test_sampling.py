@@ -327,6 +327,16 @@ def test_a_vae_cast_cut_short_by_out_of_memory_is_put_back():
     assert {p.dtype for p in vae.parameters()} == {torch.float16}
 
 
+def model_timesteps(stack, monkeypatch) -> list[int]:
+    """The timesteps the stack's UNet is called at from now on: a list that fills."""
+    seen: list[int] = []
+    real = type(stack.pipe.unet).forward
+    monkeypatch.setattr(type(stack.pipe.unet), "forward",
+                        lambda self, sample, timestep, *a, **k: (
+                            seen.append(int(timestep)), real(self, sample, timestep, *a, **k))[1])
+    return seen
+
+
 def test_ddim_takes_the_webuis_timestep_grid():
     """sd_samplers_timesteps: clip(range(0, 1000, 1000 // steps) + 1, 0, 999), a call at
     each point but the first; an img2img noises to grid[t_enc] and calls from below it."""
@@ -342,15 +352,7 @@ def test_ddim_takes_the_webuis_timestep_grid():
 
 
 def test_ddim_calls_the_model_at_the_webuis_timesteps(tiny_stack, monkeypatch):
-    seen = []
-    unet = tiny_stack.pipe.unet
-    real = type(unet).forward
-
-    def spy(self, sample, timestep, *a, **k):
-        seen.append(int(timestep))
-        return real(self, sample, timestep, *a, **k)
-
-    monkeypatch.setattr(type(unet), "forward", spy)
+    seen = model_timesteps(tiny_stack, monkeypatch)
     pixels(tiny_stack, render(sampler="DDIM", schedule_type="Automatic", steps=4))
     assert seen == [751, 501, 251]  # 1000 // 4 = 250: the grid 1, 251, 501, 751
     seen.clear()  # PLMS: its first step calls again at the next point
@@ -361,17 +363,13 @@ def test_ddim_calls_the_model_at_the_webuis_timesteps(tiny_stack, monkeypatch):
 def test_plms_from_part_way_follows_the_webuis_img2img(tiny_stack, monkeypatch):
     """An img2img pass starts PLMS afresh at grid[t_enc - 1] (diffusers' own list, sliced,
     repeated a timestep out of place and skipped intervals)."""
-    seen = []
-    unet = tiny_stack.pipe.unet
-    real = type(unet).forward
-    monkeypatch.setattr(type(unet), "forward", lambda self, sample, timestep, *a, **k: (
-        seen.append(int(timestep)), real(self, sample, timestep, *a, **k))[1])
+    seen = model_timesteps(tiny_stack, monkeypatch)
     from sdbatch import sampling
 
     scheduler = samplers.make_scheduler(tiny_stack.scheduler_config, "PLMS", "Automatic")
     timeline = txt2img.Timeline(tiny_stack.pipe, render(), 2, tiny_stack.device,
                                 tiny_stack.dtype)
-    sampling.sample(unet, scheduler, noise.randn(1, (1, 4, 8, 8)), 8,
+    sampling.sample(tiny_stack.pipe.unet, scheduler, noise.randn(1, (1, 4, 8, 8)), 8,
                     lambda call: txt2img.batch_conditioning([timeline], call, None), 5.0,
                     start_step=2, init_latents=torch.zeros(1, 4, 8, 8))  # t_enc 5
     # the grid 1, 126, 251, 376, 501, 626, ...: noised to 626, called from 501
@@ -383,11 +381,7 @@ def test_lcm_takes_the_webuis_steps(tiny_stack, monkeypatch):
 
     assert lcm_timesteps(4) == [999, 679, 339, 19]
     assert lcm_timesteps(8) == [999, 859, 719, 579, 439, 299, 159, 19]
-    seen = []
-    unet = tiny_stack.pipe.unet
-    real = type(unet).forward
-    monkeypatch.setattr(type(unet), "forward", lambda self, sample, timestep, *a, **k: (
-        seen.append(int(timestep)), real(self, sample, timestep, *a, **k))[1])
+    seen = model_timesteps(tiny_stack, monkeypatch)
     pixels(tiny_stack, render(sampler="LCM", schedule_type="Automatic", steps=4))
     assert seen == [999, 679, 339, 19]
 
@@ -395,11 +389,7 @@ def test_lcm_takes_the_webuis_steps(tiny_stack, monkeypatch):
 def test_uniform_on_the_dpm_multistep_samplers_is_the_webuis(tiny_stack, monkeypatch):
     """The WebUI's Uniform takes the model's sigmas at t = linspace(999, 0, steps) (its last
     above 0 is t = 0's); diffusers spread steps + 1 points and dropped the last."""
-    seen = []
-    unet = tiny_stack.pipe.unet
-    real = type(unet).forward
-    monkeypatch.setattr(type(unet), "forward", lambda self, sample, timestep, *a, **k: (
-        seen.append(int(timestep)), real(self, sample, timestep, *a, **k))[1])
+    seen = model_timesteps(tiny_stack, monkeypatch)
     pixels(tiny_stack, render(sampler="DPM++ 2M", schedule_type="Uniform", steps=4))
     assert seen == [999, 666, 333, 0]
     seen.clear()  # Automatic (Karras) keeps its own
