@@ -390,3 +390,13 @@ def test_control_maps_kept_in_memory_are_bounded_and_read_back_from_disk(tmp_pat
     assert len(maps._memory) == 2
     again = maps.get(units[0])  # from controlnet/k0.png
     assert np.array_equal(again, first[0]) and again[0, 0, 0] == 0
+
+
+def test_a_gpu_worker_makes_its_own_device_the_current_one(monkeypatch):
+    from sdbatch.executors import multi
+
+    current: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert multi.bind("cuda:1") == torch.device("cuda:1")
+    assert multi.bind("cpu") == torch.device("cpu")
+    assert current == [torch.device("cuda:1")]  # a CPU worker leaves CUDA alone

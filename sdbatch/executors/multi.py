@@ -44,7 +44,7 @@ def serve(device: str, threads: int, conn: Connection) -> None:
         return
     if threads:
         torch.set_num_threads(threads)
-    worker = Worker(setup, torch.device(device))
+    worker = Worker(setup, bind(device))
     while (task := _receive(conn)) is not None:
         task = replace(task, inputs={k: None if v is None else _torch(v)
                                      for k, v in task.inputs.items()})
@@ -57,6 +57,16 @@ def serve(device: str, threads: int, conn: Connection) -> None:
             outcome = replace(outcome, pictures=[_plain(p) for p in outcome.pictures])
         conn.send(("done", outcome, worker.holds))
     worker.release()
+
+
+def bind(device: str) -> torch.device:
+    """The worker's device, made its process's current CUDA device: whatever asks torch for
+    "the" GPU (an empty_cache, a library's stream or handle) then means this one, and no
+    worker opens a context on cuda:0 besides its own."""
+    chosen = torch.device(device)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    return chosen
 
 
 def _receive(conn: Connection):
