@@ -113,7 +113,9 @@ class HiresSize:
 
     @property
     def final(self) -> tuple[int, int]:
-        return self.width - 8 * self.truncate_x, self.height - 8 * self.truncate_y
+        """The size the pass renders: the target's latent cells less the cropped ones (a
+        cover of 1024x1433 has 179 rows; 51 cropped leave 1024 px, not 1025)."""
+        return 8 * (self.width // 8 - self.truncate_x), 8 * (self.height // 8 - self.truncate_y)
 
 
 def hires_size(width: int, height: int, scale: float | None, resize_x: int = 0,

@@ -42,6 +42,9 @@ def test_resize_and_fill_stretches_the_edge_rows_into_the_bands():
     # both: 512x768 covering 1024x1024 -> 1024x1536, 512 px = 64 cells too tall
     ((512, 768, None, 1024, 1024), (1024, 1536, 0, 64)),
     ((768, 512, None, 1024, 1024), (1536, 1024, 64, 0)),
+    # a cover that is no multiple of 8: 640x896 -> 1024x1433 (179 latent rows), 51 cropped
+    ((640, 896, None, 1024, 1024), (1024, 1433, 0, 51)),
+    ((576, 832, None, 1024, 1024), (1024, 1479, 0, 56)),
 ])
 def test_hires_size(args, want):
     s = images.hires_size(*args)

@@ -542,6 +542,36 @@ def test_real_sd15_shapes_load_offline_from_the_shipped_config(tmp_path):
           f"loaded+rendered {time.perf_counter() - built:.1f}s")
 
 
+def test_sdxl_hires_fix_that_crops_its_cover_is_conditioned_on_the_cover(tiny_xl,
+                                                                        monkeypatch):
+    """64x96 to resize 96x96 covers at 96x144 and crops 6 latent rows: the WebUI tells SDXL
+    the cover's size (hr_upscale_to), and the pass renders 96x96."""
+    from sdbatch import matrix
+    from sdbatch.plan import make_plan
+    from sdbatch.schema import validate
+    from sdbatch.stages import hires_fix
+    from sdbatch.stages.common import Item
+
+    job = validate({"prompt": "a red house", "params": {"sampler": "Euler", "steps": 2,
+                                                        "seed": 5, "width": 64, "height": 96},
+                    "post": [{"hires_fix": {"resize_x": 96, "resize_y": 96, "steps": 2,
+                                            "denoise": 0.5}}]})
+    [r] = matrix.expand(matrix.resolve_seeds(job, 0))
+    plan = make_plan([r], {"tiny": "xl"}, 1, {}, {})
+    stack = stack_of(tiny_xl.pipe)
+    [base] = txt2img.run(stack, (r,))
+    told, real = [], stack.pipe.unet.forward
+
+    def spy(*args, added_cond_kwargs=None, **kwargs):
+        told.append(added_cond_kwargs["time_ids"][0].tolist())
+        return real(*args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(stack.pipe.unet, "forward", spy)
+    [big] = hires_fix.run(stack, [Item(r, plan.chains[0][1].params, base)])
+    assert big.image.size == (96, 96)
+    assert told and all(t == [144, 96, 0, 0, 144, 96] for t in told)
+
+
 def test_sdxl_post_steps_hires_and_inpaint(tiny_xl, tmp_path):
     """The post-step stages on SDXL: encode/decode through its VAE, size conditioning at the
     second pass's size."""

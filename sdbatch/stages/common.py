@@ -63,8 +63,8 @@ def sample_tail(stack: Stack, renders: list[Render], init: torch.Tensor, tail: T
                 image_conditioning: torch.Tensor | None = None,
                 control: list[controlnet.Unit] | None = None,
                 control_rows: list[list[np.ndarray]] | None = None,
-                hires: bool = False, first_passes: list[int | None] | None = None
-                ) -> torch.Tensor:
+                hires: bool = False, first_passes: list[int | None] | None = None,
+                conditioned_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Run the last ``tail.run`` steps of a ``tail.schedule``-step schedule from ``init``
     (B, C, h, w) for images of one forward pass; returns the sampled latents.
 
@@ -73,6 +73,8 @@ def sample_tail(stack: Stack, renders: list[Render], init: torch.Tensor, tail: T
     ControlNet units; ``control_rows[u]`` unit u's maps, one per image (default: the map
     at the step's size for every image); ``hires`` marks a hires fix pass, whose images'
     prompt schedules go on from their ``first_passes`` (model calls) as the WebUI's do.
+    ``conditioned_size``: the size SDXL is told (default: the step's); a hires fix that
+    crops its cover tells the cover's, as the WebUI does.
     """
     units = control or []
     if control_rows is None:
@@ -92,7 +94,8 @@ def sample_tail(stack: Stack, renders: list[Render], init: torch.Tensor, tail: T
                  for i, r in enumerate(renders)]
     shape = tuple(init.shape[1:])
     out = torch.empty_like(init)
-    time_ids = _time_ids(pipe, first, stack.dtype, stack.device)  # the step's size
+    time_ids = _time_ids(pipe, *(conditioned_size or (first.width, first.height)),
+                         stack.dtype, stack.device)
     for group in _same_length_groups(timelines):
         members = [renders[i] for i in group]
         mine = [timelines[i] for i in group]

@@ -72,7 +72,8 @@ def run(stack: Stack, items: list[Item], on_step: StepCallback | None = None,
     return pictures(stack.pipe, sample_tail(stack, renders, latents, tail, on_step,
                                             control=control, hires=True,
                                             first_passes=[first_pass(stack, i.render)
-                                                          for i in items]))
+                                                          for i in items],
+                                            conditioned_size=(size.width, size.height)))
 
 
 def first_pass(stack: Stack, render: Render) -> int | None:

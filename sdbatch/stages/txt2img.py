@@ -191,13 +191,13 @@ def batch_conditioning(timelines: list[Timeline], call: int,
     return Conditioning(context, tuple(parts), pooled, time_ids)
 
 
-def _time_ids(pipe, render: Render, dtype: torch.dtype, device: torch.device
+def _time_ids(pipe, width: int, height: int, dtype: torch.dtype, device: torch.device
               ) -> torch.Tensor | None:
-    """SDXL's size conditioning: original = target = the image size, crop at 0,0, as the
-    WebUI's txt2img does."""
+    """SDXL's size conditioning: original = target = the given size, crop at 0,0, as the
+    WebUI conditions its passes."""
     if not is_sdxl(pipe):
         return None
-    size = (render.height, render.width)
+    size = (height, width)
     return torch.tensor([[*size, 0, 0, *size]], dtype=dtype, device=device)
 
 
@@ -234,7 +234,7 @@ def run(stack: Stack, renders: tuple[Render, ...], on_step: StepCallback | None 
                          "compose prompts with AND; remove the AND")
     shape = (channels, first.height // 8, first.width // 8)
     everything = full_mask_conditioning(pipe, len(renders), shape[1:], stack.device)
-    time_ids = _time_ids(pipe, first, stack.dtype, stack.device)
+    time_ids = _time_ids(pipe, first.width, first.height, stack.dtype, stack.device)
     out: list[Picture | None] = [None] * len(renders)
 
     for group in _same_length_groups(timelines):
