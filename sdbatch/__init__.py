@@ -1,3 +1,3 @@
 """sdbatch: Stable Diffusion jobs written once in Hydra YAML, rendered in batch."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

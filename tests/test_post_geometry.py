@@ -188,3 +188,14 @@ def test_read_image_applies_exif_rotation_and_flattens_alpha(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(images.ImageFileError, match="bad.png"):
         images.read_image(tmp_path / "bad.png")
+
+
+def test_decoded_pixels_are_truncated_as_the_webui_does():
+    """255 * clamp((x + 1) / 2) cast to uint8: 0.5019 is 127 (128 rounded), 0.999 is 254."""
+    import torch
+
+    from sdbatch.stages.vae import to_pil
+
+    levels = torch.tensor([-1.5, -1.0, 0.0038, 0.998, 1.0, 2.0])  # (x + 1) / 2: .5019, .999
+    [picture] = to_pil(levels.view(1, 1, 1, 6).expand(1, 3, 1, 6))
+    assert np.asarray(picture)[0, :, 0].tolist() == [0, 0, 127, 254, 255, 255]

@@ -103,4 +103,13 @@ def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
         latents = latents / vae.config.scaling_factor
     with upcast(pipe):
         image = half_safe(vae, lambda: vae.decode(latents.to(vae.dtype), return_dict=False)[0])
-    return pipe.image_processor.postprocess(image, output_type="pil")
+    return to_pil(image)
+
+
+def to_pil(decoded: torch.Tensor) -> list[Image.Image]:
+    """The VAE's output (B, 3, H, W in -1..1) as 8-bit pictures the WebUI's way: clamped
+    (x + 1) / 2, times 255, truncated (diffusers rounds, one level up on about half the
+    values)."""
+    x = torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0)
+    arrays = (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
+    return [Image.fromarray(a) for a in arrays]
