@@ -196,6 +196,19 @@ def test_inpaint_keeps_every_pixel_outside_the_blurred_mask(tiny_stack, base_pic
     assert np.abs(after[inside].astype(int) - before[inside]).mean() > 20  # it repainted
 
 
+def test_a_mask_of_another_resolution_is_blurred_at_its_own_then_resized(base_picture,
+                                                                       tmp_path):
+    """The WebUI blurs the mask as it was drawn, then resizes it to the picture: a 32 px mask
+    on a 64 px picture with blur 2 has an edge as soft as blur 4 at 64 px."""
+    small = np.zeros((32, 32), np.uint8)
+    small[8:24, 8:24] = 255
+    Image.fromarray(small).save(tmp_path / "small.png")
+    [item] = items_for("inpaint", {"mask": str(tmp_path / "small.png"), "mask_blur": 2},
+                       base_picture, tmp_path)
+    want = Image.fromarray(masks.blur(small, 2)).resize((64, 64), Image.Resampling.LANCZOS)
+    assert np.array_equal(inpaint.region(item).mask, np.asarray(want))
+
+
 def test_each_masked_content_mode_starts_the_hole_differently(tiny_stack, base_picture,
                                                                tmp_path):
     mask = str(centre_mask(tmp_path / "m.png"))

@@ -58,12 +58,13 @@ def region(item: Item) -> Region:
     width, height = p["output_size"]
     pw, ph = p["width"] or width, p["height"] or height
     mask = masks.read_mask(Path(p["mask"]))
-    if mask.shape != (original.height, original.width):
-        mask = np.asarray(Image.fromarray(mask).resize(original.size, Image.Resampling.LANCZOS))
     if p["invert_mask"]:
         mask = 255 - mask
-    blurred = masks.blur(mask, p["mask_blur"])
+    blurred = masks.blur(mask, p["mask_blur"])  # at the mask's own size, as the WebUI blurs
     if p["inpaint_area"] == "only_masked":
+        if blurred.shape != (original.height, original.width):
+            blurred = np.asarray(Image.fromarray(blurred).resize(original.size,
+                                                                 Image.Resampling.LANCZOS))
         box = masks.crop_box(blurred, p["only_masked_padding"], pw, ph)
         if box is None:  # the WebUI: "mask is blank, switch to img2img mode"
             base = images.resize(original, "just_resize", pw, ph)
