@@ -433,6 +433,22 @@ def test_multi_vector_trigger_uses_every_vector(stack, tmp_path):
     assert embeddings.expand_triggers(tok, "a red house") == "a red house"
 
 
+def test_an_embedding_triggers_on_whole_words_only(stack, tmp_path):
+    """The WebUI matches an embedding's name by its tokens: "baddreams" is another word."""
+    from sdbatch.prompts.conditioning import embedding_spans, tokenize_prompt
+
+    embeddings.load_embedding(stack.pipe, embeddings.write_a1111_embedding(
+        tmp_path / "BadDream.pt", vectors(2, seed=4)))
+    tok = stack.pipe.tokenizer
+    first = tok.convert_tokens_to_ids("BadDream")
+    assert embedding_spans(tok)[first] == 2
+    for text, triggered in (("BadDream, a red house", True), ("(baddream:1.2)", True),
+                            ("baddreams, a red house", False), ("a xbaddream", False)):
+        ids = tokenize_prompt(tok, embeddings.expand_triggers(tok, text))[0].tokens
+        assert (first in ids) == triggered, text
+    assert embeddings.expand_triggers(tok, "baddreams") == "baddreams"
+
+
 def test_embedding_formats_and_explicit_token(stack, tmp_path):
     import safetensors.torch
 

@@ -282,3 +282,15 @@ def test_sdxl_long_prompt_chunks_both_encoders_and_pools_the_first_chunk(sdxl):
             torch.testing.assert_close(embeds[:, chunk, part].mean(),
                                        plain[:, chunk, part].mean())
     assert not torch.allclose(embeds, plain)
+
+
+def test_an_embedding_that_does_not_fit_the_chunk_starts_the_next():
+    """The WebUI never splits an embedding's vectors: 70 words then a 10-vector embedding
+    are a chunk of 70 and a chunk that starts with the 10 (ids 500..509)."""
+    words = [(list(range(100, 170)), 1.0), ([500, *range(501, 510), 7], 1.2)]
+    first, second = build_chunks(words, bos=1, eos=2, comma=None, embeddings={500: 10})
+    assert first.tokens[1:71] == tuple(range(100, 170)) and first.tokens[71] == 2
+    assert second.tokens[1:12] == (500, *range(501, 510), 7)
+    assert second.weights[1:12] == (1.2,) * 11
+    whole = build_chunks(words, bos=1, eos=2, comma=None)  # words: split at 75
+    assert whole[0].tokens[71:76] == (500, 501, 502, 503, 504)

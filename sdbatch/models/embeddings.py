@@ -136,8 +136,19 @@ def load_embedding(pipe, path: Path, token: str | None = None) -> Embedding:
     for matrix, tokenizer, encoder, seen in todo:  # all checked: nothing half-loaded
         pipe.load_textual_inversion(matrix, token=token, tokenizer=tokenizer,
                                     text_encoder=encoder)
+        _whole_words_only(tokenizer, token, record.vectors)
         seen[token] = record
     return record
+
+
+def _whole_words_only(tokenizer, token: str, vectors: int) -> None:
+    """The embedding's added tokens match whole words only: the WebUI finds an embedding
+    by its name's own tokens, so "baddreams" does not trigger BadDream (a tokenizer's added
+    token would match inside any word, in every prompt of the checkpoint)."""
+    from tokenizers import AddedToken
+
+    names = [token, *(f"{token}_{i}" for i in range(1, vectors))]
+    tokenizer.add_tokens([AddedToken(n, single_word=True) for n in names])  # same ids
 
 
 def expand_triggers(tokenizer, text: str) -> str:
@@ -146,15 +157,15 @@ def expand_triggers(tokenizer, text: str) -> str:
     diffusers stores an n-vector embedding as n added tokens and expands them in
     maybe_convert_prompt, which misses triggers whose case differs from the tokenizer's
     lowercased output (most embedding names). This matches as the tokenizer does:
-    case-insensitive, longest token first.
+    case-insensitive, longest token first, whole words only.
     """
     added = {t for t in getattr(tokenizer, "added_tokens_encoder", {})
              if t not in set(tokenizer.all_special_tokens)}
     multi = {t for t in added if f"{t}_1" in added}
     if not multi:
         return text
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)),
-                         re.IGNORECASE)
+    alternatives = "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True))
+    pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)  # whole words
 
     def spell(match: re.Match) -> str:
         found = next((t for t in multi if t.lower() == match.group(0).lower()), None)

@@ -8,7 +8,8 @@ commas move chunk boundaries exactly where WebUI users expect them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +31,15 @@ Run = tuple[Sequence[int], float] | None  # token ids and their weight; None is 
 
 
 def build_chunks(runs: Sequence[Run], *, bos: int, eos: int, comma: int | None,
-                 backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
+                 backtrack: int = COMMA_BACKTRACK,
+                 embeddings: Mapping[int, int] | None = None) -> list[Chunk]:
     """Cut tokenized runs into chunks as the WebUI's tokenize_line does.
 
     A chunk holds 75 tokens. When a token would overflow it and a comma sits within the
     last `backtrack` tokens, everything after that comma moves to the next chunk, so a
     phrase is not split between two chunks. BREAK closes the chunk, padding it with EOS.
+    An embedding (``embeddings``: its first token id -> its vector count) is not split
+    either: one that does not fit the chunk starts the next.
     """
     chunks: list[Chunk] = []
     tokens: list[int] = []
@@ -54,7 +58,9 @@ def build_chunks(runs: Sequence[Run], *, bos: int, eos: int, comma: int | None,
             close()
             continue
         ids, weight = run
-        for token in ids:
+        position = 0
+        while position < len(ids):
+            token = ids[position]
             if token == comma:
                 last_comma = len(tokens)
             elif (backtrack and len(tokens) == CHUNK and last_comma != -1
@@ -66,8 +72,13 @@ def build_chunks(runs: Sequence[Run], *, bos: int, eos: int, comma: int | None,
                 tokens, weights = moved
             if len(tokens) == CHUNK:
                 close()
-            tokens.append(token)
-            weights.append(weight)
+            span = (embeddings or {}).get(token, 1)
+            if span > CHUNK - len(tokens) and span <= CHUNK:
+                close()
+            span = min(span, CHUNK - len(tokens))  # longer than a chunk: split as words
+            tokens.extend(ids[position:position + span])
+            weights.extend([weight] * len(ids[position:position + span]))
+            position += span
     if tokens or not chunks:
         close()
     return chunks
@@ -82,7 +93,23 @@ def tokenize_prompt(tokenizer, text: str, *, backtrack: int = COMMA_BACKTRACK) -
     return build_chunks([None if is_break(run) else (tokens, run[1])
                          for run, tokens in zip(runs, ids, strict=True)],
                         bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, comma=comma,
-                        backtrack=backtrack)
+                        backtrack=backtrack, embeddings=embedding_spans(tokenizer))
+
+
+def embedding_spans(tokenizer) -> dict[int, int]:
+    """The first token id of each embedding the tokenizer was taught -> its vector count:
+    its added tokens, an n-vector embedding's named t, t_1 ... t_{n-1} (diffusers)."""
+    added = {t: i for t, i in getattr(tokenizer, "added_tokens_encoder", {}).items()
+             if t not in set(tokenizer.all_special_tokens)}
+    spans = {}
+    for token, first in added.items():
+        if re.fullmatch(r"(.+)_\d+", token) and token.rsplit("_", 1)[0] in added:
+            continue  # a later vector of another token's embedding
+        n = 1
+        while f"{token}_{n}" in added:
+            n += 1
+        spans[first] = n
+    return spans
 
 
 def empty_chunk(tokenizer) -> Chunk:
