@@ -276,7 +276,18 @@ def setup(p: Prepared, job: Job) -> Setup:
                  {f.sha256: f for f in p.image_models.values()}, job.model.dtype,
                  job.model.allow_pickle, job.executor.vae_tile_px,
                  job.executor.upscaler_tile_px, job.executor.upscaler_tile_overlap,
-                 job.executor.stack_cache_gb)
+                 job.executor.stack_cache_gb, loras_of=loras_of(p.plan))
+
+
+def loras_of(plan: Plan) -> dict[str, tuple[str, ...]]:
+    """Stack identity -> the LoRA names its batches apply (a batch applies its first
+    render's, the same for all its renders)."""
+    found: dict[str, dict[str, None]] = {}
+    for batch in plan.batches:
+        if batch.calls and batch.calls[0].stack and batch.renders:
+            names = found.setdefault(batch.calls[0].stack, {})
+            names.update(dict.fromkeys(name for name, _ in batch.renders[0].loras))
+    return {stack: tuple(names) for stack, names in found.items()}
 
 
 def _refusal(path: Path, why: str, origin: Origin) -> Problem:

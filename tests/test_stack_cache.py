@@ -93,3 +93,27 @@ def test_checkpoint_axis_frees_the_first_stack_before_loading_the_second(tmp_pat
     assert [e["recipe"]["model"]["name"] for e in entries] == ["tiny", "tiny", "copy", "copy"]
     assert alive_at_load == [0, 0]
 
+
+
+def test_each_checkpoint_is_checked_against_the_loras_its_own_images_apply(
+        tmp_path, tiny_stack, tiny_spec, monkeypatch):
+    """A LoRA zipped with one checkpoint is not checked against the other (which may be of
+    another family: an SDXL LoRA next to an SDXL checkpoint in a job that also has SD1.5)."""
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    save_single_file(tiny_stack.pipe, models / "Stable-diffusion" / "copy.safetensors")
+    checked: dict[str, list[str]] = {}
+    real = stacks.Stack.check_loras
+
+    def check(stack, paths):
+        checked[stack.spec.identity] = [Path(p).stem for p in paths]
+        return real(stack, paths)
+
+    monkeypatch.setattr(stacks.Stack, "check_loras", check)
+    raw = {"prompt": ["a house <lora:LegoAlrev:1>", "a house"],
+           "paths": {"models": str(models)}, "zip": [["model.checkpoint", "prompt"]],
+           "params": {"sampler": "Euler", "steps": 2, "seed": 1, "width": 64, "height": 64},
+           "model": {"checkpoint": ["tiny", "copy"], "config": str(tiny_spec.path)},
+           "run": {"dir": str(tmp_path / "r"), "progress": "quiet"}}
+    assert runner.run(validate(raw), lambda key: "test", [], ["test"]) == 0
+    assert sorted(checked.values()) == [[], ["LegoAlrev"]]

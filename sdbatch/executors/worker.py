@@ -65,6 +65,8 @@ class Setup:
     upscaler_tile_px: int = 192
     upscaler_tile_overlap: int = 8
     stack_cache_gb: float = 0.0
+    # stack identity -> the LoRAs its batches apply: checked against it when it loads
+    loras_of: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # call key -> what running out of memory took when it was made ("split", "vae_tiling"):
     # reproduce and verify render such a call's batch the same way, whatever memory is free
     oom_retries: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -219,16 +221,17 @@ class Worker:
         return pictures
 
     def _stack(self, batch: Batch) -> stacks.Stack:
-        """The batch's stack, loaded (the one before released first) and its LoRAs checked
-        against it once."""
+        """The batch's stack, loaded (the one before released first) and the LoRAs its
+        batches apply checked against it once (another checkpoint's may be of another
+        family)."""
         spec = self.setup.specs[batch.calls[0].stack]
         if self.stack is None or self.stack.spec.identity != spec.identity:
             self.stack = None  # let the cache release it before the next stack loads
             self.stack = self.cache.get(spec)
         if spec.identity not in self.checked:
             try:
-                self.stack.check_loras([f.path for (kind, _), f in self.setup.networks.items()
-                                        if kind == "lora"])
+                self.stack.check_loras([self.setup.networks[("lora", name)].path
+                                        for name in self.setup.loras_of.get(spec.identity, ())])
             except ValueError as e:
                 raise stacks.StackLoadError(str(e)) from e
             self.checked.add(spec.identity)
