@@ -109,6 +109,7 @@ def resolve_networks(job: Job, renders, origin=lambda key: "the job"
     """Every LoRA and hypernetwork the renders use -> its file, found before any work."""
     from sdbatch.models.hypernetwork import hypernetwork_hash
     from sdbatch.models.lora import lora_hash
+    from sdbatch.models.networks_errors import NetworkError
 
     roots = _roots(job)
     stack_names = {("lora", n.name) for n in job.model.loras} | \
@@ -125,7 +126,11 @@ def resolve_networks(job: Job, renders, origin=lambda key: "the job"
         except names.NameNotFound as e:
             problems.append(Problem(key, str(e), origin(key)))
             continue
-        digest = lora_hash(path) if kind == "lora" else hypernetwork_hash(path)
+        try:
+            digest = lora_hash(path) if kind == "lora" else hypernetwork_hash(path)
+        except NetworkError as e:  # a corrupt or cut-short file: named with its fix
+            problems.append(Problem(key, str(e), origin(key)))
+            continue
         files[(kind, name)] = NetworkFile(path, digest)
     for text in dict.fromkeys(r.prompt for r in renders):
         for tag in extract_extra_networks(text)[1]:

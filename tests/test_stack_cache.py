@@ -9,6 +9,7 @@ import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from sdbatch import run as runner
@@ -117,3 +118,20 @@ def test_each_checkpoint_is_checked_against_the_loras_its_own_images_apply(
            "run": {"dir": str(tmp_path / "r"), "progress": "quiet"}}
     assert runner.run(validate(raw), lambda key: "test", [], ["test"]) == 0
     assert sorted(checked.values()) == [[], ["LegoAlrev"]]
+
+
+def test_a_cut_short_lora_is_a_problem_of_the_job_not_a_traceback(tmp_path, tiny_spec):
+    from sdbatch.models import tiny
+    from sdbatch.run import JobError
+
+    folder = tmp_path / "models" / "Lora"
+    folder.mkdir(parents=True)
+    whole = (tiny.family_models() / "Lora" / "LegoAlrev.safetensors").read_bytes()
+    (folder / "broken.safetensors").write_bytes(whole[:len(whole) // 2])
+    raw = {"prompt": "a house <lora:broken:1>", "paths": {"models": str(tmp_path / "models")},
+           "params": {"sampler": "Euler", "steps": 2, "seed": 1, "width": 64, "height": 64},
+           "model": {"checkpoint": "tiny", "config": str(tiny_spec.path)},
+           "run": {"dir": str(tmp_path / "r"), "progress": "quiet"}}
+    with pytest.raises(JobError, match=r"broken\.safetensors.*download it again"):
+        runner.run(validate(raw), lambda key: "test", [], ["test"])
+    assert not (tmp_path / "r").exists()
