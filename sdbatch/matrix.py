@@ -207,19 +207,27 @@ def networks(job: Job, prompt: str) -> tuple[tuple[tuple[str, Any], ...], ...]:
     (<lyco:...> too). A LoRA's weight is one number, or (te, unet) when the text encoder and
     the UNet take different ones (see parser.lora_weight).
 
-    Each network is applied once: a tag naming a network of the stack (same name, with or
-    without extension) replaces the stack's weight, in the stack's place, as the prompt is
-    the more specific and is what the WebUI reads; of two tags of one name the last wins.
-    A tag that cannot be applied (ExtraNetwork.problem) is left out here and refused by
+    A tag naming a network of the stack (same name, with or without extension) replaces
+    the stack's weight, in the stack's place, as the prompt is the more specific and is
+    what the WebUI reads. A LoRA tagged n times is applied as the WebUI applies it: n times
+    with the last tag's weights, so at n times them (a hypernetwork: the last tag's). A tag
+    that cannot be applied (ExtraNetwork.problem) is left out here and refused by
     model_specs.resolve_networks before any work.
     """
     found: dict[str, dict[str, tuple[str, Any]]] = {
         "lora": {names.stem(n.name): (n.name, lora_weight(*n.parts())) for n in job.model.loras},
         "hypernet": {names.stem(n.name): (n.name, n.weight) for n in job.model.hypernetworks}}
+    tagged: dict[str, int] = {}
     for tag in extract_extra_networks(prompt)[1]:
         if tag.network in found and tag.problem() is None:
-            weight = tag.lora_weight() if tag.network == "lora" else tag.multipliers()[0]
-            found[tag.network][names.stem(tag.name)] = (tag.name, weight)
+            stem = names.stem(tag.name)
+            if tag.network == "lora":
+                tagged[stem] = tagged.get(stem, 0) + 1
+                te, unet = tag.multipliers()
+                weight = lora_weight(te * tagged[stem], unet * tagged[stem])
+            else:
+                weight = tag.multipliers()[0]
+            found[tag.network][stem] = (tag.name, weight)
     return tuple(found["lora"].values()), tuple(found["hypernet"].values())
 
 

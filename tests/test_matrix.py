@@ -125,3 +125,13 @@ def test_zipped_samplers_and_schedule_types_are_checked_as_pairs():
     with pytest.raises(JobError, match="'Euler a' cannot use schedule type 'Karras'"):
         validate({"params": {"sampler": ["Euler a", "DPM++ 2M"],
                              "schedule_type": ["Automatic", "Karras"]}})  # crossed
+
+
+def test_a_lora_tagged_twice_is_applied_twice_with_the_last_weights_as_the_webui():
+    """The WebUI appends the network once per tag, each time with the last tag's
+    multipliers, and adds its delta once per entry."""
+    job = validate({"prompt": "x"})
+    loras, _ = matrix.networks(job, "a <lora:x:0.5> house <lora:x:1>")
+    assert loras == (("x", 2.0),)
+    loras, _ = matrix.networks(job, "<lora:x:0.3:0.1> <lora:y:0.7> <lora:x:1:0.5>")
+    assert loras == (("x", (2.0, 1.0)), ("y", 0.7))
