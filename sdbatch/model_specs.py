@@ -33,6 +33,8 @@ from sdbatch.schema import (
     Problem,
 )
 
+NO_VAE = "None"  # model.vae: the checkpoint's own VAE, even with a VAE named like it
+
 
 def _models_dir(paths: Paths) -> Path | None:
     return Path(paths.models).expanduser() if paths.models else None
@@ -76,7 +78,7 @@ def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the
             path = None
     else:
         path = find("checkpoint", checkpoint, "model.checkpoint")
-    vae = find("vae", model.vae, "model.vae") if model.vae else None
+    vae = find("vae", model.vae, "model.vae") if model.vae not in (None, NO_VAE) else None
     config = Path(model.config).expanduser() if model.config else None
     if config is not None and not (config / "model_index.json").is_file():
         problems.append(Problem("model.config", f"{config} is not a diffusers folder (no "
@@ -94,6 +96,8 @@ def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the
                 families.check_compatible(family, detected, str(path))
         except ModelFileError as e:
             return None, [Problem("model.checkpoint", str(e), origin("model.checkpoint"))]
+    if model.vae is None and path.is_file():  # the WebUI's "Automatic"
+        vae = names.vae_near_checkpoint(path, models)
     name = checkpoint if checkpoint in EMBEDDED or from_hub else names.stem(path.name)
     return StackSpec(name, path, model.dtype, family, vae, embeddings, model.allow_pickle,
                      config, device, switches), []

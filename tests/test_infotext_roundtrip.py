@@ -283,3 +283,19 @@ def test_a_beta_schedule_writes_its_alpha_and_beta(tiny_spec):
         plan = make_plan([r], {"tiny": "x"}, 1)
         params = parse_infotext(records.infotext(r, {"tiny": tiny_spec}, plan.chains[0]))[2]
         assert {k: v for k, v in params.items() if k.startswith("Beta")} == want
+
+
+def test_a_vae_file_is_written_by_its_file_name_as_the_webui_does(tiny_spec, tmp_path):
+    """get_loaded_vae_name is the file's basename: pasted back, it selects that VAE."""
+    import dataclasses
+
+    from sdbatch.output.infotext import parse_infotext
+    from sdbatch.plan import make_plan
+
+    vae = tmp_path / "vae-ft-mse-840000-ema-pruned.safetensors"
+    vae.write_bytes(b"vae")
+    r = render_of({"prompt": "a house", "params": {"seed": 1}})
+    spec = dataclasses.replace(tiny_spec, vae=vae)
+    plan = make_plan([r], {"tiny": "x"}, 1)
+    _, _, params = parse_infotext(records.infotext(r, {"tiny": spec}, plan.chains[0]))
+    assert params["VAE"] == "vae-ft-mse-840000-ema-pruned.safetensors"

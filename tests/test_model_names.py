@@ -171,3 +171,37 @@ def test_a_lora_is_found_by_the_name_it_was_trained_as(models):
     assert names.resolve("lora", "more_details", models) == path
     with pytest.raises(names.NameNotFound):
         names.resolve("lora", "add_details", models)
+
+
+def test_the_webuis_automatic_vae_is_the_one_named_like_the_checkpoint(models):
+    """sd_vae's "Automatic": of VAE/ and the *.vae.* files among the checkpoints, the first
+    in natural order whose file name starts with the checkpoint's."""
+    for rel in ("VAE/dreamshaper_8.vae.pt", "VAE/dreamshaper_8-v10.vae.pt",
+                "VAE/dreamshaper_8-v2.vae.pt", "Stable-diffusion/sdxl/juggernaut.vae.safetensors"):
+        (models / rel).write_bytes(b"vae")
+    checkpoint = models / "Stable-diffusion" / "dreamshaper_8.safetensors"
+    assert names.vae_near_checkpoint(checkpoint, models) == models / "VAE/dreamshaper_8-v2.vae.pt"
+    (models / "VAE/dreamshaper_8-v2.vae.pt").unlink()
+    (models / "VAE/dreamshaper_8-v10.vae.pt").unlink()
+    assert names.vae_near_checkpoint(checkpoint, models) == models / "VAE/dreamshaper_8.vae.pt"
+    juggernaut = models / "Stable-diffusion" / "sdxl" / "juggernaut.ckpt"
+    assert names.vae_near_checkpoint(juggernaut, models) == \
+        models / "Stable-diffusion/sdxl/juggernaut.vae.safetensors"
+    assert names.vae_near_checkpoint(juggernaut, None) == \
+        models / "Stable-diffusion/sdxl/juggernaut.vae.safetensors"  # beside it, no models
+    assert names.vae_near_checkpoint(models / "Stable-diffusion/other.safetensors",
+                                     models) is None
+
+
+def test_model_vae_null_is_automatic_and_none_is_the_checkpoints_own(models):
+    (models / "VAE" / "dreamshaper_8.vae.pt").write_bytes(b"vae")
+    for vae, want in ((None, models / "VAE" / "dreamshaper_8.vae.pt"), ("None", None),
+                      ("vae-ft-mse-840000-ema-pruned",
+                       models / "VAE/vae-ft-mse-840000-ema-pruned.safetensors")):
+        job = validate({"paths": {"models": str(models)},
+                        "model": {"checkpoint": "dreamshaper_8", "vae": vae,
+                                  "family": "sd15"}})
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr("sdbatch.models.families.detect_family", lambda *a: "sd15")
+            spec, problems = resolve(job.model, job.paths, "dreamshaper_8")
+        assert problems == [] and spec.vae == want, vae

@@ -121,6 +121,25 @@ def trained_name(path: Path) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
+def vae_near_checkpoint(checkpoint: Path, models: Path | None) -> Path | None:
+    """The WebUI's "Automatic" VAE of a single-file checkpoint: of the VAE files (VAE/, and
+    `*.vae.*` under Stable-diffusion/ and beside the checkpoint), the first by name in
+    natural order whose name starts with the checkpoint's (`x.vae.pt` for `x.safetensors`)."""
+    beside = [checkpoint.parent, *([models / "Stable-diffusion"] if models else [])]
+    files = [p for p in candidates("vae", models) if p.is_file()]
+    for folder in dict.fromkeys(beside):
+        if folder.is_dir():
+            files += [p for p in folder.rglob("*.vae.*")
+                      if p.suffix.lower() in EXTENSIONS["vae"] and p.is_file()]
+    start = checkpoint.name.rsplit(".", 1)[0]
+    matching = [p for p in dict.fromkeys(files) if p.name.startswith(start)]
+    return min(matching, key=lambda p: _natural(p.name), default=None)
+
+
+def _natural(text: str) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
 def face_restorer(name: str, models: Path | None) -> Path:
     """A face restorer's file. The WebUI's names take the first file (in natural order) of
     its folder whose name holds the model's (GFPGAN/GFPGANv1.4.pth,
@@ -130,8 +149,7 @@ def face_restorer(name: str, models: Path | None) -> Path:
     folder, part = FACE_RESTORERS[name]
     files = sorted((p for p in candidates("face_restorer", models)
                     if p.parent.is_relative_to(models / folder) and part in p.name.lower()),
-                   key=lambda p: [int(t) if t.isdigit() else t.lower()
-                                  for t in re.split(r"(\d+)", p.as_posix())])
+                   key=lambda p: _natural(p.as_posix()))
     if files:
         return files[0]
     where = (f"under {models / folder}" if models

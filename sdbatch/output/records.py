@@ -250,7 +250,7 @@ def infotext(render: Render, specs: Mapping[str, StackSpec], calls: tuple[StageC
         "Model hash": spec.model_hash,
         "Model": spec.name,
         "VAE hash": spec.vae_hash,
-        "VAE": names.stem(spec.vae.name) if spec.vae else None,
+        "VAE": spec.vae.name if spec.vae else None,  # the WebUI: the file's basename
         "Variation seed": render.subseed if render.subseed_strength > 0 else None,
         "Variation seed strength": (number(render.subseed_strength)
                                     if render.subseed_strength > 0 else None),
