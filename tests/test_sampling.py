@@ -395,3 +395,12 @@ def test_uniform_on_the_dpm_multistep_samplers_is_the_webuis(tiny_stack, monkeyp
     seen.clear()  # Automatic (Karras) keeps its own
     pixels(tiny_stack, render(sampler="DPM++ 2M", schedule_type="Karras", steps=4))
     assert seen[0] == 999 and seen != [999, 666, 333, 0]
+
+
+def test_a_lora_tag_in_the_negative_prompt_is_words_as_in_the_webui(tiny_stack):
+    """parse_extra_network_prompts takes tags out of the prompts only: the negative's
+    <lora:...> is encoded as the text it is and applies nothing."""
+    t = txt2img.Timeline(tiny_stack.pipe, render(prompt="a house <lora:x:1>",
+                                                 negative_prompt="blurry <lora:x:1>"),
+                         1, tiny_stack.device, tiny_stack.dtype)
+    assert t.keys[0][1] == "blurry <lora:x:1>"

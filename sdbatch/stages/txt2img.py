@@ -118,8 +118,9 @@ class Timeline:
                  dtype: torch.dtype, first_pass: int | None = None):
         """``first_pass``: a hires pass's first pass, in model calls: the WebUI's hires
         timeline goes on from it (integers count on from it, fractions from 1.0)."""
-        prompt, negative = (clean_text(pipe, render.prompt),
-                            clean_text(pipe, render.negative_prompt))
+        prompt = clean_text(pipe, render.prompt)
+        # the WebUI takes <lora:...> tags out of prompts only: a negative's are words
+        negative = expand_triggers(pipe.tokenizer, render.negative_prompt)
         parts = split_and(prompt)
         self.weights = tuple(w for _, w in parts)
         total = render.steps * calls_per_step
