@@ -88,6 +88,10 @@ def test_apply_style():
     assert apply_style("a", "b") == "a, b"
     assert apply_style("", "b") == "b"
     assert apply_style("a", "x {prompt} y") == "x a y"
+    assert apply_style("a cat ", "masterpiece") == "a cat, masterpiece"  # merge_prompts strips
+    assert apply_style("   ", "masterpiece") == "masterpiece"
+    assert apply_style("a cat\n", "masterpiece\n") == "a cat, masterpiece"
+    assert apply_style(" a cat ", "") == "a cat"
 
 
 def test_prompt_file_lines_are_zipped_recipes(tmp_path):

@@ -28,11 +28,12 @@ def load_styles(path: Path) -> dict[str, Style]:
 
 
 def apply_style(prompt: str, style: str) -> str:
-    if not style:
-        return prompt
+    """The WebUI's merge_prompts: the style's {prompt} replaced, else both stripped and the
+    non-empty ones joined by ", " (a prompt ending in a newline loses it; an empty style
+    still strips the prompt)."""
     if "{prompt}" in style:
         return style.replace("{prompt}", prompt)
-    return f"{prompt}, {style}" if prompt else style
+    return ", ".join(part for part in (prompt.strip(), style.strip()) if part)
 
 
 def apply_styles(prompt: str, negative: str, styles: list[Style]) -> tuple[str, str]:
