@@ -32,12 +32,15 @@ class Conditioning:
 
     Rows [0, B) of `context` are the images' negative prompts; every later row is one
     `AND` part of one image, and `parts[i]` lists image i's (row, weight) pairs.
-    SDXL adds `pooled` and `time_ids`, row for row with `context`.
+    SDXL adds `pooled` and `time_ids`, row for row with `context`. `lengths`: the
+    negatives' and the parts' token lengths where they differ; the model then takes them
+    in two passes, each on its own length, as the WebUI does with pad_cond_uncond off.
     """
     context: torch.Tensor
     parts: tuple[tuple[tuple[int, float], ...], ...]
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    lengths: tuple[int, int] | None = None
 
     def plain(self, image: int) -> bool:
         """One part of weight 1: guidance at scale 1 is the prompt alone."""
@@ -308,20 +311,36 @@ def _unet(unet, latents: torch.Tensor, t, cond: Conditioning, negatives: Sequenc
     stage, for their guidance windows."""
     batch = len(cond.parts)
     parts = [(i, row) for i, image_parts in enumerate(cond.parts) for row, _ in image_parts]
-    pairs = [(i, i) for i in range(batch) if negatives[i]] + parts
+    uncond = [(i, i) for i in range(batch) if negatives[i]]
+    if cond.lengths is None:
+        return _forward(unet, latents, t, cond, uncond + parts, len(uncond),
+                        cond.context.shape[1], timestep_cond, control, x_t, step)
+    passes = ([(uncond, len(uncond), cond.lengths[0])] if uncond else []) + \
+        [(parts, 0, cond.lengths[1])]
+    return torch.cat([_forward(unet, latents, t, cond, pairs, negative_rows, length,
+                               timestep_cond, control, x_t, step)
+                      for pairs, negative_rows, length in passes])
+
+
+def _forward(unet, latents: torch.Tensor, t, cond: Conditioning,
+             pairs: list[tuple[int, int]], negative_rows: int, length: int,
+             timestep_cond: torch.Tensor | None, control, x_t: torch.Tensor | None,
+             step: tuple[int, int]) -> torch.Tensor:
+    """One forward pass over (image, context row) pairs, the first ``negative_rows`` of
+    them negative prompts, on the first ``length`` tokens of the context."""
     images = [i for i, _ in pairs]
     rows = torch.tensor([row for _, row in pairs], device=cond.context.device)
+    context = cond.context[rows, :length]
     added = None
     if cond.pooled is not None:
         added = {"text_embeds": cond.pooled[rows], "time_ids": cond.time_ids[rows]}
     residuals = {}
     if control is not None:
         down, mid = control.residuals((latents if x_t is None else x_t)[images], t,
-                                      cond.context[rows], images, sum(negatives),
-                                      *step, added)
+                                      context, images, negative_rows, *step, added)
         if down is not None:
             residuals = {"down_block_additional_residuals": down,
                          "mid_block_additional_residual": mid}
-    return unet(latents[images], t, encoder_hidden_states=cond.context[rows],
+    return unet(latents[images], t, encoder_hidden_states=context,
                 timestep_cond=timestep_cond, added_cond_kwargs=added, return_dict=False,
                 **residuals)[0]

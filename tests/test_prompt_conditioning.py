@@ -193,10 +193,18 @@ def test_original_emphasis_scales_tokens_and_keeps_the_mean(tokenizer, text_enco
     assert not torch.allclose(weighted, plain)
 
 
-def test_emphasis_mean_is_per_prompt(tokenizer, text_encoder):
-    both = encode_prompts(tokenizer, text_encoder, ["a (red:1.5) cat", "a red cat"], 1, CPU)
-    alone = encode_prompts(tokenizer, text_encoder, ["a red cat"], 1, CPU)
-    torch.testing.assert_close(both[1:], alone)
+def test_emphasis_mean_is_the_batchs_as_the_webuis(tokenizer, text_encoder):
+    """EmphasisOriginal restores z.mean() of the whole batch: the texts of one prompt's
+    schedule ("a (red:1.5) [cat:dog:5]") take one factor, not one each."""
+    texts = ["a (red:1.5) cat", "a (red:1.5) dog"]
+    both = encode_prompts(tokenizer, text_encoder, texts, 1, CPU)
+    plain = encode_prompts(tokenizer, text_encoder, ["a red cat", "a red dog"], 1, CPU)
+    weights = torch.ones(77)
+    weights[2] = 1.5
+    scaled = plain * weights[None, :, None]
+    torch.testing.assert_close(both, scaled * (plain.mean() / scaled.mean()))
+    alone = encode_prompts(tokenizer, text_encoder, texts[1:], 1, CPU)
+    assert not torch.allclose(both[1:], alone)  # the WebUI's factor is the pair's
 
 
 def test_openclip_pad_token_fills_after_the_first_eos(tmp_path, tokenizer, text_encoder):

@@ -404,3 +404,42 @@ def test_a_lora_tag_in_the_negative_prompt_is_words_as_in_the_webui(tiny_stack):
                                                  negative_prompt="blurry <lora:x:1>"),
                          1, tiny_stack.device, tiny_stack.dtype)
     assert t.keys[0][1] == "blurry <lora:x:1>"
+
+
+def test_a_prompts_schedule_texts_are_encoded_as_one_batch_as_in_the_webui(tiny_stack):
+    """get_learned_conditioning encodes a prompt's schedule texts together: with emphasis,
+    "cat" and "dog" of "(red:1.5) [cat:dog:0.5]" share one mean-restoring factor."""
+    pipe = tiny_stack.pipe
+    t = txt2img.Timeline(pipe, render(prompt="a (red:1.5) [cat:dog:0.5]", steps=4), 1,
+                         tiny_stack.device, tiny_stack.dtype)
+    together = txt2img.encode_texts(pipe, ["a (red:1.5) cat", "a (red:1.5) dog"], 1,
+                                    tiny_stack.device, tiny_stack.dtype)
+    (cat, _), _ = t.at(0)
+    (dog, _), _ = t.at(3)
+    torch.testing.assert_close(cat, together[0][0])
+    torch.testing.assert_close(dog, together[1][0])
+    alone, _ = txt2img.encode_text(pipe, "a (red:1.5) dog", 1, tiny_stack.device,
+                                   tiny_stack.dtype)
+    assert not torch.allclose(dog, alone)
+
+
+def test_a_prompt_and_negative_of_different_lengths_take_separate_passes(tiny_stack,
+                                                                        monkeypatch):
+    """The WebUI's default (pad_cond_uncond off): a two-chunk prompt and a one-chunk negative
+    are two forward passes, each on its own tokens, not one pass padded with the empty
+    prompt; equal lengths share one pass."""
+    pipe, seen = tiny_stack.pipe, []
+    real = pipe.unet.forward
+
+    def spy(sample, t, encoder_hidden_states=None, **kwargs):
+        seen.append(tuple(encoder_hidden_states.shape[:2]))
+        return real(sample, t, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+    monkeypatch.setattr(pipe.unet, "forward", spy)
+    long = "a red house, " * 30
+    txt2img_images(tiny_stack, (render(prompt=long, negative_prompt="blurry", steps=2),))
+    assert seen == [(1, 77), (1, 154)] * 2
+    seen.clear()
+    txt2img_images(tiny_stack, (render(prompt="a red house", negative_prompt="blurry",
+                                       steps=2),))
+    assert seen == [(2, 77)] * 2

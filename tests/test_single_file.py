@@ -462,10 +462,18 @@ def test_sdxl_empty_negative_is_zeroed_per_image_not_per_batch(tiny_xl):
 
 
 def conds(pipe, renders):
-    """The stage's conditioning for renders of one prompt length, as txt2img builds it."""
-    clean = [txt2img.clean_text(pipe, r.prompt) for r in renders]
-    negative = [txt2img.clean_text(pipe, r.negative_prompt) for r in renders]
-    return txt2img.conditioning(pipe, renders[0], clean, negative, CPU, torch.float32)
+    """Each render's prompt and negative as the stage encodes them, named as diffusers'
+    encode_prompt names them."""
+    def encoded(text: str, negative: bool):
+        return txt2img.encode_text(pipe, txt2img.clean_text(pipe, text), 1, CPU,
+                                   torch.float32, negative=negative)
+
+    pos = [encoded(r.prompt, False) for r in renders]
+    neg = [encoded(r.negative_prompt, True) for r in renders]
+    return {"prompt_embeds": torch.cat([e for e, _ in pos]),
+            "negative_prompt_embeds": torch.cat([e for e, _ in neg]),
+            "pooled_prompt_embeds": torch.cat([p for _, p in pos]),
+            "negative_pooled_prompt_embeds": torch.cat([p for _, p in neg])}
 
 
 def test_tiny_sdxl_renders_from_its_single_file_like_the_original(tiny_xl):
@@ -600,5 +608,5 @@ def test_sdxl_post_steps_hires_and_inpaint(tiny_xl, tmp_path):
     [painted] = inpaint.run(stack, [Item(r, plan.chains[0][2].params, big)])
     before, after = np.asarray(big.image), np.asarray(painted.image)
     far = np.ones((96, 96), bool)
-    far[10:86, 10:86] = False  # the mask (24..72 at 96 px) and its blur (radius 10)
+    far[4:92, 4:92] = False  # the mask blurred at its 64 px (6..58), resized to 96 px
     assert np.array_equal(after[far], before[far])

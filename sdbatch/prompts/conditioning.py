@@ -119,17 +119,14 @@ def empty_chunk(tokenizer) -> Chunk:
 
 
 def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The WebUI's "Original" emphasis: scale each token's embedding, then restore the mean.
-
-    The WebUI takes the mean over the whole batch; here it is per prompt, so an image does
-    not depend on which other prompts shared its batch. The two agree whenever a batch has
-    one prompt, the WebUI's usual case.
-    """
+    """The WebUI's "Original" emphasis: scale each token's embedding, then restore the mean
+    of the whole batch (one chunk of each text). sdbatch's batches are the WebUI's: the
+    texts of one prompt's schedule, so an image never depends on another's prompt."""
     if bool((weights == 1).all()):
         return z
-    original = z.mean(dim=(1, 2), keepdim=True)
+    original = z.mean()
     z = z * weights.to(z.dtype).unsqueeze(-1)
-    return z * (original / z.mean(dim=(1, 2), keepdim=True))
+    return z * (original / z.mean())
 
 
 def final_layer_norm(text_encoder) -> torch.nn.Module:

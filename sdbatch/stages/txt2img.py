@@ -40,49 +40,33 @@ def is_open_clip(pipe) -> bool:
 
 def encode_text(pipe, text: str, clip_skip: int, device: torch.device, dtype: torch.dtype,
                 *, negative: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One text cleaned by clean_text -> ((1, 77 * chunks, dim), SDXL's pooled (1, dim) or None).
+    """One text cleaned by clean_text -> ((1, 77 * chunks, dim), SDXL's pooled (1, dim) or None)."""
+    return encode_texts(pipe, [text], clip_skip, device, dtype, negative=negative)[0]
 
-    SDXL's empty negative is zeros (the WebUI and diffusers agree); decided per image, not
-    per batch as the WebUI does, so an image does not depend on its batch. Only the empty
-    prompt's own chunk is zeroed: padding chunks added later stay as for any short prompt.
+
+def encode_texts(pipe, texts: list[str], clip_skip: int, device: torch.device,
+                 dtype: torch.dtype, *, negative: bool = False
+                 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The texts of one prompt's schedule (its [a:b:when] and [a|b] texts), encoded as the
+    WebUI's get_learned_conditioning encodes them: as one batch, the shorter padded with
+    empty chunks and the emphasis mean kept over the whole batch. One image's texts only:
+    an image never depends on the others of its pass.
+
+    SDXL's negative is zeros where all its texts are empty (the WebUI's force_zero); only
+    the empty prompt's own chunk: padding chunks added later stay as for any short prompt.
     """
     if not is_sdxl(pipe):
         skip = 1 if is_open_clip(pipe) else clip_skip
-        embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [text], skip, device)
-        return embeds.to(dtype), None
+        embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, texts, skip, device)
+        return [(row[None].to(dtype), None) for row in embeds]
     embeds, pooled = encode_sdxl((pipe.tokenizer, pipe.tokenizer_2),
-                                 (pipe.text_encoder, pipe.text_encoder_2), [text], device)
-    if negative and text == "" and pipe.config.get("force_zeros_for_empty_prompt", False):
+                                 (pipe.text_encoder, pipe.text_encoder_2), texts, device)
+    if negative and not any(texts) and pipe.config.get("force_zeros_for_empty_prompt", False):
         embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-    return embeds.to(dtype), pooled.to(dtype)
-
-
-def conditioning(pipe, first: Render, prompts: list[str], negatives: list[str],
-                 device: torch.device, dtype: torch.dtype) -> dict[str, object]:
-    """The text (and for SDXL, pooled and size) conditioning of a batch of plain prompts
-    already cleaned by clean_text, each prompt and negative padded to each other's length
-    with the empty prompt's chunk (the WebUI's pad_cond_uncond), named as diffusers names it."""
-    blank, _ = encode_text(pipe, "", first.clip_skip, device, dtype)
-    pairs = [_pad_pair(encode_text(pipe, p, first.clip_skip, device, dtype),
-                       encode_text(pipe, n, first.clip_skip, device, dtype, negative=True), blank)
-             for p, n in zip(prompts, negatives, strict=True)]
-    length = max(c[0].shape[1] for c, _ in pairs)
-    out = {"prompt_embeds": torch.cat([_pad(c[0], length, blank) for c, _ in pairs]),
-           "negative_prompt_embeds": torch.cat([_pad(u[0], length, blank) for _, u in pairs])}
-    if is_sdxl(pipe):
-        size = (first.height, first.width)
-        out |= {"pooled_prompt_embeds": torch.cat([c[1] for c, _ in pairs]),
-                "negative_pooled_prompt_embeds": torch.cat([u[1] for _, u in pairs]),
-                "original_size": size, "target_size": size, "crops_coords_top_left": (0, 0)}
-    return out
+    return [(e[None].to(dtype), p[None].to(dtype)) for e, p in zip(embeds, pooled, strict=True)]
 
 
 Encoded = tuple[torch.Tensor, torch.Tensor | None]
-
-
-def _pad_pair(cond: Encoded, uncond: Encoded, blank: torch.Tensor) -> tuple[Encoded, Encoded]:
-    length = max(cond[0].shape[1], uncond[0].shape[1])
-    return (_pad(cond[0], length, blank), cond[1]), (_pad(uncond[0], length, blank), uncond[1])
 
 
 def clean_text(pipe, text: str) -> str:
@@ -131,29 +115,28 @@ class Timeline:
         self.keys = [(tuple(at(p, c) for p, _ in parts), at(negative, c))
                      for c in range(total)]
 
-        def encoder(negative: bool):
-            cache: dict[str, Encoded] = {}
+        def schedule(texts: list[str], negative: bool) -> dict[str, Encoded]:
+            distinct = list(dict.fromkeys(texts))
+            return dict(zip(distinct, encode_texts(pipe, distinct, render.clip_skip, device,
+                                                   dtype, negative=negative), strict=True))
 
-            def encode(text: str) -> Encoded:
-                if text not in cache:
-                    cache[text] = encode_text(pipe, text, render.clip_skip, device, dtype,
-                                              negative=negative)
-                return cache[text]
-            return encode
-
-        prompt_of, negative_of = encoder(False), encoder(True)
+        parts_of = [schedule([k[0][i] for k in self.keys], False) for i in range(len(parts))]
+        negative_of = schedule([k[1] for k in self.keys], True)
         blank, _ = encode_text(pipe, "", render.clip_skip, device, dtype)
         encoded = {}
         for key in dict.fromkeys(self.keys):
-            conds = [prompt_of(p) for p in key[0]]
+            conds = [parts_of[i][p] for i, p in enumerate(key[0])]
             longest = max(c[0].shape[1] for c in conds)
             embeds = torch.cat([_pad_last(c[0], longest) for c in conds])
             pooled = None if conds[0][1] is None else torch.cat([c[1] for c in conds])
-            cond, uncond = _pad_pair((embeds, pooled), negative_of(key[1]), blank)
-            encoded[key] = (cond, uncond)
-        self.length = max(c[0].shape[1] for c, _ in encoded.values())
-        self.encoded = {key: ((_pad(c[0], self.length, blank), c[1]),
-                              (_pad(u[0], self.length, blank), u[1]))
+            encoded[key] = ((embeds, pooled), negative_of[key[1]])
+        # (negative, prompt) token lengths, each the same at every call (a schedule's texts
+        # share their chunk count): where they differ, the two take separate passes, as in
+        # the WebUI (its pad_cond_uncond is off by default)
+        self.lengths = (max(u[0].shape[1] for _, u in encoded.values()),
+                        max(c[0].shape[1] for c, _ in encoded.values()))
+        self.encoded = {key: ((_pad(c[0], self.lengths[1], blank), c[1]),
+                              (_pad(u[0], self.lengths[0], blank), u[1]))
                         for key, (c, u) in encoded.items()}
 
     def key(self, call: int) -> tuple[tuple[str, ...], str]:
@@ -165,14 +148,14 @@ class Timeline:
 
 
 def _same_length_groups(timelines: list[Timeline]) -> list[list[int]]:
-    """Image positions grouped by their conditioning's token length, in order.
+    """Image positions grouped by their negative's and prompt's token lengths, in order.
 
-    Each image is encoded alone (cond and negative padded only to each other), so an image
-    never takes padding from a longer prompt beside it; images of one length share a pass.
+    Each image is encoded alone, so an image never takes padding from a longer prompt
+    beside it; images of the same lengths share a pass.
     """
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple[int, int], list[int]] = {}
     for i, timeline in enumerate(timelines):
-        groups.setdefault(timeline.length, []).append(i)
+        groups.setdefault(timeline.lengths, []).append(i)
     return list(groups.values())
 
 
@@ -184,12 +167,22 @@ def batch_conditioning(timelines: list[Timeline], call: int,
     for timeline in timelines:
         parts.append(tuple((rows + j, w) for j, w in enumerate(timeline.weights)))
         rows += len(timeline.weights)
-    context = torch.cat([u[0] for _, u in encoded] + [c[0] for c, _ in encoded])
+    negative, prompt = timelines[0].lengths  # one group: the same for every image
+    longest = max(negative, prompt)
+    context = torch.cat([_pad_zeros(u[0], longest) for _, u in encoded]
+                        + [_pad_zeros(c[0], longest) for c, _ in encoded])
     pooled = None
     if time_ids is not None:
         pooled = torch.cat([u[1] for _, u in encoded] + [c[1] for c, _ in encoded])
         time_ids = time_ids.repeat(rows, 1)
-    return Conditioning(context, tuple(parts), pooled, time_ids)
+    return Conditioning(context, tuple(parts), pooled, time_ids,
+                        None if negative == prompt else (negative, prompt))
+
+
+def _pad_zeros(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Stacking room only: each pass reads its own rows' length (Conditioning.lengths)."""
+    extra = length - x.shape[1]
+    return torch.cat([x, x.new_zeros(x.shape[0], extra, x.shape[2])], dim=1) if extra else x
 
 
 def _time_ids(pipe, width: int, height: int, dtype: torch.dtype, device: torch.device
