@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from sdbatch import schema
@@ -107,8 +108,6 @@ def check_command_line(args: list[str]) -> list[str]:
 
 def check_job_file(name: str) -> None:
     """`+job=NAME` names a file in a job folder that YAML can read, or exit 2 saying why."""
-    import yaml
-
     from sdbatch.job_folders import job_dirs
     from sdbatch.provenance import shown
     from sdbatch.text_files import TextFileError, read_text
@@ -118,10 +117,13 @@ def check_job_file(name: str) -> None:
     if file is None:
         known = sorted({p.stem for f in folders if f.is_dir() for p in f.glob("*.yaml")})
         listing = f"; jobs there: {', '.join(known)}" if known else ""
+        named = (f"; a job is named without .yaml: +job={name[:-5]}"
+                 if name.lower().endswith(".yaml") else "")
         fail(f"+job={name}: no {name}.yaml in {', '.join(shown(f) for f in folders)} (add "
-             f"folders with SDBATCH_JOBS){listing}")
+             f"folders with SDBATCH_JOBS){named}{listing}")
     try:
-        yaml.safe_load(read_text(file))
+        text = read_text(file)
+        yaml.load(text, Loader=_UniqueKeys)
     except TextFileError as e:
         fail(str(e))
     except yaml.MarkedYAMLError as e:
@@ -132,10 +134,54 @@ def check_job_file(name: str) -> None:
             context = (f" ({e.context} at line {e.context_mark.line + 1}, column "
                        f"{e.context_mark.column + 1})")
         hint = (" (a backslash in double quotes starts an escape: write a Windows path in "
-                "single quotes or with /)" if "escape" in str(e.problem) else "")
+                "single quotes or with /)" if "escape" in str(e.problem) else
+                " (indent with spaces: YAML takes no tabs)" if "'\\t'" in str(e.problem)
+                else "")
         fail(f"{where}: not valid YAML: {e.problem}{context}{hint}")
     except yaml.YAMLError as e:
         fail(f"{shown(file)}: not valid YAML: {e}")
+    if (problem := package_header_problem(text)) is not None:
+        fail(f"{shown(file)}: {problem}")
+
+
+def package_header_problem(text: str) -> str | None:
+    """Why Hydra would not read the job's `# @package _global_` header, or None. Hydra reads
+    `# @key value` lines only at the top of a file, before any other line (a comment too);
+    without it every key of the job lands under `job.` and is unknown."""
+    import re
+
+    lines = text.splitlines()
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        if not re.match(r"#\s*@", line):
+            break
+        if re.fullmatch(r"#\s*@package\s+_global_", line):
+            return None
+    at = next((i for i, line in enumerate(lines, 1)
+               if re.fullmatch(r"\s*#\s*@package\s+_global_\s*", line)), None)
+    if at is not None:
+        return (f"its `# @package _global_` header is on line {at}, after other lines; Hydra "
+                "reads it only at the top: move it to the first line")
+    return ("it has no `# @package _global_` header; make that the first line (without it "
+            "every key of the job is read as a key of `job`)")
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML as Hydra reads it: a key given twice in one mapping is an error (it names the
+    line), not the last one silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key '{key}' is given twice (first on line "
+                    f"{seen[key] + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 @hydra.main(config_path="pkg://sdbatch.conf", config_name="config", version_base=None)

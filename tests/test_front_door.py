@@ -112,3 +112,24 @@ def test_the_override_hint_quotes_for_cmd_on_windows(monkeypatch, capsys):
         cli.check_command_line(["params.steps=[1,"])
     err = capsys.readouterr().err
     assert "\"params.seed=[1,2]\"" in err and "\"prompt='a cat'\"" in err
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("# my job\n" + OK, "header is on line 2, after other lines; Hydra reads it only at the "
+                        "top: move it to the first line"),
+    ("prompt: hi\n", "it has no `# @package _global_` header; make that the first line"),
+    (OK + "prompt: again\n", ":3:1: not valid YAML: the key 'prompt' is given twice (first on "
+                             "line 2); keep one"),
+    (OK + "params:\n\tsteps: 2\n", "not valid YAML: found character '\\t' that cannot start "
+                                   "any token (indent with spaces: YAML takes no tabs)"),
+])
+def test_a_job_file_hydra_would_misread_is_refused_saying_how(tmp_path: Path, text, expected):
+    write_job(tmp_path, "bad", text)
+    err = refused(tmp_path, "+job=bad")
+    assert err.count("\n") == 1 and "jobs/bad.yaml" in err.replace("\\", "/")
+    assert expected in err
+
+
+def test_a_job_named_with_its_extension_says_how_to_name_it(tmp_path: Path):
+    write_job(tmp_path, "ok", OK)
+    assert "a job is named without .yaml: +job=ok" in refused(tmp_path, "+job=ok.yaml")
