@@ -24,6 +24,7 @@ from sdbatch.schema import Job, JobError, Origin
 
 USAGE = """usage:
   sdbatch +job=NAME [key=value ...]     run jobs/NAME.yaml (Hydra overrides after it)
+  sdbatch run key=value ...             a job of overrides alone, no job file
   sdbatch resume RUN_DIR                finish a stopped run from its own saved config
          [--executor local]             ... on another executor (its keys at their defaults)
   sdbatch reproduce IMAGE.png           render an image again from its recipe, compare bytes
@@ -87,6 +88,9 @@ def check_command_line(args: list[str]) -> list[str]:
     parser = OverridesParser.create()
     out = list(args)
     for text in get_args_parser().parse_args(args).overrides:
+        if "=" not in text and Path(text).suffix.lower() in (".yaml", ".yml"):
+            fail(f"'{text}': a job is given by its name, +job={Path(text).stem} (looked up in "
+                 "jobs/ of this folder and in SDBATCH_JOBS), not by its path")
         try:
             [override] = parser.parse_overrides([text])
         except OverrideParseException as e:
@@ -370,6 +374,9 @@ def main() -> None:
         commands[args[0]](args[1:])
     elif args and args[0] in ("-h", "--help", "help"):
         print(USAGE)
+    elif not args:  # a first try, not a render of the defaults' empty prompt
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
     else:
         from sdbatch.job_folders import register
 

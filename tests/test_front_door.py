@@ -133,3 +133,14 @@ def test_a_job_file_hydra_would_misread_is_refused_saying_how(tmp_path: Path, te
 def test_a_job_named_with_its_extension_says_how_to_name_it(tmp_path: Path):
     write_job(tmp_path, "ok", OK)
     assert "a job is named without .yaml: +job=ok" in refused(tmp_path, "+job=ok.yaml")
+
+
+def test_no_arguments_print_the_usage_instead_of_rendering_the_defaults(tmp_path: Path):
+    err = refused(tmp_path)
+    assert err.startswith("usage:") and "sdbatch +job=NAME" in err
+
+
+def test_a_job_files_path_as_an_argument_says_how_to_name_the_job(tmp_path: Path):
+    write_job(tmp_path, "t", OK)
+    err = refused(tmp_path, "jobs/t.yaml")
+    assert "a job is given by its name, +job=t" in err
