@@ -60,14 +60,20 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
 
 
 def spec(default: Any = dataclasses.MISSING, check: Callable | None = None,
-         read: Callable[[Any], Any] | None = None, **kw: Any) -> Any:
-    """A field with an optional value check (returns an error text or None) and an optional
-    reader that turns a YAML value into the field's type first (true -> "true")."""
+         read: Callable[[Any], Any] | None = None, not_an_axis: str | None = None,
+         **kw: Any) -> Any:
+    """A field with an optional value check (returns an error text or None), an optional
+    reader that turns a YAML value into the field's type first (true -> "true"), and for a
+    key that is no axis, how to sweep it instead (said when it is given a list)."""
     if isinstance(default, list | dict):
         kw["default_factory"] = (lambda d=default: type(d)(d))
     elif default is not dataclasses.MISSING:
         kw["default"] = default
-    return field(metadata={"check": check, "read": read}, **kw)
+    return field(metadata={"check": check, "read": read, "not_an_axis": not_an_axis}, **kw)
+
+
+_LORA_SWEEP = ("a stack's LoRA weight is not an axis: sweep a prompt axis of tags instead, "
+               "e.g. prompt: ['x <lora:NAME:0.5>', 'x <lora:NAME:1>']")
 
 
 def _folder_name(v: str) -> str | None:
@@ -141,8 +147,10 @@ class DynamicPrompts:
 class Network:
     """A LoRA or hypernetwork of the stack: a name under paths.models (or a path) and a weight."""
 
-    name: str = spec()
-    weight: float = spec(1.0, _range(-10, 10))
+    name: str = spec(not_an_axis="a stack's network is not an axis: give one entry per file")
+    weight: float = spec(1.0, _range(-10, 10), not_an_axis=(
+        "a hypernetwork's strength is not an axis: sweep a prompt axis of "
+        "<hypernet:NAME:STRENGTH> tags instead"))
 
 
 @dataclass(frozen=True)
@@ -150,10 +158,11 @@ class Lora:
     """A LoRA of the stack. te_weight / unet_weight set the text encoders' and the UNet's
     weights apart, as the WebUI's <lora:name:te:unet> tag does; each defaults to weight."""
 
-    name: str = spec()
-    weight: float = spec(1.0, _range(-10, 10))
-    te_weight: float | None = spec(None, _range(-10, 10))
-    unet_weight: float | None = spec(None, _range(-10, 10))
+    name: str = spec(not_an_axis=("a stack's LoRA is not an axis: give one entry per "
+                                  "file, or sweep a prompt axis of <lora:NAME:W> tags"))
+    weight: float = spec(1.0, _range(-10, 10), not_an_axis=_LORA_SWEEP)
+    te_weight: float | None = spec(None, _range(-10, 10), not_an_axis=_LORA_SWEEP)
+    unet_weight: float | None = spec(None, _range(-10, 10), not_an_axis=_LORA_SWEEP)
 
     def parts(self) -> tuple[float, float]:
         """(text encoder, UNet) weights."""
@@ -829,6 +838,10 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[Problem], origin: Or
         read = f.metadata.get("read")
         value = _coerce(read(raw[f.name]) if read else raw[f.name], hints[f.name], key,
                         problems, origin)
+        sweep = f.metadata.get("not_an_axis")
+        if sweep and len(problems) > before and isinstance(raw[f.name], list | tuple):
+            problems[before] = dataclasses.replace(
+                problems[before], message=f"{problems[before].message}; {sweep}")
         check = f.metadata.get("check")
         if check and len(problems) == before:
             for item in (value if isinstance(value, tuple) and _axis_type(hints[f.name])
@@ -843,7 +856,9 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[Problem], origin: Or
     for name in missing:
         key = f"{prefix}{name}"
         problems.append(Problem(key, "is required", origin(prefix.rstrip(".") or key)))
-    if missing:
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    if any(name not in values for name in required):  # missing, or refused above
         return None
     return cls(**values)
 

@@ -184,3 +184,21 @@ def test_lora_split_weights_are_checked_and_only_for_loras():
     assert any("model.hypernetworks[0].te_weight" in p and "unknown key" in p
                and "valid keys here: name, weight" in p for p in found)
     assert all("jobs/x.yaml" in p for p in found)
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ({"model": {"loras": [{"name": ["LegoAlrev", "x"]}]}},
+     "model.loras[0].name (the job): must be a string, got ['LegoAlrev', 'x']; a stack's LoRA "
+     "is not an axis"),
+    ({"model": {"hypernetworks": [{"name": ["a", "b"]}]}},
+     "model.hypernetworks[0].name (the job): must be a string"),
+    ({"model": {"loras": [{"name": "LegoAlrev", "weight": [0.5, 1]}]}},
+     "must be a number, got [0.5, 1]; a stack's LoRA weight is not an axis: sweep a prompt "
+     "axis of tags instead"),
+])
+def test_a_list_where_a_stack_network_takes_one_value_is_a_problem_with_the_way_to_sweep(
+        raw, expected):
+    """A refused required key (a LoRA's name given as a list) was a TypeError traceback."""
+    with pytest.raises(JobError) as e:
+        validate(raw)
+    assert expected in str(e.value)
