@@ -113,9 +113,12 @@ class HiresSize:
 
     @property
     def final(self) -> tuple[int, int]:
-        """The size the pass renders: the target's latent cells less the cropped ones (a
-        cover of 1024x1433 has 179 rows; 51 cropped leave 1024 px, not 1025)."""
-        return 8 * (self.width // 8 - self.truncate_x), 8 * (self.height // 8 - self.truncate_y)
+        """The size the pass renders: on a cropped axis the target's latent cells less the
+        cropped ones (a cover of 1024x1433 has 179 rows; 51 cropped leave 1024 px, not
+        1025); elsewhere the target (refused by the plan when off the latent grid)."""
+        def side(size: int, cropped: int) -> int:
+            return 8 * (size // 8 - cropped) if cropped else size
+        return side(self.width, self.truncate_x), side(self.height, self.truncate_y)
 
 
 def hires_size(width: int, height: int, scale: float | None, resize_x: int = 0,

@@ -431,7 +431,6 @@ def test_sdxl_conditioning_matches_diffusers_own_prompt_encoding(tiny_xl):
             assert torch.allclose(ours[name], expected, atol=1e-6), (negative, name)
     assert ours["prompt_embeds"].shape == (2, 77, 96)  # 32 + 64 wide: both encoders
     assert ours["pooled_prompt_embeds"].shape == (2, 24)
-    assert ours["original_size"] == ours["target_size"] == (64, 64)
 
 
 def test_sdxl_and_sd2_take_their_penultimate_layer_whatever_the_clip_skip(tiny_xl, tiny_sd):
@@ -464,16 +463,18 @@ def test_sdxl_empty_negative_is_zeroed_per_image_not_per_batch(tiny_xl):
 def conds(pipe, renders):
     """Each render's prompt and negative as the stage encodes them, named as diffusers'
     encode_prompt names them."""
-    def encoded(text: str, negative: bool):
-        return txt2img.encode_text(pipe, txt2img.clean_text(pipe, text), 1, CPU,
+    def encoded(text: str, clip_skip: int, negative: bool):
+        return txt2img.encode_text(pipe, txt2img.clean_text(pipe, text), clip_skip, CPU,
                                    torch.float32, negative=negative)
 
-    pos = [encoded(r.prompt, False) for r in renders]
-    neg = [encoded(r.negative_prompt, True) for r in renders]
-    return {"prompt_embeds": torch.cat([e for e, _ in pos]),
-            "negative_prompt_embeds": torch.cat([e for e, _ in neg]),
-            "pooled_prompt_embeds": torch.cat([p for _, p in pos]),
-            "negative_pooled_prompt_embeds": torch.cat([p for _, p in neg])}
+    pos = [encoded(r.prompt, r.clip_skip, False) for r in renders]
+    neg = [encoded(r.negative_prompt, r.clip_skip, True) for r in renders]
+    out = {"prompt_embeds": torch.cat([e for e, _ in pos]),
+           "negative_prompt_embeds": torch.cat([e for e, _ in neg])}
+    if pos[0][1] is not None:  # SDXL's pooled embeddings
+        out |= {"pooled_prompt_embeds": torch.cat([p for _, p in pos]),
+                "negative_pooled_prompt_embeds": torch.cat([p for _, p in neg])}
+    return out
 
 
 def test_tiny_sdxl_renders_from_its_single_file_like_the_original(tiny_xl):
