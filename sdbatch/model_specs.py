@@ -84,6 +84,11 @@ def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the
         problems.append(Problem("model.config", f"{config} is not a diffusers folder (no "
                                 "model_index.json)", origin("model.config")))
     embeddings = tuple(find("embedding", e, "model.embeddings") for e in model.embeddings)
+    if path is not None and path.is_dir() and (why := _not_a_pipeline(path)):
+        problems.append(Problem("model.checkpoint", f"{path} is not a diffusers folder ({why}); "
+                                "give a .safetensors or .ckpt file, a diffusers folder, or a "
+                                "name under paths.models/Stable-diffusion",
+                                origin("model.checkpoint")))
     if problems or path is None:
         return None, problems
     family = model.family
@@ -101,6 +106,18 @@ def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the
     name = checkpoint if checkpoint in EMBEDDED or from_hub else names.stem(path.name)
     return StackSpec(name, path, model.dtype, family, vae, embeddings, model.allow_pickle,
                      config, device, switches), []
+
+
+def _not_a_pipeline(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot load as a diffusers pipeline, or None."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return "no model_index.json"
+    try:
+        named = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return "its model_index.json is not a JSON object"
+    return None if named else "its model_index.json names no _class_name"
 
 
 def speed_switches(executor: Executor) -> tuple[str, ...]:

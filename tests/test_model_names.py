@@ -205,3 +205,19 @@ def test_model_vae_null_is_automatic_and_none_is_the_checkpoints_own(models):
             m.setattr("sdbatch.models.families.detect_family", lambda *a: "sd15")
             spec, problems = resolve(job.model, job.paths, "dreamshaper_8")
         assert problems == [] and spec.vae == want, vae
+
+
+def test_a_checkpoint_folder_that_is_no_pipeline_is_a_problem_up_front(tmp_path):
+    """It failed at load, after the run had started, stopping every other checkpoint."""
+    folder = tmp_path / "wrongdir"
+    folder.mkdir()
+    for index, why in ((None, "no model_index.json"),
+                       ("{}", "its model_index.json names no _class_name"),
+                       ("[1]", "its model_index.json is not a JSON object")):
+        if index is not None:
+            (folder / "model_index.json").write_text(index)
+        job = validate({"model": {"checkpoint": str(folder)}})
+        spec, problems = resolve(job.model, job.paths, str(folder))
+        assert spec is None and [p.key for p in problems] == ["model.checkpoint"]
+        assert f"{folder} is not a diffusers folder ({why}); give a .safetensors" in \
+            problems[0].message
