@@ -179,6 +179,11 @@ def prepare(job: Job, origin: Origin, picked: dict[int, tuple[str, str]] | None 
         problems += stack_problems
         specs[checkpoint] = spec
     path = Path(job.run.dir) if job.run.dir else default_dir(job.job.name)
+    if file := next((f for f in (path, *path.parents) if f.exists() and not f.is_dir()), None):
+        problems.append(Problem("run.dir", f"{file} is a file, so {path} cannot be the run's "
+                                "folder; give a folder (run.dir) that is not inside a file",
+                                origin("run.dir")))
+        raise JobError(problems)
     fresh = not (path / "run.json").exists()
     stored = None if fresh else RunFolder.stored_info(path)
     if stored is not None and "made_of" not in stored:  # made before run.json said it

@@ -404,3 +404,15 @@ def test_the_bar_shows_the_stage_and_stack_of_the_batch_started():
     progress.stage("upscale", "")
     assert str(progress.images).rstrip().endswith("upscale]")
     progress.close()
+
+
+@pytest.mark.parametrize("where", ["afile", "afile/sub"])
+def test_a_run_dir_that_is_or_lies_in_a_file_is_a_problem_not_a_traceback(tmp_path, where):
+    from sdbatch.schema import JobError
+
+    (tmp_path / "afile").write_text("x")
+    job = validate({"prompt": "a house", "params": {"steps": 1, "width": 64, "height": 64},
+                    "run": {"dir": str(tmp_path / where)}})
+    with pytest.raises(JobError, match=r"run\.dir .*afile is a file, so .* cannot be the "
+                                       r"run's folder"):
+        runner.prepare(job, lambda key: "test")
