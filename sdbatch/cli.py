@@ -68,6 +68,9 @@ def run_job(job: Job, origin: Origin, overrides: list[str]) -> int:
             return run(job, origin, overrides, sys.argv, started=started)
         except (JobError, StackLoadError, WriteError, PoolError) as e:
             fail(e)
+        except KeyboardInterrupt:  # before the run's own Ctrl-C handling took over
+            fail("stopped (Ctrl-C) before the first batch; a run folder named above is "
+                 "finished by `sdbatch resume` with it", code=130)
     return 2
 
 

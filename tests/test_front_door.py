@@ -144,3 +144,18 @@ def test_a_job_files_path_as_an_argument_says_how_to_name_the_job(tmp_path: Path
     write_job(tmp_path, "t", OK)
     err = refused(tmp_path, "jobs/t.yaml")
     assert "a job is given by its name, +job=t" in err
+
+
+def test_ctrl_c_before_the_runs_own_handling_is_one_line_not_a_traceback(monkeypatch, capsys):
+    from sdbatch import cli
+    from sdbatch import run as runner
+    from sdbatch.schema import validate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run", interrupted)
+    with pytest.raises(SystemExit) as e:
+        cli.run_job(validate({"prompt": "hi"}), lambda key: "test", [])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.startswith("sdbatch: stopped (Ctrl-C) before the first batch")
