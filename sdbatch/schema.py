@@ -816,6 +816,32 @@ def _axis_type(tp: Any) -> Any:
     return None
 
 
+# the WebUI's (and diffusers') names of keys sdbatch names otherwise
+OTHER_NAMES = {"denoising_strength": "denoise", "n_iter": "batch_count", "cfg": "cfg_scale",
+               "guidance_scale": "cfg_scale", "num_inference_steps": "steps",
+               "sampler_name": "sampler", "scheduler": "schedule_type",
+               "hr_scale": "scale", "hr_upscaler": "upscaler", "hr_second_pass_steps": "steps",
+               "inpainting_fill": "masked_content", "inpaint_full_res": "inpaint_area",
+               "inpaint_full_res_padding": "only_masked_padding",
+               "inpainting_mask_invert": "invert_mask"}
+
+
+def _unknown_key_hint(cls: type, key: str, names: list[str]) -> str:
+    """"did you mean ...? " for an unknown key: its sdbatch name where the WebUI's was
+    given, a params key given at the top level, denoise given to params, or the nearest."""
+    ours = OTHER_NAMES.get(key, key)
+    params = [f.name for f in dataclasses.fields(Params)]
+    if ours in names and ours != key:
+        return f"did you mean '{ours}'? ({key} is called {ours} here) "
+    if cls is Job and ours in params:
+        return f"did you mean 'params.{ours}'? "
+    if cls is Params and ours == "denoise":
+        return ("denoise belongs to a post-step that samples again: post: [{img2img: "
+                "{denoise: 0.5}}] (or hires_fix, inpaint, sd_upscale); ")
+    close = difflib.get_close_matches(key, names, n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
 def _build(cls: type, raw: Any, prefix: str, problems: list[Problem], origin: Origin) -> Any:
     if not isinstance(raw, Mapping):
         key = prefix.rstrip(".") or "<root>"
@@ -824,8 +850,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[Problem], origin: Or
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
+            hint = _unknown_key_hint(cls, str(key), names)
             problems.append(Problem(f"{prefix}{key}", f"unknown key; {hint}valid keys here: "
                                     f"{', '.join(names)}", origin(f"{prefix}{key}")))
     hints = _hints(cls)

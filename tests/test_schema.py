@@ -202,3 +202,18 @@ def test_a_list_where_a_stack_network_takes_one_value_is_a_problem_with_the_way_
     with pytest.raises(JobError) as e:
         validate(raw)
     assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ({"steps": 3}, "steps (the job): unknown key; did you mean 'params.steps'?"),
+    ({"params": {"n_iter": 2}}, "did you mean 'batch_count'? (n_iter is called batch_count"),
+    ({"params": {"cfg": 7}}, "did you mean 'cfg_scale'?"),
+    ({"params": {"denoising_strength": 0.5}}, "denoise belongs to a post-step that samples "
+                                              "again: post: [{img2img: {denoise: 0.5}}]"),
+    ({"post": [{"hires_fix": {"denoising_strength": 0.5}}]},
+     "post[0].hires_fix.denoising_strength (the job): unknown key; did you mean 'denoise'?"),
+])
+def test_webui_and_diffusers_key_names_point_to_sdbatchs(raw, expected):
+    with pytest.raises(JobError) as e:
+        validate(raw)
+    assert expected in str(e.value)
