@@ -717,3 +717,18 @@ def test_a_lora_cut_short_is_refused_up_front_naming_the_file(tmp_path):
     with pytest.raises(NetworkError, match=r"half\.safetensors: not a readable .*cut short.*"
                                            r"download it again"):
         lora.read_safetensors_header(path)
+
+
+def test_a_pipeline_that_keeps_loras_loaded_exports_its_own_weights(tiny_spec):
+    """A stack keeps LoRAs as peft adapters between batches; a single file written from it
+    has the model's own keys and weights, not base_layer / lora_A ones."""
+    from sdbatch.models import ldm_export, tiny
+    from sdbatch.models.stack import load
+
+    s = load(tiny_spec, torch.device("cpu"))
+    plain = ldm_export.pipeline_to_ldm(s.pipe)
+    s.use_networks([(tiny.family_models() / "Lora" / "LegoAlrev.safetensors", 1.0)], [])
+    s.use_networks([], [])
+    after = ldm_export.pipeline_to_ldm(s.pipe)
+    assert after.keys() == plain.keys()
+    assert all(torch.equal(after[k], plain[k]) for k in plain)

@@ -161,6 +161,14 @@ def _prefixed(prefix: str, sd: Mapping[str, torch.Tensor]) -> dict:
     return {prefix + k: v for k, v in sd.items()}
 
 
+def own_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A model's state dict seen through peft's LoRA wrappers: each wrapped layer's own
+    (base) weights under its own name, the adapters left out. A stack keeps LoRAs loaded
+    between batches, unfused while none applies, so this is the model without them."""
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()
+            if ".lora_" not in k}
+
+
 def pipeline_to_ldm(pipe) -> dict:
     """A whole SD1/SD2/SDXL pipeline -> one LDM-layout state dict.
 
@@ -168,13 +176,13 @@ def pipeline_to_ldm(pipe) -> dict:
     loader tells them.
     """
     unet, vae = pipe.unet, pipe.vae
-    sd = _prefixed("model.diffusion_model.", unet_to_ldm(unet.state_dict(), unet.config))
+    sd = _prefixed("model.diffusion_model.", unet_to_ldm(own_weights(unet), unet.config))
     sd |= _prefixed("first_stage_model.", vae_to_ldm(vae.state_dict(), vae.config))
-    text = pipe.text_encoder.state_dict()
+    text = own_weights(pipe.text_encoder)
     if getattr(pipe, "text_encoder_2", None) is not None:
         sd |= _prefixed("conditioner.embedders.0.transformer.", clip_to_ldm(text))
         sd |= _prefixed("conditioner.embedders.1.model.",
-                        open_clip_to_ldm(pipe.text_encoder_2.state_dict()))
+                        open_clip_to_ldm(own_weights(pipe.text_encoder_2)))
     elif unet.config.cross_attention_dim == 1024:
         sd |= _prefixed("cond_stage_model.model.", open_clip_to_ldm(text))
     else:
