@@ -12,6 +12,7 @@ like the schema's.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -221,6 +222,7 @@ def resume(args: list[str]) -> None:
     stored = RunFolder.stored_job(ns.run_dir)
     if stored is None:
         fail(f"{ns.run_dir} is not an sdbatch run folder (no config.yaml)")
+    ns.run_dir = from_start_folder(ns.run_dir)
     stored["run"]["dir"] = str(ns.run_dir)
     info = RunFolder.stored_info(ns.run_dir) if (ns.run_dir / "run.json").exists() else {}
     if "made_of" in info:  # the passes its images were made in, whatever the defaults now
@@ -235,6 +237,20 @@ def resume(args: list[str]) -> None:
     except JobError as e:
         fail(e)
     sys.exit(run_job(job, lambda key: label, []))
+
+
+def from_start_folder(run_dir: Path) -> Path:
+    """Work from the folder the run was started in, where its job's relative paths point
+    (a resume from elsewhere found no mask); the run folder's path, made absolute. A run
+    folder moved to another machine stays here."""
+    from sdbatch.output.run_folder import RunFolder
+
+    run_dir = run_dir.resolve()
+    started = RunFolder.started_in(run_dir)
+    if started is not None and started.is_dir() and started.resolve() != Path.cwd().resolve():
+        print(f"sdbatch: working in {started}, where the run was started", file=sys.stderr)
+        os.chdir(started)
+    return run_dir
 
 
 def reproduce(args: list[str]) -> None:
@@ -290,8 +306,8 @@ def verify(args: list[str]) -> None:
         fail(f"--sample {ns.sample}: give at least 1 image (or leave it out to check all)")
     try:
         tolerance = checks.parse_tolerance(ns.tolerance)
-        out = report_folder(ns.out, "sdbatch-verify-report-")
-        report = checks.verify(ns.run_dir, out, ns.sample, tolerance)
+        out = report_folder(ns.out and ns.out.resolve(), "sdbatch-verify-report-")
+        report = checks.verify(from_start_folder(ns.run_dir), out, ns.sample, tolerance)
     except (checks.VerifyError, JobError, StackLoadError, ValueError, OSError) as e:
         fail(e)
     finish_report(report.text(), out, report.ok)

@@ -137,8 +137,9 @@ def _single_files(value, key: str, origin: Origin, problems: list, what: str, fi
     for text in _values(value):
         found = find(text, _bases(origin, key))
         if found is None or len(found) != 1:
-            problems.append(Problem(key, f"no {what} at {text!r}{_escaped(text)}"
-                                    if found is None
+            looked = ", ".join(str(b) for b in _bases(origin, key))
+            problems.append(Problem(key, f"no {what} at {text!r} (looked in {looked})"
+                                    f"{_escaped(text)}" if found is None
                                     else f"'{text}' names {len(found)} pictures; {fix}",
                                     origin(key)))
         else:

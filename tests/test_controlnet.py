@@ -212,7 +212,8 @@ def test_unknown_model_image_and_preprocessor_are_refused_with_their_keys(tmp_pa
     with pytest.raises(JobError) as e:
         run_job(raw, tmp_path / "r")
     text = str(e.value)
-    assert "controlnet[0].image" in text and "no control image at 'missing.png'" in text
+    assert "controlnet[0].image" in text and "no control image at 'missing.png' (looked in " \
+        in text  # the folders searched, as for init_image
     assert "control_nope" in text and "controlnet[0].model" in text
     with pytest.raises(JobError) as e:
         validate(job(models, edges, [{"preprocessor": "depth_midas"}]))

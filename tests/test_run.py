@@ -228,6 +228,12 @@ def test_resume_finds_the_pictures_its_job_file_named_beside_itself(tmp_path: Pa
     [first, *_] = sorted((tmp_path / "r" / "images").iterdir())
     first.unlink()
     assert "complete: 1 rendered, 3 already there" in sdbatch(tmp_path, "resume", "r").stdout
+    first.unlink()  # and from another folder: the job's paths are the start folder's
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = sdbatch(elsewhere, "resume", str(tmp_path / "r"))
+    assert "complete: 1 rendered, 3 already there" in done.stdout
+    assert f"working in {tmp_path}, where the run was started" in done.stderr
 
 
 @pytest.mark.parametrize("how", ["sigint", "sigterm"])

@@ -141,6 +141,16 @@ class RunFolder:
         return manifest.read(path / "manifest.jsonl")
 
     @staticmethod
+    def started_in(path: Path) -> Path | None:
+        """The folder the run was first started in: its job's relative paths (pictures,
+        paths.models) are relative to it."""
+        try:
+            sessions = RunFolder.stored_info(path).get("sessions", [])
+        except (OSError, ValueError):
+            return None
+        return next((Path(s["cwd"]) for s in sessions if s.get("cwd")), None)
+
+    @staticmethod
     def stored_job(path: Path) -> dict[str, Any] | None:
         config = path / "config.yaml"
         return yaml.safe_load(config.read_text(encoding="utf-8")) if config.exists() else None
@@ -217,7 +227,8 @@ class RunFolder:
         ``shard``: a SLURM array task's record (submission, shard); its session leaves the
         run's own status to the driver."""
         session = {"started": now(), **machine, "stacks": stacks, "argv": argv,
-                   "versions": versions(), "status": "running", **(shard or {})}
+                   "cwd": str(Path.cwd()), "versions": versions(), "status": "running",
+                   **(shard or {})}
         self.add_session(session, () if shard else ("started", *machine, "versions",
                                                     "status"))
 
