@@ -199,3 +199,10 @@ def test_a_wildcard_file_dynamicprompts_would_misread_is_refused(tmp_path, wildc
     with pytest.raises(JobError, match=r"wildcard __colour__: .*colour.txt"):
         norm({"prompt": "a __colour__ house", "dynamic_prompts": {"mode": "combinatorial"}},
              tmp_path)
+
+
+def test_a_prompt_beside_a_prompt_file_says_how_to_drop_it(tmp_path):
+    (tmp_path / "p.txt").write_text("a red house\n")
+    with pytest.raises(JobError, match=r"prompt or prompt_file, not both \(on the command "
+                                       r"line, '~prompt' drops the job's prompt\)"):
+        norm({"prompt": "a house", "prompt_file": str(tmp_path / "p.txt")}, tmp_path)

@@ -61,7 +61,8 @@ def _prompt_file(job: Job, raw: dict, origin: Origin, problems: list[Problem]) -
         problems.append(Problem("prompt_file", f"no such file: {path}", origin("prompt_file")))
         return set()
     if job.prompt != "":
-        problems.append(Problem("prompt", "give prompt or prompt_file, not both",
+        problems.append(Problem("prompt", "give prompt or prompt_file, not both (on the "
+                                "command line, '~prompt' drops the job's prompt)",
                                 origin("prompt")))
     recipes, bad = prompt_file.read(path)
     problems += [Problem("prompt_file", msg, source) for msg in bad]
