@@ -26,10 +26,14 @@ BASE = {"prompt": "a red building, two storeys, lawn, blue sky", "negative_promp
 def random_controlnet(unet, seed: int = 0, scale: float = 0.3):
     """A ControlNet copied from ``unet`` with random zero convolutions (diffusers' from_unet
     leaves them zero: a no-op), so it steers."""
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel, UNet2DConditionModel
 
+    from sdbatch.models.ldm_export import own_weights
+
+    plain = UNet2DConditionModel.from_config(unet.config)  # the shared stack may hold LoRAs
+    plain.load_state_dict(own_weights(unet))
     torch.manual_seed(seed)
-    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    cn = ControlNetModel.from_unet(plain, conditioning_embedding_out_channels=(8, 16, 16, 32))
     with torch.no_grad():
         for name, p in cn.named_parameters():
             if name.startswith(("controlnet_down_blocks", "controlnet_mid_block",

@@ -221,3 +221,17 @@ def test_a_checkpoint_folder_that_is_no_pipeline_is_a_problem_up_front(tmp_path)
         assert spec is None and [p.key for p in problems] == ["model.checkpoint"]
         assert f"{folder} is not a diffusers folder ({why}); give a .safetensors" in \
             problems[0].message
+
+
+def test_a_name_of_two_files_is_refused_naming_both(models):
+    """The WebUI takes whichever it listed last; sdbatch asks which (x.ckpt and
+    x.safetensors are one model in two formats, not two)."""
+    for rel in ("Lora/a/dup.safetensors", "Lora/b/dup.safetensors", "LyCORIS/solo.safetensors"):
+        (models / rel).parent.mkdir(parents=True, exist_ok=True)
+        (models / rel).write_bytes(b"x")
+    with pytest.raises(names.NameNotFound, match=r"'dup' names 2 lora files: "
+                       r"Lora/a/dup.safetensors, Lora/b/dup.safetensors; give one by its "
+                       r"subfolder \(sub/name\) or its path"):
+        names.resolve("lora", "dup", models)
+    assert names.resolve("lora", "a/dup", models) == models / "Lora/a/dup.safetensors"
+    assert names.resolve("lora", "solo", models) == models / "LyCORIS/solo.safetensors"

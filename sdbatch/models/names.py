@@ -94,6 +94,12 @@ def resolve(kind: str, name: str, models: Path | None) -> Path:
     matches = [p for p in files
                if wanted in ((rel := p.relative_to(_root_of(p, kind, models)).as_posix()),
                              p.name, stem(rel), stem(p.name))]
+    files_meant = {(_root_of(p, kind, models), stem(p.relative_to(_root_of(p, kind, models))
+                                                  .as_posix())) for p in matches}
+    if len(files_meant) > 1:  # not one file in several formats: several files
+        listed = ", ".join(sorted(shown_under(models, p) for p in matches))
+        raise NameNotFound(f"'{name}' names {len(files_meant)} {kind} files: {listed}; give "
+                           "one by its subfolder (sub/name) or its path")
     if matches:  # x.ckpt and x.safetensors: the extension the WebUI prefers
         return min(matches, key=lambda p: _extension_rank(kind, p))
     if kind == "lora":  # the name the file says it was trained as: the WebUI's alias
@@ -138,6 +144,11 @@ def vae_near_checkpoint(checkpoint: Path, models: Path | None) -> Path | None:
 
 def _natural(text: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
+def shown_under(models: Path | None, p: Path) -> str:
+    """A model file as it lies under paths.models (Lora/a/x.safetensors)."""
+    return p.relative_to(models).as_posix() if models and models in p.parents else str(p)
 
 
 def face_restorer(name: str, models: Path | None) -> Path:
