@@ -113,7 +113,11 @@ def _unknown_sampler(name: str) -> str:
 
 
 def _unknown_schedule(name: str) -> str:
-    return f"unknown schedule type '{name}'; valid: {', '.join(SCHEDULE_TYPES)}"
+    by_case = {t.lower(): t for t in SCHEDULE_TYPES}
+    close = [by_case[name.lower()]] if name.lower() in by_case else \
+        difflib.get_close_matches(name, list(SCHEDULE_TYPES), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown schedule type '{name}'; {hint}valid: {', '.join(SCHEDULE_TYPES)}"
 
 
 def check_sampler(name: str) -> str | None:

@@ -24,3 +24,11 @@ def test_schedule_types_a_sampler_takes_are_those_its_scheduler_accepts(name):
     else:
         assert list(listed) == takes
     assert automatic in takes and set(listed) <= set(takes)
+
+
+def test_a_schedule_type_in_the_wrong_case_is_pointed_to_its_name():
+    from sdbatch.sampler_names import check_schedule_type
+
+    assert "unknown schedule type 'karras'; did you mean 'Karras'?" in check_schedule_type("karras")
+    assert "did you mean 'Exponential'?" in check_schedule_type("Exponental")
+    assert check_schedule_type("Karras") is None
