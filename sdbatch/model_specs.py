@@ -7,6 +7,7 @@ models/ loads what a spec says; this module is where the job's words meet it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from pathlib import Path
 
@@ -78,6 +79,10 @@ def resolve(model: Model, paths: Paths, checkpoint: str, origin=lambda key: "the
             path = None
     else:
         path = find("checkpoint", checkpoint, "model.checkpoint")
+        embedded = difflib.get_close_matches(checkpoint, list(EMBEDDED), n=1)
+        if path is None and embedded:
+            problems[-1] = dataclasses.replace(problems[-1], message=(
+                f"{problems[-1].message}; or did you mean '{embedded[0]}', the embedded model?"))
     vae = find("vae", model.vae, "model.vae") if model.vae not in (None, NO_VAE) else None
     config = Path(model.config).expanduser() if model.config else None
     if config is not None and not (config / "model_index.json").is_file():

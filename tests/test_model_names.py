@@ -235,3 +235,9 @@ def test_a_name_of_two_files_is_refused_naming_both(models):
         names.resolve("lora", "dup", models)
     assert names.resolve("lora", "a/dup", models) == models / "Lora/a/dup.safetensors"
     assert names.resolve("lora", "solo", models) == models / "LyCORIS/solo.safetensors"
+
+
+def test_a_mistyped_embedded_model_is_pointed_to_it():
+    job = validate({"model": {"checkpoint": "tinyy"}})
+    _, [problem] = resolve(job.model, job.paths, "tinyy")
+    assert problem.message.endswith("or did you mean 'tiny', the embedded model?")
