@@ -110,15 +110,16 @@ class HiresSize:
     height: int
     truncate_x: int = 0  # in latent cells (8 px)
     truncate_y: int = 0
+    cover: bool = False  # both resize sides given: the target covers them, then is cropped
 
     @property
     def final(self) -> tuple[int, int]:
-        """The size the pass renders: on a cropped axis the target's latent cells less the
-        cropped ones (a cover of 1024x1433 has 179 rows; 51 cropped leave 1024 px, not
-        1025); elsewhere the target (refused by the plan when off the latent grid)."""
-        def side(size: int, cropped: int) -> int:
-            return 8 * (size // 8 - cropped) if cropped else size
-        return side(self.width, self.truncate_x), side(self.height, self.truncate_y)
+        """The size the pass renders. A cover is cut in whole latent cells (1024x1433 has
+        179 rows; 51 cropped leave 1024 px, not 1025; none cropped, 1432); any other
+        target is taken as it is (refused by the plan when off the latent grid)."""
+        if not self.cover:
+            return self.width, self.height
+        return 8 * (self.width // 8 - self.truncate_x), 8 * (self.height // 8 - self.truncate_y)
 
 
 def hires_size(width: int, height: int, scale: float | None, resize_x: int = 0,
@@ -135,7 +136,7 @@ def hires_size(width: int, height: int, scale: float | None, resize_x: int = 0,
         w, h = resize_x, resize_x * height // width
     else:
         w, h = resize_y * width // height, resize_y
-    return HiresSize(w, h, (w - resize_x) // 8, (h - resize_y) // 8)
+    return HiresSize(w, h, (w - resize_x) // 8, (h - resize_y) // 8, cover=True)
 
 
 def composite(original: Image.Image, repainted: Image.Image, mask: np.ndarray) -> Image.Image:

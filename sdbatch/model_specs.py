@@ -309,6 +309,8 @@ def _find_in(roots: list[Path | None], kind: str, name: str) -> Path:
     for root in roots:
         try:
             return names.resolve(kind, name, root)
+        except names.AmbiguousName:
+            raise
         except names.NameNotFound as e:
             errors.append((root, e))
     raise next((e for root, e in reversed(errors) if root is not None), errors[0][1])

@@ -399,4 +399,5 @@ def test_a_gpu_worker_makes_its_own_device_the_current_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     assert multi.bind("cuda:1") == torch.device("cuda:1")
     assert multi.bind("cpu") == torch.device("cpu")
+    assert multi.bind("cuda") == torch.device("cuda")  # set_device refuses a device sans index
     assert current == [torch.device("cuda:1")]  # a CPU worker leaves CUDA alone

@@ -174,19 +174,20 @@ def test_a_lora_is_found_by_the_name_it_was_trained_as(models):
 
 
 def test_the_webuis_automatic_vae_is_the_one_named_like_the_checkpoint(models):
-    """sd_vae's "Automatic": of VAE/ and the *.vae.* files among the checkpoints, the first
-    in natural order whose file name starts with the checkpoint's."""
+    """sd_vae's "Automatic": the first VAE file, in the WebUI's listing order (the *.vae.*
+    files among the checkpoints, .ckpt/.pt/.safetensors; then VAE/, the same), whose file
+    name starts with the checkpoint's."""
     for rel in ("VAE/dreamshaper_8.vae.pt", "VAE/dreamshaper_8-v10.vae.pt",
-                "VAE/dreamshaper_8-v2.vae.pt", "Stable-diffusion/sdxl/juggernaut.vae.safetensors"):
+                "VAE/dreamshaper_8-v2.vae.pt", "VAE/dreamshaper_8.vae.ckpt",
+                "Stable-diffusion/sdxl/juggernaut.vae.safetensors", "VAE/juggernaut.pt"):
         (models / rel).write_bytes(b"vae")
     checkpoint = models / "Stable-diffusion" / "dreamshaper_8.safetensors"
+    assert names.vae_near_checkpoint(checkpoint, models) == models / "VAE/dreamshaper_8.vae.ckpt"
+    (models / "VAE/dreamshaper_8.vae.ckpt").unlink()  # then the .pt files, in natural order
     assert names.vae_near_checkpoint(checkpoint, models) == models / "VAE/dreamshaper_8-v2.vae.pt"
-    (models / "VAE/dreamshaper_8-v2.vae.pt").unlink()
-    (models / "VAE/dreamshaper_8-v10.vae.pt").unlink()
-    assert names.vae_near_checkpoint(checkpoint, models) == models / "VAE/dreamshaper_8.vae.pt"
     juggernaut = models / "Stable-diffusion" / "sdxl" / "juggernaut.ckpt"
     assert names.vae_near_checkpoint(juggernaut, models) == \
-        models / "Stable-diffusion/sdxl/juggernaut.vae.safetensors"
+        models / "Stable-diffusion/sdxl/juggernaut.vae.safetensors"  # before VAE/
     assert names.vae_near_checkpoint(juggernaut, None) == \
         models / "Stable-diffusion/sdxl/juggernaut.vae.safetensors"  # beside it, no models
     assert names.vae_near_checkpoint(models / "Stable-diffusion/other.safetensors",
@@ -241,3 +242,14 @@ def test_a_mistyped_embedded_model_is_pointed_to_it():
     job = validate({"model": {"checkpoint": "tinyy"}})
     _, [problem] = resolve(job.model, job.paths, "tinyy")
     assert problem.message.endswith("or did you mean 'tiny', the embedded model?")
+
+
+def test_a_name_of_two_files_is_not_looked_for_in_the_tiny_family_instead(models):
+    from sdbatch.model_specs import _find_in
+    from sdbatch.models import tiny
+
+    for rel in ("Lora/a/LegoAlrev.safetensors", "Lora/b/LegoAlrev.safetensors"):
+        (models / rel).parent.mkdir(parents=True, exist_ok=True)
+        (models / rel).write_bytes(b"x")
+    with pytest.raises(names.AmbiguousName, match="names 3 lora files"):
+        _find_in([models, tiny.family_models()], "lora", "LegoAlrev")

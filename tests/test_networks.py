@@ -449,6 +449,18 @@ def test_an_embedding_triggers_on_whole_words_only(stack, tmp_path):
     assert embeddings.expand_triggers(tok, "baddreams") == "baddreams"
 
 
+def test_a_slow_tokenizers_embedding_tokens_are_left_as_added():
+    """transformers 4's slow CLIPTokenizer glues a single_word token to a comma after it
+    (the embedding would not trigger at all), so only fast tokenizers get whole words."""
+    class Slow:
+        is_fast = False
+
+        def add_tokens(self, tokens):
+            raise AssertionError("a slow tokenizer's added tokens were changed")
+
+    embeddings._whole_words_only(Slow(), "BadDream", 2)
+
+
 def test_embedding_formats_and_explicit_token(stack, tmp_path):
     import safetensors.torch
 

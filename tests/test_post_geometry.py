@@ -45,12 +45,16 @@ def test_resize_and_fill_stretches_the_edge_rows_into_the_bands():
     # a cover that is no multiple of 8: 640x896 -> 1024x1433 (179 latent rows), 51 cropped
     ((640, 896, None, 1024, 1024), (1024, 1433, 0, 51)),
     ((576, 832, None, 1024, 1024), (1024, 1479, 0, 56)),
+    # a cover 1 px over its box: no cell cropped, and the WebUI's 179 rows are 1432 px
+    ((640, 896, None, 1024, 1432), (1024, 1433, 0, 0)),
 ])
 def test_hires_size(args, want):
     s = images.hires_size(*args)
     assert (s.width, s.height, s.truncate_x, s.truncate_y) == want
     if args[3:] and all(args[3:]):
         assert s.final == args[3:]
+    elif args[2] is not None:
+        assert s.final == (s.width, s.height)  # a scale's target as it is: 83 px stays 83
 
 
 @pytest.mark.parametrize("steps, denoise, schedule, run", [

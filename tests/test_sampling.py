@@ -421,6 +421,14 @@ def test_a_prompts_schedule_texts_are_encoded_as_one_batch_as_in_the_webui(tiny_
     alone, _ = txt2img.encode_text(pipe, "a (red:1.5) dog", 1, tiny_stack.device,
                                    tiny_stack.dtype)
     assert not torch.allclose(dog, alone)
+    # [a|b] lists a text per step, repeats and all: cat, dog, cat is the batch at 3 steps
+    t = txt2img.Timeline(pipe, render(prompt="a (red:1.5) [cat|dog]", steps=3), 1,
+                         tiny_stack.device, tiny_stack.dtype)
+    batch = txt2img.encode_texts(pipe, ["a (red:1.5) cat", "a (red:1.5) dog",
+                                        "a (red:1.5) cat"], 1, tiny_stack.device,
+                                 tiny_stack.dtype)
+    (cat, _), _ = t.at(0)
+    torch.testing.assert_close(cat, batch[0][0])
 
 
 def test_a_prompt_and_negative_of_different_lengths_take_separate_passes(tiny_stack,

@@ -64,7 +64,7 @@ def bind(device: str) -> torch.device:
     "the" GPU (an empty_cache, a library's stream or handle) then means this one, and no
     worker opens a context on cuda:0 besides its own."""
     chosen = torch.device(device)
-    if chosen.type == "cuda":
+    if chosen.type == "cuda" and chosen.index is not None:  # "cuda": the current one already
         torch.cuda.set_device(chosen)
     return chosen
 

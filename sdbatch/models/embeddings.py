@@ -144,9 +144,13 @@ def load_embedding(pipe, path: Path, token: str | None = None) -> Embedding:
 def _whole_words_only(tokenizer, token: str, vectors: int) -> None:
     """The embedding's added tokens match whole words only: the WebUI finds an embedding
     by its name's own tokens, so "baddreams" does not trigger BadDream (a tokenizer's added
-    token would match inside any word, in every prompt of the checkpoint)."""
+    token would match inside any word, in every prompt of the checkpoint). Fast tokenizers
+    only (transformers 5's CLIP): a slow one's single_word glues the token to a comma
+    right after it, and the embedding would not trigger at all."""
     from tokenizers import AddedToken
 
+    if not getattr(tokenizer, "is_fast", False):
+        return
     names = [token, *(f"{token}_{i}" for i in range(1, vectors))]
     tokenizer.add_tokens([AddedToken(n, single_word=True) for n in names])  # same ids
 

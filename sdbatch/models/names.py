@@ -48,6 +48,10 @@ class NameNotFound(LookupError):
     pass
 
 
+class AmbiguousName(NameNotFound):
+    """A name of several files: an answer, not a miss (no other root is tried)."""
+
+
 def roots(kind: str, models: Path | None) -> list[Path]:
     """The folders a kind's names are looked up in: models/<sub>, and for embeddings also
     the WebUI's <webui>/embeddings beside models/ (where a stock install keeps them)."""
@@ -98,7 +102,7 @@ def resolve(kind: str, name: str, models: Path | None) -> Path:
                                                   .as_posix())) for p in matches}
     if len(files_meant) > 1:  # not one file in several formats: several files
         listed = ", ".join(sorted(shown_under(models, p) for p in matches))
-        raise NameNotFound(f"'{name}' names {len(files_meant)} {kind} files: {listed}; give "
+        raise AmbiguousName(f"'{name}' names {len(files_meant)} {kind} files: {listed}; give "
                            "one by its subfolder (sub/name) or its path")
     if matches:  # x.ckpt and x.safetensors: the extension the WebUI prefers
         return min(matches, key=lambda p: _extension_rank(kind, p))
@@ -127,19 +131,26 @@ def trained_name(path: Path) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
+WEBUI_VAE_SUFFIXES = (".ckpt", ".pt", ".safetensors")  # the order the WebUI globs them in
+
+
 def vae_near_checkpoint(checkpoint: Path, models: Path | None) -> Path | None:
-    """The WebUI's "Automatic" VAE of a single-file checkpoint: of the VAE files (VAE/, and
-    `*.vae.*` under Stable-diffusion/ and beside the checkpoint), the first by name in
-    natural order whose name starts with the checkpoint's (`x.vae.pt` for `x.safetensors`)."""
-    beside = [checkpoint.parent, *([models / "Stable-diffusion"] if models else [])]
-    files = [p for p in candidates("vae", models) if p.is_file()]
-    for folder in dict.fromkeys(beside):
-        if folder.is_dir():
-            files += [p for p in folder.rglob("*.vae.*")
-                      if p.suffix.lower() in EXTENSIONS["vae"] and p.is_file()]
+    """The WebUI's "Automatic" VAE of a single-file checkpoint: the first VAE file, in the
+    order the WebUI lists them, whose name starts with the checkpoint's (`x.vae.pt` for
+    `x.safetensors`). That order: `*.vae.ckpt`, `*.vae.pt`, `*.vae.safetensors` under
+    Stable-diffusion/, then `*.ckpt`, `*.pt`, `*.safetensors` under VAE/ (natural order
+    within each). A checkpoint outside Stable-diffusion/ also finds its `*.vae.*` beside it."""
     start = checkpoint.name.rsplit(".", 1)[0]
-    matching = [p for p in dict.fromkeys(files) if p.name.startswith(start)]
-    return min(matching, key=lambda p: _natural(p.name), default=None)
+    ours = [p for p in candidates("checkpoint", models) if p.is_file()]
+    if not any(p.parent == checkpoint.parent for p in ours) and checkpoint.parent.is_dir():
+        ours += [p for p in checkpoint.parent.iterdir() if p.is_file()]  # not recursive
+    vaes = [p for p in candidates("vae", models) if p.is_file()]
+    order = [p for suffix in WEBUI_VAE_SUFFIXES for p in sorted(
+        (p for p in ours if p.name.lower().endswith(".vae" + suffix)),
+        key=lambda p: _natural(p.as_posix()))]
+    order += [p for suffix in WEBUI_VAE_SUFFIXES for p in sorted(
+        (p for p in vaes if p.suffix.lower() == suffix), key=lambda p: _natural(p.as_posix()))]
+    return next((p for p in order if p.name.startswith(start)), None)
 
 
 def _natural(text: str) -> list:

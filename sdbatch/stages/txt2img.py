@@ -24,7 +24,12 @@ from sdbatch.models.embeddings import expand_triggers
 from sdbatch.models.stack import Stack
 from sdbatch.prompts.conditioning import encode_prompts
 from sdbatch.prompts.encode import encode_sdxl
-from sdbatch.prompts.parser import extract_extra_networks, prompt_at_step, split_and
+from sdbatch.prompts.parser import (
+    extract_extra_networks,
+    prompt_at_step,
+    schedules,
+    split_and,
+)
 from sdbatch.sampling import Conditioning
 from sdbatch.stages.picture import Picture
 from sdbatch.stages.vae import decode, full_mask_conditioning, is_sdxl
@@ -115,13 +120,15 @@ class Timeline:
         self.keys = [(tuple(at(p, c) for p, _ in parts), at(negative, c))
                      for c in range(total)]
 
-        def schedule(texts: list[str], negative: bool) -> dict[str, Encoded]:
-            distinct = list(dict.fromkeys(texts))
-            return dict(zip(distinct, encode_texts(pipe, distinct, render.clip_skip, device,
-                                                   dtype, negative=negative), strict=True))
+        def schedule(text: str, negative: bool) -> dict[str, Encoded]:
+            """The text's timeline as the WebUI encodes it: one batch, repeats and all
+            ([a|b] lists a text per step), which its emphasis mean counts."""
+            texts = [t for _, t in schedules(text, base, hires_steps=hires)]
+            return dict(zip(texts, encode_texts(pipe, texts, render.clip_skip, device, dtype,
+                                                negative=negative), strict=True))
 
-        parts_of = [schedule([k[0][i] for k in self.keys], False) for i in range(len(parts))]
-        negative_of = schedule([k[1] for k in self.keys], True)
+        parts_of = [schedule(p, False) for p, _ in parts]
+        negative_of = schedule(negative, True)
         blank, _ = encode_text(pipe, "", render.clip_skip, device, dtype)
         encoded = {}
         for key in dict.fromkeys(self.keys):
