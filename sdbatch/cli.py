@@ -70,8 +70,8 @@ def run_job(job: Job, origin: Origin, overrides: list[str]) -> int:
         except (JobError, StackLoadError, WriteError, PoolError) as e:
             fail(e)
         except KeyboardInterrupt:  # before the run's own Ctrl-C handling took over
-            fail("stopped (Ctrl-C) before the first batch; a run folder named above is "
-                 "finished by `sdbatch resume` with it", code=130)
+            fail("stopped (Ctrl-C); a run folder named above is finished by `sdbatch resume` "
+                 "with it", code=130)
     return 2
 
 

@@ -210,7 +210,8 @@ def networks(job: Job, prompt: str) -> tuple[tuple[tuple[str, Any], ...], ...]:
     A tag naming a network of the stack (same name, with or without extension) replaces
     the stack's weight, in the stack's place, as the prompt is the more specific and is
     what the WebUI reads. A LoRA tagged n times is applied as the WebUI applies it: n times
-    with the last tag's weights, so at n times them (a hypernetwork: the last tag's). A tag
+    with the last tag's weights, so at n times them. A hypernetwork tagged twice is applied
+    once at the last tag's strength (the WebUI chains one copy per tag). A tag
     that cannot be applied (ExtraNetwork.problem) is left out here and refused by
     model_specs.resolve_networks before any work.
     """

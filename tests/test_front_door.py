@@ -158,4 +158,4 @@ def test_ctrl_c_before_the_runs_own_handling_is_one_line_not_a_traceback(monkeyp
     with pytest.raises(SystemExit) as e:
         cli.run_job(validate({"prompt": "hi"}), lambda key: "test", [])
     assert e.value.code == 130
-    assert capsys.readouterr().err.startswith("sdbatch: stopped (Ctrl-C) before the first batch")
+    assert capsys.readouterr().err.startswith("sdbatch: stopped (Ctrl-C); a run folder named")
