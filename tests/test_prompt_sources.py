@@ -206,3 +206,20 @@ def test_a_prompt_beside_a_prompt_file_says_how_to_drop_it(tmp_path):
     with pytest.raises(JobError, match=r"prompt or prompt_file, not both \(on the command "
                                        r"line, '~prompt' drops the job's prompt\)"):
         norm({"prompt": "a house", "prompt_file": str(tmp_path / "p.txt")}, tmp_path)
+
+
+def test_prompt_file_lines_draw_a_seed_each_from_a_random_job_seed(tmp_path):
+    """The script renders each line with seed -1 drawn anew; a line's --seed leaves the
+    others alone; a fixed job seed is every line's, as in the WebUI."""
+    (tmp_path / "p.txt").write_text("a cat\na dog\na bird\n")
+    plain = renders(norm({"prompt_file": str(tmp_path / "p.txt"),
+                          "params": {"seed": -1}}, tmp_path))
+    assert len({r.seed for r in plain}) == 3
+    (tmp_path / "q.txt").write_text("a cat\n--prompt a dog --seed 5\na bird\n")
+    one = renders(norm({"prompt_file": str(tmp_path / "q.txt"),
+                        "params": {"seed": -1}}, tmp_path))
+    assert [r.seed for r in one][1] == 5
+    assert [r.seed for r in one][0::2] == [r.seed for r in plain][0::2]
+    fixed = renders(norm({"prompt_file": str(tmp_path / "p.txt"), "params": {"seed": 7}},
+                         tmp_path))
+    assert [r.seed for r in fixed] == [7, 7, 7]
