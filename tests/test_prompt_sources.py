@@ -223,3 +223,12 @@ def test_prompt_file_lines_draw_a_seed_each_from_a_random_job_seed(tmp_path):
     fixed = renders(norm({"prompt_file": str(tmp_path / "p.txt"), "params": {"seed": 7}},
                          tmp_path))
     assert [r.seed for r in fixed] == [7, 7, 7]
+
+
+def test_a_wildcard_that_names_itself_is_a_problem_in_combinatorial_mode(tmp_path):
+    folder = tmp_path / "wildcards"
+    folder.mkdir()
+    (folder / "loop.txt").write_text("x\n__loop__ y\n")
+    with pytest.raises(JobError, match=r"never ends in combinatorial mode: a wildcard names "
+                                       r"itself"):
+        norm({"prompt": "a __loop__"}, tmp_path)

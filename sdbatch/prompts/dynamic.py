@@ -77,8 +77,13 @@ class DynamicPrompts:
     def _too_many(self, template: str) -> list[str]:
         if self.mode != "combinatorial" or not _dynamic(template):
             return []
-        found = CombinatorialPromptGenerator(self.manager).generate(
-            template, max_prompts=self.max_variants + 1)
+        try:
+            found = CombinatorialPromptGenerator(self.manager).generate(
+                template, max_prompts=self.max_variants + 1)
+        except RecursionError:  # a wildcard that names itself: endless in this mode
+            return [f"'{template}' never ends in combinatorial mode: a wildcard names itself "
+                    "(directly or through others); break the loop, or pick one per image "
+                    "with dynamic_prompts.mode=random"]
         if len(found) <= self.max_variants:
             return []
         return [f"'{template}' has more than {self.max_variants} combinatorial variants, over "
