@@ -232,3 +232,9 @@ def test_a_wildcard_that_names_itself_is_a_problem_in_combinatorial_mode(tmp_pat
     with pytest.raises(JobError, match=r"never ends in combinatorial mode: a wildcard names "
                                        r"itself"):
         norm({"prompt": "a __loop__"}, tmp_path)
+
+
+def test_a_prompt_file_option_of_the_whole_job_says_where_it_goes():
+    with pytest.raises(ValueError, match=r"--n_iter: a line's own image count is not taken; "
+                                         r"give params.batch_count"):
+        prompt_file.parse_line("--prompt a cat --n_iter 4")

@@ -33,6 +33,18 @@ OPTIONS: dict[str, tuple[str, type]] = {
 }
 
 
+# the script's options that are one value for the whole job here, and where to give it
+JOB_WIDE = {
+    "n_iter": "a line's own image count is not taken; give params.batch_count for the job",
+    "batch_size": "a line's own batch size is not taken; give params.batch_size for the job",
+    "styles": "styles apply to the whole job: give styles: [...] in the job",
+    "tiling": "tiling applies to the whole job: give params.tiling in the job",
+    "restore_faces": "add a face_restore post-step to the job instead",
+    "seed_resize_from_w": "give params.seed_resize_from_w in the job",
+    "seed_resize_from_h": "give params.seed_resize_from_h in the job",
+}
+
+
 def parse_line(line: str) -> dict[str, Any]:
     """One line -> {dotted key: value}; raises ValueError saying what is wrong."""
     if not line.startswith("--"):
@@ -48,6 +60,8 @@ def parse_line(line: str) -> dict[str, Any]:
         if not word.startswith("--"):
             raise ValueError(f"expected an --option, got '{word}'")
         name = word[2:]
+        if name in JOB_WIDE:
+            raise ValueError(f"--{name}: {JOB_WIDE[name]}")
         if name not in OPTIONS:
             raise ValueError(f"unknown option --{name}; options: "
                              + " ".join(f"--{o}" for o in OPTIONS))
