@@ -14,9 +14,20 @@ WINDOWS = sys.platform == "win32"
 REPLACE_TRIES = 8  # Windows: waits of 10 ms doubling, 1.3 s in all
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's files are owner-only
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if not WINDOWS:  # a run folder is shared: a web server, a teammate, a group folder
+            os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

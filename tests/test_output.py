@@ -144,3 +144,15 @@ def test_a_run_folder_sweeps_old_temps_from_its_own_files_too(tmp_path: Path):
         os.utime(f, (stale, stale))
     RunFolder(folder.path)
     assert not any(f.exists() for f in old) and young.exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_atomic_files_have_the_modes_the_umask_gives_not_owner_only(tmp_path: Path):
+    """mkstemp makes 0600 files: a gallery served by another user, or a teammate, could not
+    read a run folder's images."""
+    mask = os.umask(0)
+    os.umask(mask)
+    atomic.write_text(tmp_path / "run.json", "{}")
+    (tmp_path / "plain.txt").write_text("{}")  # what open() gives under this umask
+    assert (tmp_path / "run.json").stat().st_mode & 0o777 == \
+        (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o666 & ~mask
