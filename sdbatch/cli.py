@@ -340,6 +340,8 @@ def grid(args: list[str]) -> None:
     ns = parser.parse_args(args)
     if not (ns.run_dir / "run.json").is_file():
         fail(f"{ns.run_dir} is not an sdbatch run folder (no run.json)")
+    if ns.max_megapixels is not None and not ns.max_megapixels > 0:
+        fail(f"--max-megapixels {ns.max_megapixels:g}: give a budget above 0 (e.g. 16)")
     try:
         written = grids.write_all(ns.run_dir, ns.x, ns.y, ns.z, ns.max_megapixels)
     except (JobError, OSError, ValueError) as e:  # OSError: an image that cannot be read
@@ -353,8 +355,11 @@ def ls(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="sdbatch ls")
     parser.add_argument("folder", type=Path, nargs="?", default=Path("outputs"))
     ns = parser.parse_args(args)
+    if ns.folder.is_file() and ns.folder.name == "run.json":
+        ns.folder = ns.folder.parent
     if not ns.folder.is_dir():
-        fail(f"{ns.folder}: no such folder")
+        fail(f"{ns.folder}: no such folder; give the folder of your runs or one run: "
+             "sdbatch ls FOLDER")
     print(listing.ls(ns.folder))
 
 

@@ -99,6 +99,11 @@ def test_ls_and_show_on_the_command_line(outputs: Path, tmp_path: Path):
     assert "chain:" in sdbatch(tmp_path, "show", str(image)).stdout
     proc = sdbatch(tmp_path, "ls", str(tmp_path / "nowhere"), check=False)
     assert proc.returncode == 2 and "no such folder" in proc.stderr
+    assert "sdbatch ls FOLDER" in proc.stderr
+    run = outputs / "hires_sweep" / "a"
+    assert "hires_sweep" in sdbatch(tmp_path, "ls", str(run / "run.json")).stdout
+    proc = sdbatch(tmp_path, "grid", str(run), "--max-megapixels", "0", check=False)
+    assert proc.returncode == 2 and "--max-megapixels 0: give a budget above 0" in proc.stderr
 
 
 def test_output_the_console_cannot_encode_is_escaped_not_a_crash(tmp_path: Path):
@@ -117,3 +122,16 @@ def test_output_the_console_cannot_encode_is_escaped_not_a_crash(tmp_path: Path)
                                                     "PYTHONIOENCODING": "ascii"})
     assert proc.returncode == 0, proc.stderr
     assert b"\\u6771\\u4eac" in proc.stdout
+
+
+def test_ls_skips_a_run_json_that_is_no_sdbatch_runs(outputs: Path, tmp_path: Path):
+    """Another tool's run.json, or a torn one, below the folder listed: no traceback, no
+    row; a run.json file given stands for its folder."""
+    root = tmp_path / "mixed"
+    shutil.copytree(outputs, root)
+    for name, text in (("torn", "{"), ("empty", "{}"), ("list", "[1]")):
+        (root / name).mkdir()
+        (root / name / "run.json").write_text(text)
+    listed = listing.ls(root)
+    assert "hires_sweep" in listed and "torn" not in listed and "empty" not in listed
+    assert listing.find_runs(root / "torn") == []

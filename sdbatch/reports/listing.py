@@ -76,12 +76,21 @@ def read_run(path: Path) -> RunRow:
                   status, wall_seconds(info.get("sessions", []), last, status == "running"))
 
 
+def stored_run(path: Path) -> dict[str, Any] | None:
+    """A folder's run.json if it is an sdbatch run's (another tool's, or a torn one: None)."""
+    try:
+        info = json.loads((path / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and "seed_nonce" in info else None
+
+
 def find_runs(root: Path) -> list[Path]:
-    """Run folders at or under ``root`` (a folder holding run.json), oldest first."""
-    found = [root] if (root / "run.json").is_file() else \
+    """sdbatch run folders at or under ``root``, oldest first."""
+    candidates = [root] if (root / "run.json").is_file() else \
         sorted(p.parent for p in root.rglob("run.json"))
-    return sorted(found, key=lambda p: (json.loads((p / "run.json").read_text(encoding="utf-8"))
-                                        .get("created", ""), str(p)))
+    found = {p: info for p in candidates if (info := stored_run(p)) is not None}
+    return sorted(found, key=lambda p: (found[p].get("created", ""), str(p)))
 
 
 def duration(seconds: float | None) -> str:
