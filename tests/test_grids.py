@@ -220,3 +220,31 @@ def test_x_values_are_csv_as_the_webuis_plot_reads_them_back():
     assert text == '"猫 on a roof, at night", "a ""red"" house", plain'
     row = next(csv.reader(io.StringIO(text), skipinitialspace=True))
     assert row == ["猫 on a roof, at night", 'a "red" house', "plain"]
+
+
+def test_a_long_row_label_keeps_a_line_for_every_key():
+    """A zipped prompt and seed in four lines: the prompt is cut (marked), the seed stays."""
+    from sdbatch.reports.grids import fitted
+
+    prompt = ["Prompt: red brick", "building on a", "green lawn under", "a blue sky"]
+    assert fitted([prompt, ["Seed: 10"]], 3) == ["Prompt: red brick", "building on a …",
+                                                 "Seed: 10"]
+    assert fitted([prompt, ["Seed: 10"]], 9) == [*prompt, "Seed: 10"]
+    assert fitted([prompt, ["Seed: 10"]], 1) == ["Prompt: red brick …"]  # no room for both
+
+
+def test_a_long_sheet_title_wraps_inside_the_sheet(run_2x2: Path, monkeypatch):
+    """The title is wrapped to the sheet's width and drawn from its left edge: it was drawn
+    after the row labels' band, so its right end was cut off."""
+    job, _ = grids.load_job(run_2x2)
+    entries = {i: {"status": "ok", "file": f"images/{i:05d}-11.png"} for i in range(4)}
+    [sheet] = grids.sheets(grids.run_axes(job), entries, run_2x2, None, None, None)
+    long = "Seed: 11 · " + "a red brick building with a pointed roof on a lawn " * 3
+    monkeypatch.setattr(type(sheet), "title", lambda self: [long])
+    legend = grids.legend_lines(sheet, 1, 1)
+    lay = grids.layout(sheet, legend, 64, 64, 16e6)
+    px = np.asarray(grids.draw(sheet, lay, legend, run_2x2).convert("L"))
+    pad = lay.font_px // 3
+    title_band = px[:lay.top - lay.font_px * 2]
+    assert (title_band[:, -pad:] == title_band[0, -1]).all()  # no ink in the right margin
+    assert (title_band < 128).any()  # and the title is there

@@ -342,14 +342,27 @@ def legend_lines(sheet: Sheet, number_: int, total: int) -> list[str]:
     return lines
 
 
+def fitted(parts: list[list[str]], fit: int) -> list[str]:
+    """A label of several keys (each a list of wrapped lines) in ``fit`` lines: the longest
+    key loses its last lines first (its cut marked " …"), so every key keeps one line
+    (a zipped prompt's seed is not pushed out by the prompt)."""
+    parts = [list(p) for p in parts]
+    while sum(map(len, parts)) > fit:
+        longest = max(parts, key=len)
+        if len(longest) == 1:
+            break
+        longest[-2:] = [longest[-2] + " …"]
+    return [t for p in parts for t in p][:fit]
+
+
 def draw(sheet: Sheet, lay: Layout, legend: list[str], run_dir: Path) -> Image.Image:
     face, line, pad = font(lay.font_px), _line(lay.font_px), lay.font_px // 3
     image = Image.new("RGB", lay.size, BACKGROUND)
     pen = ImageDraw.Draw(image)
     y0 = pad if lay.top else 0
     for text in sheet.title():
-        for t in wrap(text, face, lay.size[0] - 2 * pad):
-            pen.text((lay.left + pad, y0), t, fill=INK, font=face)
+        for t in wrap(text, face, lay.size[0] - 2 * pad):  # the sheet's whole width
+            pen.text((pad, y0), t, fill=INK, font=face)
             y0 += line
     grid_top = lay.top
     if sheet.x is not None:
@@ -362,10 +375,8 @@ def draw(sheet: Sheet, lay: Layout, legend: list[str], run_dir: Path) -> Image.I
                 y += line
     if sheet.y is not None:
         for r, text in enumerate(sheet.y.labels()[0]):
-            lines = wrap(text, face, lay.left - 2 * pad)
-            fit = max(1, lay.cell_h // line)
-            if len(lines) > fit:
-                lines = lines[:fit - 1] + [lines[fit - 1] + " …"] if fit > 1 else [lines[0]]
+            lines = fitted([wrap(part, face, lay.left - 2 * pad) for part in text.split("\n")],
+                           max(1, lay.cell_h // line))
             y = grid_top + r * lay.cell_h + (lay.cell_h - len(lines) * line) / 2
             for t in lines:
                 pen.text((pad, y), t, fill=INK, font=face)
