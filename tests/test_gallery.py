@@ -270,3 +270,19 @@ def test_the_chain_links_the_init_image_mask_and_control_map(monkeypatch, tmp_pa
         ("mask", "../../../assets/lawn%20mask.png"),
         ("ControlNet 0 image", "../../../assets/lawn%20mask.png"),
         ("ControlNet 0 control map", "controlnet/m1.png")]
+
+
+def test_an_image_whose_file_was_deleted_is_missing_not_ok(real_run: Path, tmp_path: Path):
+    """The gallery (and `sdbatch ls`) say what the folder holds now."""
+    from sdbatch.reports import listing
+
+    folder = tmp_path / "run"
+    shutil.copytree(real_run, folder)
+    first = sorted((folder / "images").iterdir())[0]
+    first.unlink()
+    data = gallery.collect(folder)
+    gone = [im for im in data["images"] if im["file"] == f"images/{first.name}"]
+    assert [im["status"] for im in gone] == ["missing"]
+    assert "sdbatch resume" in gone[0]["error"]
+    assert data["run"]["done"] == 3
+    assert listing.read_run(folder).ok == 3
