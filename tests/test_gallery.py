@@ -270,6 +270,12 @@ def test_the_chain_links_the_init_image_mask_and_control_map(monkeypatch, tmp_pa
         ("mask", "../../../assets/lawn%20mask.png"),
         ("ControlNet 0 image", "../../../assets/lawn%20mask.png"),
         ("ControlNet 0 control map", "controlnet/m1.png")]
+    # `sdbatch gallery` from another folder: relative inputs are the start folder's
+    (run_dir / "run.json").write_text(json.dumps({"seed_nonce": 1,
+                                                  "sessions": [{"cwd": str(tmp_path)}]}))
+    monkeypatch.chdir(run_dir)
+    _, paint = gallery.chain(run_dir, stages, "images/00000-1.png")
+    assert paint["inputs"][0]["src"] == "../../../assets/lawn%20mask.png"
 
 
 def test_an_image_whose_file_was_deleted_is_missing_not_ok(real_run: Path, tmp_path: Path):

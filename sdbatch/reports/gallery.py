@@ -128,8 +128,12 @@ def _url(relative: Path | str) -> str:
 def _link(run_dir: Path, path: str) -> dict[str, Any]:
     """A job's input file (init image, mask, control image) as the manifest names it: by a
     relative URL from the run folder when it is there to be found (a relative path is the
-    run's working folder's, taken as this process's), else by its path only."""
-    file = Path(path) if Path(path).is_absolute() else Path.cwd() / path
+    folder the run was started in, recorded in run.json), else by its path only. Inputs
+    are linked where they lie, not copied: a run folder moved away loses those links."""
+    from sdbatch.output.run_folder import RunFolder
+
+    base = RunFolder.started_in(run_dir) or Path.cwd()
+    file = Path(path) if Path(path).is_absolute() else base / path
     if not file.is_file():
         return {"path": path, "src": None}
     try:
