@@ -370,9 +370,10 @@ def show(args: list[str]) -> None:
     parser.add_argument("image", type=Path)
     ns = parser.parse_args(args)
     try:
-        print(listing.show(ns.image))
+        text = listing.show(ns.image)
     except (OSError, ValueError) as e:
         fail(e)
+    print(text)
 
 
 def gallery(args: list[str]) -> None:
@@ -395,7 +396,11 @@ def main() -> None:
     commands = {"resume": resume, "reproduce": reproduce, "verify": verify, "diff": diff,
                 "bench": bench, "grid": grid, "ls": ls, "show": show, "gallery": gallery}
     if args and args[0] in commands:
-        commands[args[0]](args[1:])
+        try:
+            commands[args[0]](args[1:])
+        except BrokenPipeError:  # `sdbatch show IMG | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
     elif args and args[0] in ("-h", "--help", "help"):
         print(USAGE)
     elif not args:  # a first try, not a render of the defaults' empty prompt

@@ -135,3 +135,20 @@ def test_ls_skips_a_run_json_that_is_no_sdbatch_runs(outputs: Path, tmp_path: Pa
     listed = listing.ls(root)
     assert "hires_sweep" in listed and "torn" not in listed and "empty" not in listed
     assert listing.find_runs(root / "torn") == []
+
+
+def test_show_into_a_reader_that_stopped_is_quiet(outputs: Path, tmp_path: Path):
+    """`sdbatch show IMG | head -3`: the reader closing the pipe is no error."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    image = outputs / "hires_sweep" / "a" / "images" / "00000-5.png"
+    proc = subprocess.Popen([sys.executable, "-m", "sdbatch", "show", str(image)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc.stdout.close()  # before the command writes: its print meets a closed pipe
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"Broken pipe" not in err
