@@ -264,7 +264,9 @@ def make_plan(renders: list[Render], stacks: dict[str, str], max_batch: int,
         groups.setdefault(call.group() + str(depth), []).append((call, r, depth))
     batches = []
     for members in groups.values():
-        for start, end in pass_bounds(len(members), max_batch):
+        # a picture read shares no pass: alone, a bad file fails its own images only
+        limit = 1 if members[0][0].kind == "image" else max_batch
+        for start, end in pass_bounds(len(members), limit):
             part = members[start:end]
             batches.append(Batch(part[0][0].kind, tuple(r for _, r, _ in part),
                                  tuple(c for c, _, _ in part), part[0][2]))

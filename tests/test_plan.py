@@ -80,3 +80,18 @@ def test_content_key_is_a_sha256_of_the_call():
     blob = '["txt2img",{"seed":1,"steps":4},null,"s"]'
     assert content_key("txt2img", {"steps": 4, "seed": 1}, None, "s") == \
         hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def test_each_picture_read_is_a_batch_of_its_own():
+    """A read shares no forward pass; alone, a file broken after the checks fails only the
+    images made from it (it failed the other picture's images too, 'its input failed')."""
+    from sdbatch.plan import InputImage
+
+    job = validate({"init_image": ["a.png", "b.png"], "params": {"seed": [1, 2]},
+                    "post": [{"img2img": {"denoise": 0.5}}]})
+    rs = matrix.expand(matrix.resolve_seeds(job, 0))
+    plan = make_plan(rs, {"tiny": "stack-a"}, 8, {}, {"a.png": InputImage("1", (64, 64)),
+                                                     "b.png": InputImage("2", (64, 64))})
+    reads = [b for b in plan.batches if b.kind == "image"]
+    assert [[c.params["path"] for c in b.calls] for b in reads] == [["a.png"], ["b.png"]]
+    assert max(len(b.calls) for b in plan.batches if b.kind == "img2img") == 4  # still shared
