@@ -39,6 +39,9 @@ USAGE = """usage:
 """
 
 
+PRINTS_ONLY = ("ls", "show", "grid", "gallery")  # commands a closed pipe may stop quietly
+
+
 def store_schema_defaults() -> None:
     """Give Hydra every key with its schema default, so `params.cfg_scale=[5,7]` overrides a
     key the job never mentioned. A plain node, not a structured one: the schema's own
@@ -398,9 +401,11 @@ def main() -> None:
     if args and args[0] in commands:
         try:
             commands[args[0]](args[1:])
-        except BrokenPipeError:  # `sdbatch show IMG | head`: the reader has what it wanted
+        except BrokenPipeError:
+            if args[0] not in PRINTS_ONLY:  # a run, a check: its exit code must say so
+                raise
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(0)
+            sys.exit(0)  # `sdbatch show IMG | head`: the reader has what it wanted
     elif args and args[0] in ("-h", "--help", "help"):
         print(USAGE)
     elif not args:  # a first try, not a render of the defaults' empty prompt

@@ -370,6 +370,8 @@ def _first_upscaler(roots: list[Path | None], name: str, resolve) -> Path:
     for root in roots:
         try:
             return resolve(name, root)
+        except names.AmbiguousName:
+            raise
         except names.NameNotFound as e:
             errors.append(e)
     raise errors[0]

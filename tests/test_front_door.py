@@ -159,3 +159,17 @@ def test_ctrl_c_before_the_runs_own_handling_is_one_line_not_a_traceback(monkeyp
         cli.run_job(validate({"prompt": "hi"}), lambda key: "test", [])
     assert e.value.code == 130
     assert capsys.readouterr().err.startswith("sdbatch: stopped (Ctrl-C); a run folder named")
+
+
+def test_a_closed_pipe_stops_only_a_command_that_just_prints_quietly(monkeypatch):
+    """`sdbatch show IMG | head` exits 0; a resume or a verify into a closed pipe must not
+    pass for a finished run or a check that held."""
+    from sdbatch import cli
+
+    def broken(args):
+        raise BrokenPipeError
+
+    monkeypatch.setattr(cli, "resume", broken)
+    monkeypatch.setattr(cli.sys, "argv", ["sdbatch", "resume", "RUN"])
+    with pytest.raises(BrokenPipeError):
+        cli.main()

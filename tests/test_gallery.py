@@ -276,6 +276,12 @@ def test_the_chain_links_the_init_image_mask_and_control_map(monkeypatch, tmp_pa
     monkeypatch.chdir(run_dir)
     _, paint = gallery.chain(run_dir, stages, "images/00000-1.png")
     assert paint["inputs"][0]["src"] == "../../../assets/lawn%20mask.png"
+    # a start folder not on this machine: the current folder, as before
+    (run_dir / "run.json").write_text(json.dumps({"seed_nonce": 1,
+                                                  "sessions": [{"cwd": "/nowhere/here"}]}))
+    monkeypatch.chdir(tmp_path)
+    _, paint = gallery.chain(run_dir, stages, "images/00000-1.png")
+    assert paint["inputs"][0]["src"] == "../../../assets/lawn%20mask.png"
 
 
 def test_an_image_whose_file_was_deleted_is_missing_not_ok(real_run: Path, tmp_path: Path):
@@ -290,5 +296,5 @@ def test_an_image_whose_file_was_deleted_is_missing_not_ok(real_run: Path, tmp_p
     gone = [im for im in data["images"] if im["file"] == f"images/{first.name}"]
     assert [im["status"] for im in gone] == ["missing"]
     assert "sdbatch resume" in gone[0]["error"]
-    assert data["run"]["done"] == 3
+    assert data["run"]["done"] == 3 and data["run"]["missing"] == 1
     assert listing.read_run(folder).ok == 3

@@ -192,6 +192,12 @@ def test_the_webuis_automatic_vae_is_the_one_named_like_the_checkpoint(models):
         models / "Stable-diffusion/sdxl/juggernaut.vae.safetensors"  # beside it, no models
     assert names.vae_near_checkpoint(models / "Stable-diffusion/other.safetensors",
                                      models) is None
+    # glob's `**` lists a folder's own files before its subfolders'
+    (models / "Stable-diffusion" / "dreamshaper_8.vae.pt").write_bytes(b"vae")
+    (models / "Stable-diffusion" / "a").mkdir()
+    (models / "Stable-diffusion" / "a" / "dreamshaper_8-refiner.vae.pt").write_bytes(b"vae")
+    assert names.vae_near_checkpoint(checkpoint, models) == \
+        models / "Stable-diffusion/dreamshaper_8.vae.pt"
 
 
 def test_model_vae_null_is_automatic_and_none_is_the_checkpoints_own(models):
@@ -253,3 +259,15 @@ def test_a_name_of_two_files_is_not_looked_for_in_the_tiny_family_instead(models
         (models / rel).write_bytes(b"x")
     with pytest.raises(names.AmbiguousName, match="names 3 lora files"):
         _find_in([models, tiny.family_models()], "lora", "LegoAlrev")
+
+
+def test_an_upscaler_name_of_two_files_is_refused_not_the_tiny_familys(models):
+    from sdbatch.model_specs import _first_upscaler
+    from sdbatch.models import tiny, upscaler_models
+
+    for sub in ("a", "b"):
+        (models / "ESRGAN" / sub).mkdir(parents=True)
+        (models / "ESRGAN" / sub / "2x-tiny-Compact.pth").write_bytes(b"x")
+    with pytest.raises(names.AmbiguousName, match="names 2 upscaler files"):
+        _first_upscaler([models, tiny.family_models()], "2x-tiny-Compact",
+                        upscaler_models.resolve)

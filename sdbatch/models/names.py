@@ -146,11 +146,16 @@ def vae_near_checkpoint(checkpoint: Path, models: Path | None) -> Path | None:
         ours += [p for p in checkpoint.parent.iterdir() if p.is_file()]  # not recursive
     vaes = [p for p in candidates("vae", models) if p.is_file()]
     order = [p for suffix in WEBUI_VAE_SUFFIXES for p in sorted(
-        (p for p in ours if p.name.lower().endswith(".vae" + suffix)),
-        key=lambda p: _natural(p.as_posix()))]
+        (p for p in ours if p.name.lower().endswith(".vae" + suffix)), key=_glob_order)]
     order += [p for suffix in WEBUI_VAE_SUFFIXES for p in sorted(
-        (p for p in vaes if p.suffix.lower() == suffix), key=lambda p: _natural(p.as_posix()))]
+        (p for p in vaes if p.suffix.lower() == suffix), key=_glob_order)]
     return next((p for p in order if p.name.startswith(start)), None)
+
+
+def _glob_order(p: Path) -> tuple:
+    """glob's `**` order, made stable: a folder's own files (in natural order) before its
+    subfolders' (in natural order of the subfolder)."""
+    return (*((1, _natural(part)) for part in p.parent.parts), (0, _natural(p.name)))
 
 
 def _natural(text: str) -> list:

@@ -71,6 +71,8 @@ def resolve(name: str, models: Path | None) -> Path:
     for stem in (*WEBUI_NAMES.get(name, ()), name):
         try:
             path = names.resolve("upscaler", stem, models)
+        except names.AmbiguousName:
+            raise
         except names.NameNotFound as e:
             tried.append(str(e))
             continue

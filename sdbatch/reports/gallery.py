@@ -94,13 +94,14 @@ def collect(run_dir: Path) -> dict[str, Any]:
     flat = [flatten(e.get("recipe", {})) for e in entries]
     axes = find_axes(flat)
     grids = sorted((run_dir / "grids").glob("*.png")) if (run_dir / "grids").is_dir() else []
-    counts = {s: sum(e.get("status") == s for e in entries) for s in ("ok", "failed")}
+    counts = {s: sum(e.get("status") == s for e in entries) for s in ("ok", "failed", "missing")}
     return {
         "run": {"job": _job_name(run_dir), "folder": run_dir.resolve().name,
                 "path": shown(run_dir.resolve()),  # as a command here names it
                 "status": run_state(info, read_holder(run_dir), socket.gethostname(),
                                     pid_alive),
                 "total": info.get("images"), "done": counts["ok"], "failed": counts["failed"],
+                "missing": counts["missing"],
                 **{k: info.get(k) for k in ("created", "started", "ended")},
                 "written": dt.datetime.now(dt.timezone.utc).astimezone()
                 .isoformat(timespec="seconds")},
@@ -132,7 +133,8 @@ def _link(run_dir: Path, path: str) -> dict[str, Any]:
     are linked where they lie, not copied: a run folder moved away loses those links."""
     from sdbatch.output.run_folder import RunFolder
 
-    base = RunFolder.started_in(run_dir) or Path.cwd()
+    started = RunFolder.started_in(run_dir)
+    base = started if started is not None and started.is_dir() else Path.cwd()
     file = Path(path) if Path(path).is_absolute() else base / path
     if not file.is_file():
         return {"path": path, "src": None}
