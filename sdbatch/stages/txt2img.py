@@ -80,12 +80,6 @@ def clean_text(pipe, text: str) -> str:
     return expand_triggers(pipe.tokenizer, extract_extra_networks(text)[0])
 
 
-def _pad(x: torch.Tensor, length: int, blank: torch.Tensor) -> torch.Tensor:
-    """Pad with copies of the empty prompt's chunk up to `length` tokens."""
-    extra = (length - x.shape[1]) // blank.shape[1]
-    return torch.cat([x, blank.to(x.dtype).repeat(x.shape[0], extra, 1)], dim=1) if extra else x
-
-
 def _pad_last(x: torch.Tensor, length: int) -> torch.Tensor:
     """Pad by repeating the last token vector: how the WebUI evens out AND parts of
     different lengths (reconstruct_multicond_batch)."""
@@ -129,7 +123,6 @@ class Timeline:
 
         parts_of = [schedule(p, False) for p, _ in parts]
         negative_of = schedule(negative, True)
-        blank, _ = encode_text(pipe, "", render.clip_skip, device, dtype)
         encoded = {}
         for key in dict.fromkeys(self.keys):
             conds = [parts_of[i][p] for i, p in enumerate(key[0])]
@@ -138,13 +131,12 @@ class Timeline:
             pooled = None if conds[0][1] is None else torch.cat([c[1] for c in conds])
             encoded[key] = ((embeds, pooled), negative_of[key[1]])
         # (negative, prompt) token lengths, each the same at every call (a schedule's texts
-        # share their chunk count): where they differ, the two take separate passes, as in
-        # the WebUI (its pad_cond_uncond is off by default)
+        # are encoded as one batch, so they share their chunk count, and AND parts are
+        # evened out above): where they differ, the two take separate passes, as in the
+        # WebUI (its pad_cond_uncond is off by default)
         self.lengths = (max(u[0].shape[1] for _, u in encoded.values()),
                         max(c[0].shape[1] for c, _ in encoded.values()))
-        self.encoded = {key: ((_pad(c[0], self.lengths[1], blank), c[1]),
-                              (_pad(u[0], self.lengths[0], blank), u[1]))
-                        for key, (c, u) in encoded.items()}
+        self.encoded = encoded
 
     def key(self, call: int) -> tuple[tuple[str, ...], str]:
         return self.keys[min(call, len(self.keys) - 1)]
