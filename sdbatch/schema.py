@@ -876,13 +876,12 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[Problem], origin: Or
                     break
         if len(problems) == before:
             values[f.name] = value
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in raw
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    for name in missing:
-        key = f"{prefix}{name}"
-        problems.append(Problem(key, "is required", origin(prefix.rstrip(".") or key)))
     required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING]
+    for name in required:
+        if name not in raw:
+            key = f"{prefix}{name}"
+            problems.append(Problem(key, "is required", origin(prefix.rstrip(".") or key)))
     if any(name not in values for name in required):  # missing, or refused above
         return None
     return cls(**values)
