@@ -163,9 +163,8 @@ def expand_triggers(tokenizer, text: str) -> str:
     lowercased output (most embedding names). This matches as the tokenizer does:
     case-insensitive, longest token first, whole words only.
     """
-    added = {t for t in getattr(tokenizer, "added_tokens_encoder", {})
-             if t not in set(tokenizer.all_special_tokens)}
-    multi = {t for t in added if f"{t}_1" in added}
+    added = _added_tokens(tokenizer)
+    multi = {t: n for t, n in vector_counts(tokenizer).items() if n > 1}
     if not multi:
         return text
     alternatives = "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True))
@@ -175,12 +174,29 @@ def expand_triggers(tokenizer, text: str) -> str:
         found = next((t for t in multi if t.lower() == match.group(0).lower()), None)
         if found is None:
             return match.group(0)
-        n = 1
-        while f"{found}_{n}" in added:
-            n += 1
-        return " ".join([match.group(0), *(f"{found}_{i}" for i in range(1, n))])
+        return " ".join([match.group(0), *(f"{found}_{i}" for i in range(1, multi[found]))])
 
     return pattern.sub(spell, text)
+
+
+def _added_tokens(tokenizer) -> set[str]:
+    special = set(tokenizer.all_special_tokens)
+    return {t for t in getattr(tokenizer, "added_tokens_encoder", {}) if t not in special}
+
+
+def vector_counts(tokenizer) -> dict[str, int]:
+    """Each embedding the tokenizer was taught, by its trigger token -> its vector count:
+    diffusers names an n-vector embedding's added tokens t, t_1 ... t_{n-1}."""
+    added = _added_tokens(tokenizer)
+    counts = {}
+    for token in added:
+        if re.fullmatch(r"(.+)_\d+", token) and token.rsplit("_", 1)[0] in added:
+            continue  # a later vector of another token's embedding
+        n = 1
+        while f"{token}_{n}" in added:
+            n += 1
+        counts[token] = n
+    return counts
 
 
 def write_a1111_embedding(path: Path, vectors, name: str | None = None, step: int = 0) -> Path:

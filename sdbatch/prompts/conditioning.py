@@ -8,12 +8,12 @@ commas move chunk boundaries exactly where WebUI users expect them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from sdbatch.models.embeddings import vector_counts
 from sdbatch.prompts.parser import is_break, parse_emphasis
 
 CHUNK = 75  # prompt tokens per chunk; + BOS and EOS = CLIP's 77
@@ -97,19 +97,9 @@ def tokenize_prompt(tokenizer, text: str, *, backtrack: int = COMMA_BACKTRACK) -
 
 
 def embedding_spans(tokenizer) -> dict[int, int]:
-    """The first token id of each embedding the tokenizer was taught -> its vector count:
-    its added tokens, an n-vector embedding's named t, t_1 ... t_{n-1} (diffusers)."""
-    added = {t: i for t, i in getattr(tokenizer, "added_tokens_encoder", {}).items()
-             if t not in set(tokenizer.all_special_tokens)}
-    spans = {}
-    for token, first in added.items():
-        if re.fullmatch(r"(.+)_\d+", token) and token.rsplit("_", 1)[0] in added:
-            continue  # a later vector of another token's embedding
-        n = 1
-        while f"{token}_{n}" in added:
-            n += 1
-        spans[first] = n
-    return spans
+    """The first token id of each embedding the tokenizer was taught -> its vector count."""
+    return {tokenizer.added_tokens_encoder[token]: n
+            for token, n in vector_counts(tokenizer).items()}
 
 
 def empty_chunk(tokenizer) -> Chunk:
