@@ -32,6 +32,17 @@ def read(path: Path) -> dict[int, dict[str, Any]]:
     return entries
 
 
+GONE = "its file is gone from the run folder; `sdbatch resume` renders it again"
+
+
+def present(run_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """An entry as the folder holds it now: an image whose file was deleted is "missing",
+    not ok (the reports say what is there)."""
+    if entry.get("status") == "ok" and not (run_dir / str(entry.get("file", ""))).is_file():
+        return {**entry, "status": "missing", "error": GONE}
+    return entry
+
+
 def read_line(line: bytes) -> dict[str, Any] | None:
     """One line's entry; None for a line torn by a kill (the last one) or empty."""
     try:

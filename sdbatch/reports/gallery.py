@@ -89,7 +89,7 @@ def run_state(info: dict[str, Any], holder: Holder | None, host: str,
 def collect(run_dir: Path) -> dict[str, Any]:
     """The page's data: the run, its axes, every image in the manifest, the grids."""
     info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    entries = [present(run_dir, e)
+    entries = [manifest.present(run_dir, e)
                for _, e in sorted(manifest.read(run_dir / "manifest.jsonl").items())]
     flat = [flatten(e.get("recipe", {})) for e in entries]
     axes = find_axes(flat)
@@ -204,17 +204,6 @@ def _order(value: Any) -> tuple:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (1, value, "")
     return (2, 0, str(value))
-
-
-GONE = "its file is gone from the run folder; `sdbatch resume` renders it again"
-
-
-def present(run_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
-    """A manifest entry as the folder holds it now: an image whose file was deleted is
-    "missing", not ok."""
-    if entry.get("status") == "ok" and not (run_dir / str(entry.get("file", ""))).is_file():
-        return {**entry, "status": "missing", "error": GONE}
-    return entry
 
 
 def image(run_dir: Path, entry: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:

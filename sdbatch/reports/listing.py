@@ -66,8 +66,7 @@ def read_run(path: Path) -> RunRow:
     job = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("job", {}).get("name") \
         if config.exists() else None
     entries = manifest.read(path / "manifest.jsonl")
-    statuses = [e.get("status") if e.get("status") != "ok" or (path / str(e.get("file", "")))
-                .is_file() else "missing" for e in entries.values()]  # as the folder is now
+    statuses = [manifest.present(path, e).get("status") for e in entries.values()]
     status = run_status(path, info)
     log = path / "manifest.jsonl"
     last = (dt.datetime.fromtimestamp(log.stat().st_mtime, dt.timezone.utc)
