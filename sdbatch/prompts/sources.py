@@ -68,9 +68,8 @@ def _prompt_file(job: Job, raw: dict, origin: Origin, problems: list[Problem]) -
     problems += [Problem("prompt_file", msg, source) for msg in bad]
     keys = list(dict.fromkeys(["prompt", *(k for r in recipes for k in r)]))
     zipped = {k for group in job.zip for k in group}
-    if job.params.seed == -1 and "params.seed" not in zipped:
+    if job.params.seed == -1 and "params.seed" not in {*zipped, *keys}:
         keys.append("params.seed")  # the script renders each line with a seed of its own
-        keys = list(dict.fromkeys(keys))
     for key in keys:
         if key != "prompt" and isinstance(schema.get(job, key), tuple):
             problems.append(Problem(key, f"{path} sets {key} on some lines, and the job gives "
