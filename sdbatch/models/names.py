@@ -98,8 +98,8 @@ def resolve(kind: str, name: str, models: Path | None) -> Path:
     matches = [p for p in files
                if wanted in ((rel := p.relative_to(_root_of(p, kind, models)).as_posix()),
                              p.name, stem(rel), stem(p.name))]
-    files_meant = {(_root_of(p, kind, models), stem(p.relative_to(_root_of(p, kind, models))
-                                                  .as_posix())) for p in matches}
+    files_meant = {(root, stem(p.relative_to(root).as_posix()))
+                   for p in matches for root in [_root_of(p, kind, models)]}
     if len(files_meant) > 1:  # not one file in several formats: several files
         listed = ", ".join(sorted(shown_under(models, p) for p in matches))
         raise AmbiguousName(f"'{name}' names {len(files_meant)} {kind} files: {listed}; give "
